@@ -1,0 +1,1 @@
+"""Stage scripts of the sketch-style study; run each as `python -m stages.<name>`."""

@@ -1,0 +1,81 @@
+"""blip_check: caption every generated image with BLIP and count the captions that name the sketch style.
+
+Reads BLIP_DIR (transformers BLIP captioning folder), SAMPLES_DIR/{base,finetuned}/ and params `blip_check`, `shared`.
+Writes METRICS (share of style captions per model, with n) and DETAIL_DIR/captions.csv.
+
+Run: python -m stages.blip_check BLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages import models
+from stages.config import NON_EMPTY_STRING, POSITIVE_INT, cli, load_params, non_empty_list_of
+from stages.evaluation import MODELS, read_samples
+from stages.outputs import atomic_dir, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+SCHEMA = {"style_words": non_empty_list_of(NON_EMPTY_STRING), "max_new_tokens": POSITIVE_INT, "batch_size": POSITIVE_INT}
+
+
+def captions(blip_dir: Path, paths: list[Path], p: dict) -> list[str]:
+    """Greedy BLIP captions, batched."""
+    import torch
+    from PIL import Image
+
+    model, processor = models.load_blip(blip_dir)
+    texts = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(paths), p["batch_size"]), desc="blip caption", unit="batch"):
+            images = [Image.open(path).convert("RGB") for path in paths[start:start + p["batch_size"]]]
+            inputs = processor(images=images, return_tensors="pt")
+            ids = model.generate(**inputs, max_new_tokens=p["max_new_tokens"], do_sample=False)
+            texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    return texts
+
+
+def style_matcher(style_words: list[str]) -> re.Pattern:
+    """Matches any style word as a whole word, case-insensitively ("drawing" but not "withdrawing")."""
+    return re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in style_words) + r")\b", re.IGNORECASE)
+
+
+def run(blip_dir: Path, samples: Path, metrics_path: Path, detail: Path, p: dict) -> dict:
+    """Caption all samples and write the style shares; return the metrics."""
+    models.check_blip_folder(blip_dir)
+    rows = read_samples(samples)
+    all_rows = rows["base"] + rows["finetuned"]
+    texts = captions(blip_dir, [r["path"] for r in all_rows], p)
+    matcher = style_matcher(p["style_words"])
+    table = [
+        {"model": r["model"], "file_name": r["file_name"], "prompt": r["prompt"], "caption": text,
+         "names_style": bool(matcher.search(text))}
+        for r, text in zip(all_rows, texts)
+    ]
+    metrics = {}
+    for model in MODELS:
+        flags = [row["names_style"] for row in table if row["model"] == model]
+        metrics |= {f"style_share_{model}": sum(flags) / len(flags), f"style_share_{model}_n": len(flags)}
+    with atomic_dir(detail) as tmp:
+        write_csv(tmp / "captions.csv", table, list(table[0]))
+    write_json(metrics_path, metrics)
+    log.info("blip_check: %s", metrics)
+    return metrics
+
+
+@cli
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("blip_dir", "samples", "metrics", "detail"):
+        parser.add_argument(name, type=Path)
+    args = parser.parse_args()
+    run(args.blip_dir, args.samples, args.metrics, args.detail, load_params("blip_check", SCHEMA))
+
+
+if __name__ == "__main__":
+    main()

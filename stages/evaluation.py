@@ -1,0 +1,51 @@
+"""What generation and scoring share: the text of a prompt, the seed of each image, bootstrap confidence intervals."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stages import data
+from stages.config import UserError, require_path
+
+MODELS = ("base", "finetuned")
+
+
+def styled(prompt: str, style_prompt: str, apply: bool) -> str:
+    """The prompt with the style pre-prompt in front ("A black and white sketch of" + " " + prompt) when asked."""
+    return f"{style_prompt} {prompt}" if apply else prompt
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int, images_per_prompt: int) -> int:
+    """One seed per image (seed + its index), so any image can be regenerated alone and pairs match across models."""
+    return seed + prompt_index * images_per_prompt + image_index
+
+
+def bootstrap_ci(values: list[float], n_samples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean."""
+    values_array = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    resampled = rng.choice(values_array, size=(n_samples, len(values_array)), replace=True).mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mean_with_ci(values: list[float], n_samples: int, seed: int, name: str) -> dict[str, float | int]:
+    """Flat metrics for one mean: name, name_ci_low, name_ci_high, name_n."""
+    low, high = bootstrap_ci(values, n_samples, seed)
+    return {name: float(np.mean(values)), f"{name}_ci_low": low, f"{name}_ci_high": high, f"{name}_n": len(values)}
+
+
+def read_samples(samples: Path) -> dict[str, list[dict]]:
+    """The manifest rows of each model's samples, with the image path added."""
+    rows = {}
+    for model in MODELS:
+        folder = samples / model
+        manifest = require_path(folder / "manifest.jsonl", f"run `dvc repro generate@{model}` first")
+        rows[model] = [row | {"path": folder / row["file_name"]} for row in data.read_jsonl(manifest)]
+    if [(r["prompt_index"], r["image_index"]) for r in rows["base"]] != [
+        (r["prompt_index"], r["image_index"]) for r in rows["finetuned"]
+    ]:
+        raise UserError(f"{samples}: base and finetuned samples differ in prompts or counts; rerun generate")
+    return rows
