@@ -94,7 +94,9 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        for ours in ("__main__", "stages"):  # libraries' INFO chatter (open_clip logs to root) stays hidden
+            logging.getLogger(ours).setLevel(logging.INFO)
         try:
             return main(*args, **kwargs)
         except UserError as error:

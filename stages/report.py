@@ -66,15 +66,24 @@ def read_loss(reports: Path) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle, delimiter="\t")]
 
 
-def table(rows: list[dict]) -> str:
-    header = list(rows[0])
+def cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
 
 
 def metrics_table(metrics: dict) -> str:
-    return table([{"metric": k, "value": float(v) if isinstance(v, float) else v} for k, v in metrics.items()])
+    return table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+
+
+def per_prompt_table(long_rows: list[dict]) -> str:
+    """CLIP score per prompt, one column per model."""
+    score = {(r["prompt"], r["model"]): float(r["clip_score"]) for r in long_rows}
+    prompts = list(dict.fromkeys(r["prompt"] for r in long_rows))
+    return table(["prompt", *MODELS], [[p, *(score[p, m] for m in MODELS)] for p in prompts])
 
 
 def write_figures(rows_by_model: dict, reports: Path, figures: Path, n_prompts: int) -> None:
@@ -95,7 +104,7 @@ def markdown(params: dict, reports: Path, rows_by_model: dict, figures_rel: str,
         "## Data split\n\n" + metrics_table(load("split.json")),
         f"## Training\n\n![training loss]({figures_rel}/loss.png)\n\n" + metrics_table(load("finetune/metrics.json")),
         "## CLIP score (100 x cosine similarity)\n\n" + metrics_table(load("clip_eval.json")),
-        "Per prompt:\n\n" + table(read_csv(reports / "clip_eval" / "per_prompt.csv")),
+        "Per prompt:\n\n" + per_prompt_table(read_csv(reports / "clip_eval" / "per_prompt.csv")),
         "## BLIP captions naming the style\n\n" + metrics_table(load("blip_check.json")),
         "## Before / after, per prompt (top row base, bottom row fine-tuned)",
     ]

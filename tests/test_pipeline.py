@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -47,23 +48,23 @@ def read_metrics(clone: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    clone = fresh_copy(tmp_path_factory.mktemp("clone"))
-    clone.log = sh(clone, "dvc", "exp", "run", "-S", "profile=smoke")
-    return clone
+def clone(tmp_path_factory) -> SimpleNamespace:
+    """A fresh copy after the first smoke experiment: its folder and what `dvc exp run` printed."""
+    root = fresh_copy(tmp_path_factory.mktemp("clone"))
+    return SimpleNamespace(root=root, log=sh(root, "dvc", "exp", "run", "-S", "profile=smoke"))
 
 
 def test_smoke_run_goes_through_all_stages(clone):
     for stage in ("fetch@sd", "fetch@clip", "fetch@blip", "fetch@data", "split", "finetune", "generate@base",
                   "generate@finetuned", "clip_eval", "blip_check", "report"):
         assert f"Running stage '{stage}'" in clone.log
-    assert (clone / "models/finetuned/unet/diffusion_pytorch_model.safetensors").is_file()
-    assert len(list((clone / "reports/samples/finetuned").glob("*.png"))) == 10
-    assert "![training loss]" in (clone / "reports/report.md").read_text()
+    assert (clone.root / "models/finetuned/unet/diffusion_pytorch_model.safetensors").is_file()
+    assert len(list((clone.root / "reports/samples/finetuned").glob("*.png"))) == 10
+    assert "![training loss]" in (clone.root / "reports/report.md").read_text()
 
 
 def test_second_repro_runs_nothing(clone):
-    assert "Running stage" not in sh(clone, "dvc", "repro")
+    assert "Running stage" not in sh(clone.root, "dvc", "repro")
 
 
 def test_reported_clip_score_is_recomputed_independently(clone):
@@ -71,16 +72,16 @@ def test_reported_clip_score_is_recomputed_independently(clone):
     import torch
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clone / 'models/pretrained/clip'}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{clone / 'models/pretrained/clip'}")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clone.root / 'models/pretrained/clip'}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clone.root / 'models/pretrained/clip'}")
     model.eval()
-    reported = json.loads((clone / "reports/clip_eval.json").read_text())
+    reported = json.loads((clone.root / "reports/clip_eval.json").read_text())
     for name in ("base", "finetuned"):
-        rows = [json.loads(line) for line in (clone / f"reports/samples/{name}/manifest.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (clone.root / f"reports/samples/{name}/manifest.jsonl").read_text().splitlines()]
         scores = []
         with torch.no_grad():
             for row in rows:
-                image = preprocess(Image.open(clone / f"reports/samples/{name}" / row["file_name"])).unsqueeze(0)
+                image = preprocess(Image.open(clone.root / f"reports/samples/{name}" / row["file_name"])).unsqueeze(0)
                 text = tokenizer([f"{row['style_prompt']} {row['prompt']}"])
                 similarity = torch.cosine_similarity(model.encode_image(image), model.encode_text(text))
                 scores.append(100 * similarity.item())
@@ -88,33 +89,33 @@ def test_reported_clip_score_is_recomputed_independently(clone):
 
 
 def test_flipping_the_generator_pre_prompt_reruns_only_generation_and_after(clone):
-    first = read_metrics(clone)
-    log = sh(clone, "dvc", "exp", "run", "-S", "profile=smoke", "-S", "generate.style_to_generator=false")
+    first = read_metrics(clone.root)
+    log = sh(clone.root, "dvc", "exp", "run", "-S", "profile=smoke", "-S", "generate.style_to_generator=false")
     for stage in ("generate@base", "generate@finetuned", "clip_eval", "blip_check", "report"):
         assert f"Running stage '{stage}'" in log
     for stage in ("fetch@sd", "fetch@data", "split", "finetune"):
         assert f"Running stage '{stage}'" not in log
-    assert read_metrics(clone) != first
+    assert read_metrics(clone.root) != first
 
-    shown = json.loads(sh(clone, "dvc", "exp", "show", "--json"))
+    shown = json.loads(sh(clone.root, "dvc", "exp", "show", "--json"))
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
     assert len(experiments) == 2
     for exp in experiments:
         metrics = exp["revs"][0]["data"]["metrics"]["reports/clip_eval.json"]["data"]
         assert "clip_score_finetuned" in metrics
     names = [exp["name"] for exp in experiments]
-    diff = json.loads(sh(clone, "dvc", "metrics", "diff", names[0], names[1], "--json"))
+    diff = json.loads(sh(clone.root, "dvc", "metrics", "diff", names[0], names[1], "--json"))
     assert diff["reports/clip_eval.json"]["clip_score_base"]["diff"] != 0
 
 
 def test_plots_render(clone):
-    sh(clone, "dvc", "plots", "show", "-o", "plots_out")
-    html = (clone / "plots_out/index.html").read_text()
+    sh(clone.root, "dvc", "plots", "show", "-o", "plots_out")
+    html = (clone.root / "plots_out/index.html").read_text()
     assert "Fine-tuning loss" in html and "CLIP score per prompt" in html
 
 
 def test_same_smoke_run_twice_gives_identical_metrics(clone):
-    before = read_metrics(clone)
-    log = sh(clone, "dvc", "repro", "--force")
+    before = read_metrics(clone.root)
+    log = sh(clone.root, "dvc", "repro", "--force")
     assert "Running stage 'finetune'" in log
-    assert read_metrics(clone) == before
+    assert read_metrics(clone.root) == before
