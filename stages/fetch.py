@@ -19,7 +19,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from stages import data, models
+from stages import data, models, sketches
 from stages.config import (
     NON_EMPTY_STRING, POSITIVE_INT, STRING, Rule, UserError, cli, load_params, load_shared, one_of,
 )
@@ -99,7 +99,7 @@ def materialise(kind: str, p: dict, seed: int, out: Path) -> dict:
         BUILDERS[kind](out, seed)
         origin["seed"] = seed
     elif p["source"] == "synthetic":
-        data.make_synthetic_sketches(out, p["n_images"], p["image_size"], seed)
+        sketches.make_synthetic_sketches(out, p["n_images"], p["image_size"], seed)
         origin |= {"seed": seed, "n_images": p["n_images"], "image_size": p["image_size"]}
     elif p["source"] == "local":
         COPIERS[kind](Path(p["path"]), out)

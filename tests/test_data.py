@@ -17,7 +17,6 @@ from stages.config import UserError
 from stages.data import (
     CaptionedImages,
     check_example,
-    make_synthetic_sketches,
     parquet_to_imagefolder,
     read_jsonl,
     read_metadata,
@@ -25,6 +24,7 @@ from stages.data import (
     train_transforms,
     write_jsonl,
 )
+from stages.sketches import make_synthetic_sketches
 
 FRACTIONS = {"train": 0.9, "val": 0.05, "test": 0.05}
 

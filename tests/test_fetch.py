@@ -1,5 +1,4 @@
 """fetch's Hub code path, run offline against a Hugging Face cache laid out as the Hub client leaves it."""
-import io
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import yaml
 
 from stages import data, models
 from stages.outputs import MANIFEST
+from stages.sketches import make_synthetic_sketches
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -32,7 +32,7 @@ def snapshot(cache: Path, repo_type: str, repo_id: str, commit: str) -> Path:
 def write_parquet_dataset(folder: Path, n_images: int) -> list[dict]:
     """The layout of the Hub's parquet datasets: data/train-*.parquet with image {bytes, path} and text."""
     sketches = folder.parent / "sketches"
-    data.make_synthetic_sketches(sketches, n_images, 48, seed=3)
+    make_synthetic_sketches(sketches, n_images, 48, seed=3)
     rows = data.read_metadata(sketches)
     images = [{"bytes": (sketches / r["file_name"]).read_bytes(), "path": r["file_name"]} for r in rows]
     table = pa.table({"image": images, "text": [r["text"] for r in rows]})
