@@ -9,13 +9,17 @@ and OUT_DIR/fetch_manifest.json (source, revision, resolved commit, sha256 of ev
 
 Sources: `hub` (repo_id at revision; the only code in the project that talks to a hub), `local` (a folder: a model
 folder, an imagefolder or a folder of parquet shards), `tiny` (small random models) or `synthetic` (generated sketches).
+An OUT_DIR already fetched from the same fixed source (tiny, synthetic, or a Hub commit) is reused when every file
+still has the sha256 its manifest records; otherwise the file that differs is named and the input is fetched again.
 
 Run: python -m stages.fetch KIND OUT_DIR
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -23,9 +27,11 @@ from stages import data, models, sketches
 from stages.config import (
     NON_EMPTY_STRING, POSITIVE_INT, STRING, Rule, UserError, cli, load_params, load_shared, one_of,
 )
-from stages.outputs import MANIFEST, atomic_dir, file_hashes, library_versions, write_json
+from stages.outputs import MANIFEST, atomic_dir, file_hashes, library_versions, sha256_of, write_json
 
 log = logging.getLogger(__name__)
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 KINDS = ("sd", "clip", "blip", "data")
 OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "data": "synthetic"}
@@ -92,31 +98,63 @@ COPIERS = {"sd": models.copy_sd, "clip": models.copy_clip, "blip": models.copy_b
 BUILDERS = {"sd": models.save_tiny_sd, "clip": models.save_tiny_clip, "blip": models.save_tiny_blip}
 
 
-def materialise(kind: str, p: dict, seed: int, out: Path) -> dict:
-    """Fill `out` from the configured source; return what the manifest records about where it came from."""
+def requested(kind: str, p: dict, seed: int) -> dict:
+    """What the manifest records about the source before anything is fetched."""
     origin = {"kind": kind, "source": p["source"]}
     if p["source"] == "tiny":
+        return origin | {"seed": seed}
+    if p["source"] == "synthetic":
+        return origin | {"seed": seed, "n_images": p["n_images"], "image_size": p["image_size"]}
+    if p["source"] == "local":
+        return origin | {"path": str(Path(p["path"]).resolve())}
+    return origin | {"repo_id": p["repo_id"], "revision": p["revision"]}
+
+
+def materialise(kind: str, p: dict, seed: int, out: Path) -> dict:
+    """Fill `out` from the configured source; return what it resolved to (the Hub commit), if anything."""
+    if p["source"] == "tiny":
         BUILDERS[kind](out, seed)
-        origin["seed"] = seed
     elif p["source"] == "synthetic":
         sketches.make_synthetic_sketches(out, p["n_images"], p["image_size"], seed)
-        origin |= {"seed": seed, "n_images": p["n_images"], "image_size": p["image_size"]}
     elif p["source"] == "local":
         COPIERS[kind](Path(p["path"]), out)
-        origin["path"] = str(Path(p["path"]).resolve())
     else:
         snapshot = download(kind, p["repo_id"], p["revision"])
         COPIERS[kind](snapshot, out)
-        origin |= {"repo_id": p["repo_id"], "revision": p["revision"], "resolved_commit": snapshot.name}
-    return origin
+        return {"resolved_commit": snapshot.name}
+    return {}
+
+
+def reusable(out: Path, origin: dict) -> bool:
+    """True when `out` was fetched from this very source and every file still has the hash its manifest records.
+
+    A local folder or a Hub branch can change behind the same name, so only fixed sources are reused.
+    """
+    manifest_path = out / MANIFEST
+    fixed = origin["source"] in ("tiny", "synthetic") or COMMIT.fullmatch(origin.get("revision", ""))
+    if not (fixed and manifest_path.is_file()):
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    if {key: manifest.get(key) for key in origin} != origin:
+        return False
+    on_disk = {str(path.relative_to(out)) for path in out.rglob("*") if path.is_file()} - {MANIFEST}
+    for name in sorted(on_disk | set(manifest["files"])):
+        if name not in manifest["files"] or name not in on_disk or sha256_of(out / name) != manifest["files"][name]:
+            log.warning("%s differs from %s (added, removed or changed); fetching again", out / name, MANIFEST)
+            return False
+    return True
 
 
 def run(kind: str, p: dict, seed: int, out: Path) -> None:
-    """Materialise one input into `out`, whole or not at all."""
+    """Materialise one input into `out`, whole or not at all; reuse what is there when its hashes verify."""
     check_source(kind, p)
+    origin = requested(kind, p, seed)
+    if reusable(out, origin):
+        log.info("fetch %s: %s already holds it and its hashes verify; reusing it", kind, out)
+        return
     log.info("fetch %s from %s into %s", kind, p["source"], out)
     with atomic_dir(out) as tmp:
-        origin = materialise(kind, p, seed, tmp)
+        origin |= materialise(kind, p, seed, tmp)
         manifest = origin | {"libraries": library_versions(), "files": file_hashes(tmp)}
         write_json(tmp / MANIFEST, manifest)
     log.info("fetch %s: %d files", kind, len(manifest["files"]))

@@ -30,8 +30,9 @@ def _remove(path: Path) -> None:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `final` only when the block finishes without error."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a run that was killed
+        _remove(stale)
     tmp = _temporary_sibling(final)
-    _remove(tmp)
     tmp.mkdir()
     try:
         yield tmp

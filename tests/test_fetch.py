@@ -114,3 +114,24 @@ def test_a_failed_fetch_leaves_no_output(tmp_path):
     result = fetch(tmp_path, "sd", tmp_path, params)
     assert result.returncode == 2 and "error:" in result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_fetch_reuses_a_verified_folder_and_names_a_file_that_differs(tmp_path):
+    params = yaml.safe_load(yaml.safe_dump(STUDY))
+    params["fetch"]["clip"]["source"] = "tiny"
+    assert fetch(tmp_path, "clip", tmp_path, params).returncode == 0
+    weights = tmp_path / "out" / "open_clip_model.safetensors"
+    original = weights.read_bytes()
+
+    again = fetch(tmp_path, "clip", tmp_path, params)
+    assert again.returncode == 0 and "hashes verify; reusing it" in again.stderr
+
+    weights.write_bytes(original[:-8] + b"tampered")
+    tampered = fetch(tmp_path, "clip", tmp_path, params)
+    assert tampered.returncode == 0
+    assert "out/open_clip_model.safetensors differs from fetch_manifest.json" in tampered.stderr and "reusing" not in tampered.stderr
+    assert weights.read_bytes() == original
+
+    params["shared"]["seed"] += 1  # another source: fetched again, not reused
+    assert "reusing" not in fetch(tmp_path, "clip", tmp_path, params).stderr
+    assert weights.read_bytes() != original
