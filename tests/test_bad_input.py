@@ -1,0 +1,159 @@
+"""The bad-input catalogue, through the stages' real command lines on the smoke setting.
+
+Data problems are skipped per file and recorded in data/split/skipped.csv; everything else stops before any heavy
+work with one line naming the file or key, exit code 2 and no traceback.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import models
+from stages.data import read_metadata, write_jsonl
+from stages.sketches import make_synthetic_sketches
+
+REPO = Path(__file__).resolve().parents[1]
+OK_ODDITIES = {"rgba.png", "palette.png", "cmyk.jpg", "gray16.png", "one_pixel.png"}
+EXPECTED_SKIPS = {
+    "corrupt.png": "not decodable", "truncated.jpg": "not decodable", "zero_bytes.png": "empty file",
+    "bomb.png": "decompression bomb", "missing.png": "missing file", "empty_caption.png": "empty caption",
+    "blank_caption.png": "empty caption", "00001.png": "listed twice",
+}
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A folder with the smoke params.yaml, as the stages see the repository root."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
+    return tmp_path
+
+
+def stage(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=workdir, env=env, capture_output=True, text=True)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0]
+    return errors[0]
+
+
+def add_odd_images(raw: Path) -> list[dict]:
+    """Write every odd and broken file of the catalogue into an imagefolder; return their metadata rows."""
+    jpeg = raw / "truncated.jpg"
+    Image.new("RGB", (64, 48), "gray").save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    (raw / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (raw / "zero_bytes.png").write_bytes(b"")
+    Image.new("1", (20000, 20000)).save(raw / "bomb.png")  # 400 Mpixel: over twice PIL's limit
+    Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(raw / "rgba.png")
+    Image.new("P", (30, 40), 3).save(raw / "palette.png")
+    Image.new("CMYK", (50, 50), (0, 0, 0, 255)).save(raw / "cmyk.jpg")
+    Image.fromarray(np.full((33, 21), 40000, dtype=np.uint16)).save(raw / "gray16.png")
+    Image.new("RGB", (1, 1), "white").save(raw / "one_pixel.png")
+    for name in ("empty_caption.png", "blank_caption.png", "unlisted.png"):
+        Image.new("RGB", (16, 16), "white").save(raw / name)
+    rows = [{"file_name": name, "text": "a sketch"} for name in [*OK_ODDITIES, *EXPECTED_SKIPS] if name != "00001.png"]
+    captions = {"empty_caption.png": "", "blank_caption.png": "  \t "}
+    return [r | {"text": captions.get(r["file_name"], r["text"])} for r in rows] + [
+        {"file_name": "00001.png", "text": "listed a second time"}]
+
+
+@pytest.fixture
+def odd_dataset(workdir) -> Path:
+    raw = workdir / "data" / "raw"
+    make_synthetic_sketches(raw, 40, 32, seed=0)
+    write_jsonl(raw / "metadata.jsonl", read_metadata(raw) + add_odd_images(raw))
+    return raw
+
+
+def test_split_skips_and_records_each_bad_file(workdir, odd_dataset):
+    params = (workdir / "params.yaml").read_text().replace("max_bad_fraction: 0.05", "max_bad_fraction: 0.2")
+    (workdir / "params.yaml").write_text(params)
+    result = stage(workdir, "stages.split", "data/raw", "data/split", "reports/split.json")
+    assert result.returncode == 0, result.stderr
+    with (workdir / "data/split/skipped.csv").open() as handle:
+        skipped = {row["file_name"]: row["reason"] for row in csv.DictReader(handle)}
+    assert set(skipped) == set(EXPECTED_SKIPS) | {"unlisted.png"}
+    for name, reason in EXPECTED_SKIPS.items():
+        assert reason in skipped[name], (name, skipped[name])
+    assert skipped["unlisted.png"] == "not in metadata.jsonl"
+    kept = {row["file_name"] for name in ("train", "val", "test")
+            for row in map(json.loads, (workdir / f"data/split/{name}.jsonl").read_text().splitlines())}
+    assert OK_ODDITIES <= kept and len(kept) == 40 + len(OK_ODDITIES)
+    metrics = json.loads((workdir / "reports/split.json").read_text())
+    assert metrics["n_skipped"] == len(EXPECTED_SKIPS) and metrics["n_examples"] == 40 + len(OK_ODDITIES) + 8
+
+
+def test_split_stops_when_too_much_data_is_bad(workdir, odd_dataset):
+    result = stage(workdir, "stages.split", "data/raw", "data/split", "reports/split.json")
+    assert_one_line_error(result, "8 of 53 examples are unusable", "split.max_bad_fraction")
+    assert not (workdir / "data/split").exists() and not (workdir / "reports/split.json").exists()
+
+
+@pytest.mark.parametrize("line, words", [
+    (b"not json at all\n", ["metadata.jsonl:3"]),
+    (b'{"file_name": "00000.png", "text": "caf\xe9"}\n', ["metadata.jsonl:3", "UTF-8"]),
+    (b'{"file_name": "00000.png"}\n', ["metadata.jsonl:3", "text"]),
+])
+def test_broken_metadata_stops_naming_the_line(workdir, line, words):
+    raw = workdir / "data" / "raw"
+    make_synthetic_sketches(raw, 4, 32, seed=0)
+    lines = (raw / "metadata.jsonl").read_bytes().splitlines(keepends=True)
+    (raw / "metadata.jsonl").write_bytes(b"".join(lines[:2]) + line + b"".join(lines[2:]))
+    assert_one_line_error(stage(workdir, "stages.split", "data/raw", "data/split", "m.json"), *words)
+
+
+def test_a_missing_input_folder_names_the_stage_to_run(workdir):
+    result = stage(workdir, "stages.split", "data/raw", "data/split", "m.json")
+    assert_one_line_error(result, "data/raw", "run the fetch stage first")
+
+
+def sd_folder_variants(root: Path) -> dict[str, tuple[Path, str]]:
+    """Model folders of the wrong kind or shape, and the words the error must contain."""
+    sd, clip = root / "sd", root / "clip"
+    models.save_tiny_sd(sd, seed=0)
+    models.save_tiny_clip(clip, seed=0)
+    no_unet, pickled = root / "no_unet", root / "pickled"
+    for target in (no_unet, pickled):
+        subprocess.run(["cp", "-r", str(sd), str(target)], check=True)
+    subprocess.run(["rm", "-r", str(no_unet / "unet")], check=True)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
+    return {"clip as sd": (clip, "model_index.json"), "no unet": (no_unet, "unet"),
+            "pickle only": (pickled, "safetensors"), "nowhere": (root / "nowhere", "does not exist")}
+
+
+def test_wrong_model_folders_stop_before_loading(workdir):
+    for case, (folder, words) in sd_folder_variants(workdir / "models").items():
+        result = stage(workdir, "stages.generate", "base", str(folder), "out")
+        assert_one_line_error(result, str(folder), words)
+        assert not (workdir / "out").exists(), case
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("images_per_prompt", "0", "generate.images_per_prompt must be a positive integer"),
+    ("prompts", "[]", "generate.prompts must be a non-empty list"),
+    ("resolution", "30", "generate.resolution must be a positive integer divisible by 8"),
+    ("scheduler", "magic", "generate.scheduler must be one of"),
+])
+def test_bad_generate_parameters_stop_with_one_line(workdir, key, value, words):
+    import yaml
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["generate"][key] = yaml.safe_load(value)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    assert_one_line_error(stage(workdir, "stages.generate", "base", "models/sd", "out"), words)
