@@ -17,6 +17,7 @@ from stages.sketches import make_synthetic_sketches
 REPO = Path(__file__).resolve().parents[1]
 STUDY = yaml.safe_load((REPO / "params.yaml").read_text())
 DATA_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FAKE_TOKEN = "hf_FakeTokenForTheHubPath0123456789abcdef"
 
 
 def snapshot(cache: Path, repo_type: str, repo_id: str, commit: str) -> Path:
@@ -54,7 +55,7 @@ def hub_cache(tmp_path_factory) -> Path:
 
 def fetch(workdir: Path, kind: str, cache: Path, params: dict = STUDY) -> subprocess.CompletedProcess:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": FAKE_TOKEN}
     return subprocess.run([sys.executable, "-m", "stages.fetch", kind, "out"], cwd=workdir, env=env,
                           capture_output=True, text=True)
 
@@ -70,6 +71,8 @@ def test_study_models_come_from_the_hub_cache(tmp_path, hub_cache, kind, check):
     assert manifest["resolved_commit"] == STUDY["fetch"][kind]["revision"]
     assert manifest["repo_id"] == STUDY["fetch"][kind]["repo_id"]
     assert all(not name.endswith(".bin") for name in manifest["files"])
+    written = [path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert all(FAKE_TOKEN.encode() not in content for content in written) and FAKE_TOKEN not in result.stderr
 
 
 def test_study_dataset_comes_from_the_hub_cache_as_an_imagefolder(tmp_path, hub_cache):

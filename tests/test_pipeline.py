@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"images_per_s", "peak_memory_mb", "train_seconds", "step"}
+FAKE_TOKEN = "hf_FakeTokenThatMustNeverBeWritten0123456789"
 pytestmark = pytest.mark.slow
 
 
@@ -19,6 +20,7 @@ def sh(cwd: Path, *args: str) -> str:
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        "HF_TOKEN": FAKE_TOKEN,
     }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -119,3 +121,12 @@ def test_same_smoke_run_twice_gives_identical_metrics(clone):
     log = sh(clone.root, "dvc", "repro", "--force")
     assert "Running stage 'finetune'" in log
     assert read_metrics(clone.root) == before
+
+
+def test_the_hub_token_is_written_nowhere(clone):
+    """Every stage ran with HF_TOKEN set: no output, log, manifest, params, metrics or cache file holds it."""
+    needle = FAKE_TOKEN.encode()
+    assert needle not in clone.log.encode()
+    for path in clone.root.rglob("*"):
+        if path.is_file() and ".git" not in path.relative_to(clone.root).parts:
+            assert needle not in path.read_bytes(), path
