@@ -4,22 +4,30 @@ Reads SD_DIR (pipeline folder from fetch), RAW_DIR (imagefolder), SPLIT_DIR/trai
 `shared`. Writes OUT_DIR, a diffusers pipeline folder whose UNet is the fine-tuned (EMA) one, with
 OUT_DIR/training_info.json (what made it), and LIVE_DIR (dvclive: loss, lr, grad norm, images/s, peak memory per step).
 
-Run: python -m stages.finetune SD_DIR RAW_DIR SPLIT_DIR OUT_DIR LIVE_DIR
+Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
+see stages/training.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses, with one
+line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run ends with
+the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
+each item's random flip/crop only on seed, epoch and index, and the RNG states are restored.
+
+Run: python -m stages.finetune SD_DIR RAW_DIR SPLIT_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
 (multi-GPU: accelerate launch -m stages.finetune ...)
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from stages import data, models
+from stages import data, models, training
 from stages.config import (
     BOOL, FRACTION, MULTIPLE_OF_8, NON_NEGATIVE_INT, NON_NEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, UserError,
     cli, load_params, load_shared, one_of, require_path,
@@ -36,7 +44,7 @@ SCHEMA = {
     "adam_beta2": FRACTION, "adam_weight_decay": NON_NEGATIVE_NUMBER, "adam_epsilon": POSITIVE_NUMBER,
     "max_grad_norm": POSITIVE_NUMBER, "gradient_checkpointing": BOOL, "mixed_precision": one_of("no", "fp16", "bf16"),
     "use_ema": BOOL, "ema_decay": FRACTION, "resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL,
-    "dataloader_num_workers": NON_NEGATIVE_INT,
+    "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT,
 }
 
 
@@ -49,15 +57,19 @@ def resolve_precision(requested: str, cuda: bool, cuda_bf16: bool = True) -> str
     return requested
 
 
-def build_accelerator(p: dict):
+def build_accelerator(p: dict, seed: int):
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
     cuda = torch.cuda.is_available()
     precision = resolve_precision(p["mixed_precision"], cuda, cuda and torch.cuda.is_bf16_supported())
     if precision != p["mixed_precision"]:
         log.info("mixed_precision %s runs as %s on this device", p["mixed_precision"], precision)
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=p["gradient_accumulation_steps"])
+    # The seedable sampler shuffles epoch e with seed + e, whatever came before: a resumed run sees the same order.
+    loading = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=p["gradient_accumulation_steps"],
+                       dataloader_config=loading)
 
 
 def load_components(sd_dir: Path, p: dict, accelerator) -> dict:
@@ -93,17 +105,18 @@ def make_optimizer(parameters, p: dict):
 
 
 def make_dataloader(raw: Path, rows: list[dict], tokenizer, p: dict, seed: int):
-    """Shuffled batches of pixel values and caption token ids; the shuffle order depends only on the seed."""
+    """Shuffled batches of pixel values and caption token ids; the shuffle order depends only on the seed and epoch."""
     import torch
 
     transform = data.train_transforms(p["resolution"], p["center_crop"], p["random_flip"])
-    dataset = data.CaptionedImages(raw, rows, transform)
+    dataset = training.SeededItems(data.CaptionedImages(raw, rows, transform), seed)
 
     def collate(items: list[dict]) -> dict:
         tokens = tokenizer([item["text"] for item in items], padding="max_length", truncation=True,
                            max_length=tokenizer.model_max_length, return_tensors="pt")
         return {"pixel_values": torch.stack([item["pixel_values"] for item in items]), "input_ids": tokens.input_ids}
 
+    # With its own generator, making an iterator draws the workers' base seed from it, not from the global RNG.
     return torch.utils.data.DataLoader(
         dataset, batch_size=p["train_batch_size"], shuffle=True, collate_fn=collate,
         num_workers=p["dataloader_num_workers"], generator=torch.Generator().manual_seed(seed),
@@ -137,8 +150,8 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(parts: dict, dataloader, p: dict, accelerator, live) -> dict:
-    """The training loop; returns the number of optimizer steps and the last loss."""
+def prepare_training(parts: dict, dataloader, p: dict, accelerator) -> dict:
+    """Optimizer, LR schedule and EMA, prepared by accelerate; the EMA is registered so that checkpoints carry it."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -151,34 +164,54 @@ def train(parts: dict, dataloader, p: dict, accelerator, live) -> dict:
     ema = EMAModel(unet.parameters(), decay=p["ema_decay"], foreach=True) if p["use_ema"] else None
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     if ema:
-        ema.to(accelerator.device)
-    step, loss, grad_norm = 0, float("nan"), float("nan")
-    bar = tqdm(total=max_steps, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
+        accelerator.register_for_checkpointing(ema)
+    return {"unet": unet, "optimizer": optimizer, "dataloader": dataloader, "lr_scheduler": lr_scheduler, "ema": ema,
+            "max_steps": max_steps}
+
+
+def train_batch(batch: dict, parts: dict, loop: dict, p: dict, accelerator) -> tuple:
+    """Forward and backward on one batch, and the optimizer step at the end of an accumulation; loss and grad norm."""
+    unet, optimizer = loop["unet"], loop["optimizer"]
+    grad_norm = float("nan")
+    with accelerator.accumulate(unet):
+        loss = diffusion_loss(batch, parts, unet)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), p["max_grad_norm"]))
+        optimizer.step()
+        loop["lr_scheduler"].step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def train(parts: dict, loop: dict, position: training.Position, p: dict, accelerator, live, save: Callable) -> dict:
+    """The training loop from `position`, calling save(position) every checkpoint_every steps; returns the summary."""
+    unet, dataloader, ema, max_steps = loop["unet"], loop["dataloader"], loop["ema"], loop["max_steps"]
+    step, epoch, done, loss = position.step, position.epoch, position.batch, float("nan")
+    bar = tqdm(total=max_steps, initial=step, desc="finetune", unit="step",
+               disable=not accelerator.is_local_main_process)
     started, images = time.perf_counter(), 0
     while step < max_steps:
-        for batch in dataloader:
-            with accelerator.accumulate(unet):
-                loss_tensor = diffusion_loss(batch, parts, unet)
-                accelerator.backward(loss_tensor)
-                if accelerator.sync_gradients:
-                    grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), p["max_grad_norm"]))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        for batch in training.epoch_batches(dataloader, epoch, done, accelerator):
+            done += 1
+            loss_tensor, grad_norm = train_batch(batch, parts, loop, p, accelerator)
             images += batch["pixel_values"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             if ema:
                 ema.step(unet.parameters())
             step, loss = step + 1, float(loss_tensor.detach())
-            elapsed = time.perf_counter() - started
             if accelerator.is_main_process:
-                log_step(live, {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                "images_per_s": images / elapsed, "peak_memory_mb": peak_memory_mb(accelerator.device)})
+                log_step(live, {"loss": loss, "lr": loop["lr_scheduler"].get_last_lr()[0], "grad_norm": grad_norm,
+                                "images_per_s": images / (time.perf_counter() - started),
+                                "peak_memory_mb": peak_memory_mb(accelerator.device)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if p["checkpoint_every"] and step % p["checkpoint_every"] == 0 and step < max_steps:
+                save(training.Position(step, epoch, done))
             if step >= max_steps:
                 break
+        epoch, done = epoch + 1, 0
     bar.close()
     final_unet = accelerator.unwrap_model(unet)
     if ema:
@@ -209,25 +242,31 @@ def check_inputs(sd_dir: Path, raw: Path, split_dir: Path) -> list[dict]:
     return rows
 
 
-def run(sd_dir: Path, raw: Path, split_dir: Path, out: Path, live_dir: Path, p: dict, seed: int) -> dict:
-    """Fine-tune and save; return the training summary."""
+def run(sd_dir: Path, raw: Path, split_dir: Path, out: Path, live_dir: Path, scratch: Path, p: dict,
+        seed: int) -> dict:
+    """Fine-tune (resuming from a checkpoint in `scratch` if there is one) and save; return the training summary."""
     from accelerate.utils import set_seed
     from dvclive import Live
 
     rows = check_inputs(sd_dir, raw, split_dir)
-    accelerator = build_accelerator(p)
+    accelerator = build_accelerator(p, seed)
+    run_id = training.fingerprint(p, seed, training.inputs_digest([sd_dir, raw], rows), accelerator)
+    found = training.find_resumable(scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed)
     parts = load_components(sd_dir, p, accelerator)
-    dataloader = make_dataloader(raw, rows, parts["tokenizer"], p, seed)
+    loop = prepare_training(parts, make_dataloader(raw, rows, parts["tokenizer"], p, seed), p, accelerator)
+    position = training.resume(loop, found, live_dir, accelerator)
     log.info("finetune on %d images, %s, mixed precision %s", len(rows), accelerator.device, accelerator.mixed_precision)
-    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
-        result = train(parts, dataloader, p, accelerator, live)
-    summary = {k: v for k, v in result.items() if k != "unet"}
+    save = functools.partial(training.save, accelerator, scratch, run=run_id, live_dir=live_dir)
+    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=found is not None) as live:
+        result = train(parts, loop, position, p, accelerator, live, save)
+    summary = {k: v for k, v in result.items() if k != "unet"} | {"resumed_from_step": position.step or None}
     if accelerator.is_main_process:
         info = summary | {"params": p, "seed": seed, "n_train_images": len(rows), "device": str(accelerator.device),
                           "mixed_precision_ran": accelerator.mixed_precision, "libraries": library_versions(),
                           "base_model": models_origin(sd_dir)}
         save_pipeline(sd_dir, result["unet"], out, info)
+    training.discard(accelerator, scratch)
     return summary
 
 
@@ -242,11 +281,11 @@ def models_origin(sd_dir: Path) -> dict:
 @cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("sd_dir", "raw", "split_dir", "out", "live_dir"):
+    for name in ("sd_dir", "raw", "split_dir", "out", "live_dir", "scratch"):
         parser.add_argument(name, type=Path)
     args = parser.parse_args()
     p = load_params("finetune", SCHEMA)
-    run(args.sd_dir, args.raw, args.split_dir, args.out, args.live_dir, p, load_shared()["seed"])
+    run(args.sd_dir, args.raw, args.split_dir, args.out, args.live_dir, args.scratch, p, load_shared()["seed"])
 
 
 if __name__ == "__main__":

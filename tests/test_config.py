@@ -53,7 +53,7 @@ def test_bad_parameter_names_the_key(tmp_path, section, schema, key, value, word
 def test_stage_prints_one_line_and_exits_2(tmp_path, repo_root):
     params_file(tmp_path, "finetune", epochs=-1)
     result = subprocess.run(
-        [sys.executable, "-m", "stages.finetune", "a", "b", "c", "d", "e"], cwd=tmp_path, capture_output=True,
+        [sys.executable, "-m", "stages.finetune", "a", "b", "c", "d", "e", "f"], cwd=tmp_path, capture_output=True,
         text=True, env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 2
