@@ -8,8 +8,9 @@ Reads params `fetch.<kind>` and `shared`. Writes OUT_DIR, one of:
 and OUT_DIR/fetch_manifest.json (source, revision, resolved commit, sha256 of every file).
 
 Sources: `hub` (repo_id at revision; the only code in the project that talks to a hub), `local` (a folder: a model
-folder, an imagefolder or a folder of parquet shards), `tiny` (small random models) or `synthetic` (generated sketches).
-An OUT_DIR already fetched from the same fixed source (tiny, synthetic, or a Hub commit) is reused when every file
+folder, an imagefolder or a folder of parquet shards), `tiny` (small random models), `full` (the study's architectures,
+random weights: study-shaped speed and memory without the Hub) or `synthetic` (generated sketches).
+An OUT_DIR already fetched from the same fixed source (tiny, full, synthetic, or a Hub commit) is reused when every file
 still has the sha256 its manifest records; otherwise the file that differs is named and the input is fetched again.
 
 Run: python -m stages.fetch KIND OUT_DIR
@@ -35,6 +36,7 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 
 KINDS = ("sd", "clip", "blip", "data")
 OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "data": "synthetic"}
+RANDOM_SOURCES = ("tiny", "full")  # random weights built from configs: the smoke size and the study's size
 HUB_FILES = {
     "sd": ["*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"],
     "clip": ["open_clip_config.json", "open_clip_model.safetensors"],
@@ -45,7 +47,7 @@ HUB_FILES = {
 
 def schema(kind: str) -> dict[str, Rule]:
     rules = {
-        "source": one_of("hub", "local", OFFLINE_SOURCE[kind]),
+        "source": one_of("hub", "local", "synthetic") if kind == "data" else one_of("hub", "local", *RANDOM_SOURCES),
         "repo_id": STRING,
         "revision": STRING,
         "path": STRING,
@@ -95,13 +97,13 @@ def copy_dataset(src: Path, out: Path) -> None:
 
 
 COPIERS = {"sd": models.copy_sd, "clip": models.copy_clip, "blip": models.copy_blip, "data": copy_dataset}
-BUILDERS = {"sd": models.save_tiny_sd, "clip": models.save_tiny_clip, "blip": models.save_tiny_blip}
+BUILDERS = {"sd": models.save_random_sd, "clip": models.save_random_clip, "blip": models.save_random_blip}
 
 
 def requested(kind: str, p: dict, seed: int) -> dict:
     """What the manifest records about the source before anything is fetched."""
     origin = {"kind": kind, "source": p["source"]}
-    if p["source"] == "tiny":
+    if p["source"] in RANDOM_SOURCES:
         return origin | {"seed": seed}
     if p["source"] == "synthetic":
         return origin | {"seed": seed, "n_images": p["n_images"], "image_size": p["image_size"]}
@@ -111,10 +113,10 @@ def requested(kind: str, p: dict, seed: int) -> dict:
 
 
 def materialise(kind: str, p: dict, seed: int, out: Path) -> dict:
-    """Fill `out` from the configured source; return what it resolved to (the Hub commit), if anything."""
-    if p["source"] == "tiny":
-        BUILDERS[kind](out, seed)
-    elif p["source"] == "synthetic":
+    """Fill `out` from the configured source; return what the manifest adds (Hub commit, parameter counts)."""
+    if p["source"] in RANDOM_SOURCES:
+        return {"parameters": BUILDERS[kind](out, seed, arch=p["source"])}
+    if p["source"] == "synthetic":
         sketches.make_synthetic_sketches(out, p["n_images"], p["image_size"], seed)
     elif p["source"] == "local":
         COPIERS[kind](Path(p["path"]), out)
@@ -131,7 +133,7 @@ def reusable(out: Path, origin: dict) -> bool:
     A local folder or a Hub branch can change behind the same name, so only fixed sources are reused.
     """
     manifest_path = out / MANIFEST
-    fixed = origin["source"] in ("tiny", "synthetic") or COMMIT.fullmatch(origin.get("revision", ""))
+    fixed = origin["source"] in (*RANDOM_SOURCES, "synthetic") or COMMIT.fullmatch(origin.get("revision", ""))
     if not (fixed and manifest_path.is_file()):
         return False
     manifest = json.loads(manifest_path.read_text())

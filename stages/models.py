@@ -1,12 +1,15 @@
-"""Loading, checking and copying the three model folders (SD pipeline, open_clip, BLIP), and tiny random builders.
+"""Loading, checking and copying the three model folders (SD pipeline, open_clip, BLIP), and random builders.
 
 Folders are canonical library formats, safetensors only: a diffusers `StableDiffusionPipeline` folder, an open_clip
 `local-dir:` folder (`open_clip_config.json` + `open_clip_model.safetensors`) and a transformers BLIP captioner
-folder. Heavy libraries are imported inside the functions so that importing this module stays fast.
+folder. The random builders make them from configs: `tiny` for the offline smoke setting, `full` for the study's
+architectures (speed and memory at study scale without the Hub). Heavy libraries are imported inside the functions
+so that importing this module stays fast.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import logging
@@ -18,11 +21,12 @@ from stages.config import UserError
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
-    from transformers import BlipForConditionalGeneration, BlipProcessor, CLIPTokenizer
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor, CLIPTokenizer
 
 # bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward" while diffusers imports it; users read it as
 # an error. Set before any import of it, hence at module level.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_WEIGHTED = ("unet", "vae", "text_encoder")
@@ -156,35 +160,81 @@ def sd_tokenizer_from_open_clip() -> CLIPTokenizer:
                          model_max_length=77)
 
 
-def save_tiny_sd(out_dir: Path, seed: int) -> None:
-    """Build a tiny randomly initialised Stable Diffusion pipeline from configs and save it as a diffusers folder."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+# Architectures of the random models: "tiny" for the offline smoke setting, "full" for the study's exact shapes
+# (stabilityai/stable-diffusion-2-base's unet/, vae/ and text_encoder/ config.json; OpenCLIP ViT-H-14).
+SD_ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": {"sample_size": 16, "layers_per_block": 1, "block_out_channels": (32, 64),
+                 "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32,
+                 "attention_head_dim": 8},
+        "vae": {"layers_per_block": 1, "block_out_channels": (32, 64), "sample_size": 32},
+        "text_encoder": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
+                         "projection_dim": 32},
+    },
+    "full": {
+        "unet": {"sample_size": 64, "layers_per_block": 2, "block_out_channels": (320, 640, 1280, 1280),
+                 "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "cross_attention_dim": 1024,
+                 "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},
+        "vae": {"layers_per_block": 2, "block_out_channels": (128, 256, 512, 512), "sample_size": 512},
+        "text_encoder": {"hidden_size": 1024, "num_hidden_layers": 23, "num_attention_heads": 16,
+                         "intermediate_size": 4096, "projection_dim": 512},
+    },
+}
+UNET_COMMON = {"in_channels": 4, "out_channels": 4, "norm_num_groups": 32}
+TEXT_COMMON = {"max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu", "pad_token_id": 0,
+               "bos_token_id": 49406, "eos_token_id": 49407}
+CLIP_TINY = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+BLIP_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                  "max_position_embeddings": 512, "projection_dim": 32}
+BLIP_TINY_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                    "image_size": 32, "patch_size": 8, "projection_dim": 32}
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased; the real captioner adds [DEC] and [ENC] after it (30524)
+
+
+def parameter_counts(name: str, modules: dict[str, Any]) -> dict[str, int]:
+    """Parameters of each module (shared weights once), logged so that anyone can check the shapes."""
+    counts = {key: sum(p.numel() for p in module.parameters()) for key, module in modules.items()}
+    log.info("%s parameters: %s", name, ", ".join(f"{key} {n / 1e6:.1f}M ({n:,})" for key, n in counts.items()))
+    return counts
+
+
+def build_sd_modules(arch: str) -> dict[str, Any]:
+    """The UNet, VAE and text encoder of `arch`, randomly initialised (inside `torch.device("meta")`: shapes only)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _quiet_libraries()
+    config = SD_ARCHITECTURES[arch]
+    blocks = len(config["vae"]["block_out_channels"])
+    return {
+        "unet": UNet2DConditionModel(**UNET_COMMON, **config["unet"]),
+        "vae": AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+                             down_block_types=("DownEncoderBlock2D",) * blocks,
+                             up_block_types=("UpDecoderBlock2D",) * blocks, **config["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT_COMMON, **config["text_encoder"])),
+    }
+
+
+def save_random_sd(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
+    """Build a random Stable Diffusion pipeline of `arch` from configs, save it as a diffusers folder; return sizes."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=32, sample_size=32)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, projection_dim=32,
-            max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", pad_token_id=0, bos_token_id=49406,
-            eos_token_id=49407))
+        modules = build_sd_modules(arch)
     # SD2-base's scheduler_config.json values.
     scheduler = PNDMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=sd_tokenizer_from_open_clip(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**modules, tokenizer=sd_tokenizer_from_open_clip(), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    return parameter_counts(f"{arch} Stable Diffusion", modules)
 
 
 def _write_open_clip(out_dir: Path, config: dict[str, Any], state_dict: dict[str, Any]) -> None:
@@ -196,45 +246,78 @@ def _write_open_clip(out_dir: Path, config: dict[str, Any], state_dict: dict[str
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / CLIP_WEIGHTS))
 
 
-def save_tiny_clip(out_dir: Path, seed: int) -> None:
-    """Build a tiny random open_clip model and save it as an open_clip `local-dir:` folder."""
+def clip_config(arch: str) -> dict[str, Any]:
+    """The open_clip config (model_cfg + preprocess_cfg) of `arch`; "full" is open_clip's built-in ViT-H-14."""
+    import open_clip
+
+    model_cfg = CLIP_TINY if arch == "tiny" else open_clip.get_model_config("ViT-H-14")
+    size = model_cfg["vision_cfg"]["image_size"]
+    return {"model_cfg": model_cfg,
+            "preprocess_cfg": {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                               "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic",
+                               "resize_mode": "shortest"}}
+
+
+def save_random_clip(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
+    """Build a random open_clip model of `arch` and save it as an open_clip `local-dir:` folder; return its size."""
     import open_clip
     import torch
 
-    model_cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1},
-    }
-    preprocess_cfg = {"size": 32, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                      "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    config = clip_config(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.CLIP(**model_cfg)
-    _write_open_clip(out_dir, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, model.state_dict())
+        model = open_clip.CLIP(**config["model_cfg"])
+    _write_open_clip(out_dir, config, model.state_dict())
+    return parameter_counts(f"{arch} CLIP", {"clip": model})
 
 
-def save_tiny_blip(out_dir: Path, seed: int) -> None:
-    """Build a tiny random BLIP captioner (BlipForConditionalGeneration + BlipProcessor) and save it."""
+def blip_vocab(arch: str) -> dict[str, int]:
+    """The captioner's word-piece vocabulary: a small one, or BERT's layout and size with our words (30524)."""
+    words = [*BLIP_WORDS, "##s", "##ing", "##ed"]
+    if arch == "tiny":
+        return {token: i for i, token in enumerate(dict.fromkeys([*BLIP_SPECIAL, *words]))}
+    # Same ids as bert-base-uncased for the special tokens, so BlipConfig's defaults (bos 30522, sep 102) hold.
+    head = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokens = head + [f"[unused{i}]" for i in range(99, 99 + BERT_VOCAB_SIZE - len(head))] + ["[DEC]", "[ENC]"]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def blip_config(arch: str, vocab: dict[str, int]) -> BlipConfig:
+    """BlipConfig of `arch`; "full" is BlipConfig's defaults, the shapes of Salesforce/blip-image-captioning-base."""
+    from transformers import BlipConfig
+
+    if arch == "full":
+        return BlipConfig(text_config={"vocab_size": len(vocab)})
+    text = BLIP_TINY_TEXT | {"vocab_size": len(vocab), "pad_token_id": 0, "bos_token_id": vocab["[DEC]"],
+                             "eos_token_id": vocab["[SEP]"], "sep_token_id": vocab["[SEP]"]}
+    return BlipConfig(text_config=text, vision_config=BLIP_TINY_VISION, projection_dim=32, image_text_hidden_size=32)
+
+
+def save_random_blip(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
+    """Build a random BLIP captioner of `arch` (BlipForConditionalGeneration + BlipProcessor), save it; return sizes."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import BertTokenizer, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     _quiet_libraries()
-    vocab = {token: i for i, token in enumerate(dict.fromkeys([*BLIP_SPECIAL, *BLIP_WORDS, "##s", "##ing", "##ed"]))}
+    vocab = blip_vocab(arch)
     # Like the real captioner: [DEC] starts a caption, [SEP] ends it. BertTokenizerFast(vocab_file=) ignores the file.
     tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"], model_max_length=512)
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-            "num_attention_heads": 4, "max_position_embeddings": 512, "projection_dim": 32, "pad_token_id": 0,
-            "bos_token_id": vocab["[DEC]"], "eos_token_id": vocab["[SEP]"], "sep_token_id": vocab["[SEP]"]}
-    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
-              "image_size": 32, "patch_size": 8, "projection_dim": 32}
-    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32, image_text_hidden_size=32)
+    config = blip_config(arch, vocab)
+    size = config.vision_config.image_size
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
+                              tokenizer=tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+    return parameter_counts(f"{arch} BLIP", {"blip": model})
+
+
+# The smoke setting's builders.
+save_tiny_sd = functools.partial(save_random_sd, arch="tiny")
+save_tiny_clip = functools.partial(save_random_clip, arch="tiny")
+save_tiny_blip = functools.partial(save_random_blip, arch="tiny")
 
 
 def load_sd_pipeline(path: Path) -> StableDiffusionPipeline:
@@ -248,25 +331,35 @@ def load_sd_pipeline(path: Path) -> StableDiffusionPipeline:
             path, use_safetensors=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def load_clip(path: Path, device: str = "cpu") -> tuple[Any, Callable, Callable]:
-    """Return (model, preprocess, tokenizer) for an open_clip local-dir folder, model in eval mode."""
+def inference_device() -> tuple[Any, Any]:
+    """Where inference runs: the device accelerate picks, in fp16 on CUDA and fp32 elsewhere (CPU results unchanged)."""
+    import torch
+    from accelerate import PartialState
+
+    device = PartialState().device
+    return device, torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_clip(path: Path, device: Any = "cpu", half: bool = False) -> tuple[Any, Callable, Callable]:
+    """Return (model, preprocess, tokenizer) for an open_clip local-dir folder, model in eval mode (fp16 if `half`)."""
     check_clip_folder(path)
     import open_clip
 
     with _user_errors(path, "an open_clip model"):
-        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            f"local-dir:{path}", device=device, precision="fp16" if half else "fp32")
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     return model.eval(), preprocess, tokenizer
 
 
-def load_blip(path: Path, device: str = "cpu") -> tuple[BlipForConditionalGeneration, BlipProcessor]:
-    """Return (model, processor) for a BLIP captioning folder, model in eval mode."""
+def load_blip(path: Path, device: Any = "cpu", dtype: Any = None) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """Return (model, processor) for a BLIP captioning folder, model in eval mode, in `dtype` (None: the file's)."""
     check_blip_folder(path)
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     _quiet_libraries()
     with _user_errors(path, "a BLIP captioner"):
-        model = BlipForConditionalGeneration.from_pretrained(path, use_safetensors=True)
+        model = BlipForConditionalGeneration.from_pretrained(path, use_safetensors=True, dtype=dtype)
         processor = BlipProcessor.from_pretrained(path)
     return model.to(device).eval(), processor
 
