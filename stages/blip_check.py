@@ -2,6 +2,7 @@
 
 Reads BLIP_DIR (transformers BLIP captioning folder), SAMPLES_DIR/{base,finetuned}/ and params `blip_check`, `shared`.
 Writes METRICS (share of style captions per model, with n) and DETAIL_DIR/captions.csv.
+Captions in batches on the GPU in fp16 when there is one, in fp32 on a CPU.
 
 Run: python -m stages.blip_check BLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR
 """
@@ -11,6 +12,7 @@ import argparse
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -19,23 +21,35 @@ from stages.config import NON_EMPTY_STRING, POSITIVE_INT, cli, load_params, non_
 from stages.evaluation import MODELS, read_samples
 from stages.outputs import atomic_dir, write_csv, write_json
 
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
 log = logging.getLogger(__name__)
 
 SCHEMA = {"style_words": non_empty_list_of(NON_EMPTY_STRING), "max_new_tokens": POSITIVE_INT, "batch_size": POSITIVE_INT}
 
 
 def captions(blip_dir: Path, paths: list[Path], p: dict) -> list[str]:
-    """Greedy BLIP captions, batched."""
+    """Greedy BLIP captions of the sample images, on the GPU in fp16 when there is one."""
+    device, dtype = models.inference_device()
+    model, processor = models.load_blip(blip_dir, device, dtype)
+    return caption_images(model, processor, paths, p["batch_size"], p["max_new_tokens"])
+
+
+def caption_images(model: BlipForConditionalGeneration, processor: BlipProcessor, images: list[Path | Image.Image],
+                   batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy captions of images (files or in memory), batched on the model's device and dtype."""
     import torch
     from PIL import Image
 
-    model, processor = models.load_blip(blip_dir)
     texts = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(paths), p["batch_size"]), desc="blip caption", unit="batch"):
-            images = [Image.open(path).convert("RGB") for path in paths[start:start + p["batch_size"]]]
-            inputs = processor(images=images, return_tensors="pt")
-            ids = model.generate(**inputs, max_new_tokens=p["max_new_tokens"], do_sample=False)
+        for start in tqdm(range(0, len(images), batch_size), desc="blip caption", unit="batch"):
+            batch = [Image.open(x) if isinstance(x, Path) else x for x in images[start:start + batch_size]]
+            inputs = processor(images=[image.convert("RGB") for image in batch], return_tensors="pt")
+            inputs = inputs.to(model.device, model.dtype)  # casts the pixels only, never token ids
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     return texts
 
