@@ -1,8 +1,10 @@
 """generate: render every evaluation prompt, images_per_prompt times, with one Stable Diffusion pipeline.
 
 Reads MODEL_DIR (a pipeline folder: the pretrained or the fine-tuned one) and params `generate`, `shared`.
-Writes OUT_DIR/<prompt>_<image>.png and OUT_DIR/manifest.jsonl (model, prompt, text given, seed, settings).
-Every image has its own generator (seed + index), so any one can be regenerated alone; both models get the same seeds.
+Writes OUT_DIR/<prompt>_<image>.png and OUT_DIR/manifest.jsonl (model, prompt, text given, seed, settings, and the
+device and dtype that computed it). Every image has its own generator (seed + index), so any one can be regenerated
+alone; both models get the same seeds. Speed settings (dtype, compile, channels_last, fuse_qkv, vae_batch_size) are
+what bench/generate_speed.py measures against plain diffusers; it imports this module's code path.
 
 Run: python -m stages.generate MODEL_NAME MODEL_DIR OUT_DIR
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -22,15 +25,23 @@ from stages.config import (
 from stages.evaluation import image_seed, styled
 from stages.outputs import atomic_dir
 
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("pndm", "ddim", "dpmsolver++", "euler")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 SCHEMA = {
     "prompts": non_empty_list_of(NON_EMPTY_STRING), "images_per_prompt": POSITIVE_INT,
     "style_prompt": NON_EMPTY_STRING, "style_to_generator": BOOL, "scheduler": one_of(*SCHEDULERS),
     "num_inference_steps": POSITIVE_INT, "guidance_scale": NON_NEGATIVE_NUMBER, "resolution": MULTIPLE_OF_8,
-    "batch_size": POSITIVE_INT,
+    "batch_size": POSITIVE_INT, "dtype": one_of(*DTYPES), "compile": BOOL, "channels_last": BOOL, "fuse_qkv": BOOL,
+    "vae_batch_size": POSITIVE_INT,
 }
+SPEED = ("compile", "channels_last", "fuse_qkv", "vae_batch_size")  # change pixels by float rounding at most
 
 
 def plan(model: str, p: dict, seed: int) -> list[dict]:
@@ -46,40 +57,88 @@ def plan(model: str, p: dict, seed: int) -> list[dict]:
     ]
 
 
-def set_scheduler(pipe, name: str) -> None:
+def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
+    """Replace the pipeline's scheduler by `name`, keeping the model's noise schedule (betas, offsets)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     config = pipe.scheduler.config
     if name == "dpmsolver++":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    else:
-        pipe.scheduler = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[name].from_config(config)
+        return
+    classes = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+    pipe.scheduler = classes[name].from_config(config)
 
 
-def load_pipeline(model_dir: Path, scheduler: str):
-    """The pipeline on the device accelerate picks, in fp16 on a GPU and fp32 on a CPU."""
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: fp16 on CUDA, fp32 elsewhere. fp16 asked for on a CPU runs as bf16, the half type CPU kernels support."""
     import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "fp16" and device.type != "cuda":
+        log.warning("generate.dtype fp16 runs as bf16 on %s", device.type)
+        return torch.bfloat16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def speed_up(pipe: StableDiffusionPipeline, p: dict) -> None:
+    """What plain diffusers leaves on the table: fused QKV projections, channels_last, a compiled UNet; SDPA always."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for model in (pipe.unet, pipe.vae):  # torch's fused attention kernels (flash / memory-efficient on CUDA)
+        model.set_attn_processor(AttnProcessor2_0())
+    if p["fuse_qkv"]:
+        pipe.fuse_qkv_projections()  # one matmul for q, k, v (k, v in cross-attention): fewer, larger kernels
+    if p["channels_last"]:
+        pipe.unet.to(memory_format=torch.channels_last)  # NHWC: what cuDNN's fastest convolutions want
+        pipe.vae.to(memory_format=torch.channels_last)
+    if p["compile"]:
+        pipe.unet.compile(fullgraph=True)  # compiled at the first call (warm-up); the UNet does >90% of the FLOPs
+
+
+def load_pipeline(model_dir: Path, p: dict) -> StableDiffusionPipeline:
+    """The pipeline on the device accelerate picks, in generate.dtype, with the scheduler and speed-ups asked for."""
     from accelerate import PartialState
 
     device = PartialState().device
     pipe = models.load_sd_pipeline(model_dir)
-    pipe.to(device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    set_scheduler(pipe, scheduler)
+    pipe.to(device, dtype=resolve_dtype(p["dtype"], device))
+    set_scheduler(pipe, p["scheduler"])
+    speed_up(pipe, p)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def render(pipe, rows: list[dict], p: dict, out: Path) -> None:
-    """Render the planned images in batches, one generator per image."""
+def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor, vae_batch_size: int) -> list[Image.Image]:
+    """Decode latents vae_batch_size at a time: the decoder's activations, large at 512 px, stay bounded."""
     import torch
 
+    images = []
+    with torch.no_grad():
+        for chunk in latents.split(vae_batch_size):
+            decoded = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            images += pipe.image_processor.postprocess(decoded, output_type="pil")
+    return images
+
+
+def generate_images(pipe: StableDiffusionPipeline, texts: list[str], seeds: list[int], p: dict) -> list[Image.Image]:
+    """One batch of images: one generator per image (an image does not depend on its batch), then decode."""
+    import torch
+
+    generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in seeds]
+    latents = pipe(
+        prompt=texts, generator=generators, height=p["resolution"], width=p["resolution"],
+        num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"], output_type="latent",
+    ).images
+    return decode(pipe, latents, p["vae_batch_size"])
+
+
+def render(pipe: StableDiffusionPipeline, rows: list[dict], p: dict, out: Path) -> None:
+    """Render the planned images in batches of batch_size and save them as PNGs."""
     batches = [rows[i:i + p["batch_size"]] for i in range(0, len(rows), p["batch_size"])]
     for batch in tqdm(batches, desc="generate", unit="batch"):
-        generators = [torch.Generator(pipe.device).manual_seed(row["seed"]) for row in batch]
-        images = pipe(
-            prompt=[row["text_given"] for row in batch], generator=generators, height=p["resolution"],
-            width=p["resolution"], num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
-        ).images
+        images = generate_images(pipe, [row["text_given"] for row in batch], [row["seed"] for row in batch], p)
         for row, image in zip(batch, images):
             image.save(out / row["file_name"])
 
@@ -87,8 +146,10 @@ def render(pipe, rows: list[dict], p: dict, out: Path) -> None:
 def run(model: str, model_dir: Path, out: Path, p: dict, seed: int) -> list[dict]:
     """Render all images of one model into `out`; return the manifest rows."""
     models.check_sd_folder(model_dir)
-    rows = plan(model, p, seed)
-    pipe = load_pipeline(model_dir, p["scheduler"])
+    pipe = load_pipeline(model_dir, p)
+    # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.
+    rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": str(pipe.unet.dtype).split(".")[-1]}
+    rows = [row | rendered for row in plan(model, p, seed)]
     log.info("generate %d images with %s (%s) on %s", len(rows), model, model_dir, pipe.device)
     with atomic_dir(out) as tmp:
         render(pipe, rows, p, tmp)
