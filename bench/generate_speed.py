@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import blip_check, clip_eval, generate, models  # noqa: E402
+from stages import blip_check, builders, clip_eval, generate, models  # noqa: E402
 from stages.config import load_params  # noqa: E402
 from stages.evaluation import styled  # noqa: E402
 
@@ -209,7 +209,7 @@ def measure(model_dirs: Path, p: dict, args: argparse.Namespace) -> dict:
 def build_models(folder: Path, arch: str, seed: int) -> Path:
     """Random SD, CLIP and BLIP folders of `arch`, as `fetch` writes them."""
     for kind in ("sd", "clip", "blip"):
-        getattr(models, f"save_random_{kind}")(folder / kind, seed, arch=arch)
+        getattr(builders, f"save_random_{kind}")(folder / kind, seed, arch=arch)
     return folder
 
 

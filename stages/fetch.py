@@ -24,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-from stages import data, models, sketches
+from stages import builders, data, models, sketches
 from stages.config import (
     NON_EMPTY_STRING, POSITIVE_INT, STRING, Rule, UserError, cli, load_params, load_shared, one_of,
 )
@@ -97,7 +97,7 @@ def copy_dataset(src: Path, out: Path) -> None:
 
 
 COPIERS = {"sd": models.copy_sd, "clip": models.copy_clip, "blip": models.copy_blip, "data": copy_dataset}
-BUILDERS = {"sd": models.save_random_sd, "clip": models.save_random_clip, "blip": models.save_random_blip}
+BUILDERS = {"sd": builders.save_random_sd, "clip": builders.save_random_clip, "blip": builders.save_random_blip}
 
 
 def requested(kind: str, p: dict, seed: int) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import models
+from stages import builders
 from stages.data import read_metadata, write_jsonl
 from stages.sketches import make_synthetic_sketches
 
@@ -125,8 +125,8 @@ def test_a_missing_input_folder_names_the_stage_to_run(workdir):
 def sd_folder_variants(root: Path) -> dict[str, tuple[Path, str]]:
     """Model folders of the wrong kind or shape, and the words the error must contain."""
     sd, clip = root / "sd", root / "clip"
-    models.save_tiny_sd(sd, seed=0)
-    models.save_tiny_clip(clip, seed=0)
+    builders.save_tiny_sd(sd, seed=0)
+    builders.save_tiny_clip(clip, seed=0)
     no_unet, pickled = root / "no_unet", root / "pickled"
     for target in (no_unet, pickled):
         subprocess.run(["cp", "-r", str(sd), str(target)], check=True)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import data, models
+from stages import builders, data, models
 from stages.outputs import MANIFEST
 from stages.sketches import make_synthetic_sketches
 
@@ -47,9 +47,9 @@ def write_parquet_dataset(folder: Path, n_images: int) -> list[dict]:
 def hub_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("hub")
     sd, clip, blip = (STUDY["fetch"][k] for k in ("sd", "clip", "blip"))
-    models.save_tiny_sd(snapshot(cache, "model", sd["repo_id"], sd["revision"]), seed=0)
-    models.save_tiny_clip(snapshot(cache, "model", clip["repo_id"], clip["revision"]), seed=0)
-    models.save_tiny_blip(snapshot(cache, "model", blip["repo_id"], blip["revision"]), seed=0)
+    builders.save_tiny_sd(snapshot(cache, "model", sd["repo_id"], sd["revision"]), seed=0)
+    builders.save_tiny_clip(snapshot(cache, "model", clip["repo_id"], clip["revision"]), seed=0)
+    builders.save_tiny_blip(snapshot(cache, "model", blip["repo_id"], blip["revision"]), seed=0)
     write_parquet_dataset(snapshot(cache, "dataset", STUDY["fetch"]["data"]["repo_id"], DATA_COMMIT), 12)
     return cache
 
@@ -113,7 +113,7 @@ def test_local_source_that_does_not_exist_is_one_line(tmp_path):
 def test_a_failed_fetch_leaves_no_output(tmp_path):
     params = yaml.safe_load(yaml.safe_dump(STUDY))
     clip_folder = tmp_path / "clip"
-    models.save_tiny_clip(clip_folder, seed=0)
+    builders.save_tiny_clip(clip_folder, seed=0)
     params["fetch"]["sd"] |= {"source": "local", "path": str(clip_folder)}  # a CLIP folder given as the pipeline
     result = fetch(tmp_path, "sd", tmp_path, params)
     assert result.returncode == 2 and "error:" in result.stderr

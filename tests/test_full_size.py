@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import fetch, models
+from stages import builders, fetch
 
 REPO = Path(__file__).resolve().parents[1]
 M = 1_000_000
@@ -16,12 +16,12 @@ M = 1_000_000
 @pytest.fixture(scope="module")
 def sd_modules() -> dict:
     with torch.device("meta"):
-        return models.build_sd_modules("full")
+        return builders.build_sd_modules("full")
 
 
 @pytest.mark.parametrize("name, millions", [("unet", 865.9), ("vae", 83.7), ("text_encoder", 340.4)])
 def test_sd2_base_parameter_counts(sd_modules: dict, name: str, millions: float) -> None:
-    assert models.parameter_counts("full SD", sd_modules)[name] == pytest.approx(millions * M, abs=0.1 * M)
+    assert builders.parameter_counts("full SD", sd_modules)[name] == pytest.approx(millions * M, abs=0.1 * M)
     assert next(sd_modules[name].parameters()).is_meta
 
 
@@ -39,22 +39,22 @@ def test_sd2_base_components_fit_together(sd_modules: dict) -> None:
 def test_clip_vit_h_14_parameter_count() -> None:
     import open_clip
 
-    config = models.clip_config("full")
+    config = builders.clip_config("full")
     with torch.device("meta"):
         model = open_clip.CLIP(**config["model_cfg"])
-    assert models.parameter_counts("full CLIP", {"clip": model})["clip"] == pytest.approx(986.1 * M, abs=0.1 * M)
+    assert builders.parameter_counts("full CLIP", {"clip": model})["clip"] == pytest.approx(986.1 * M, abs=0.1 * M)
     assert config["preprocess_cfg"]["size"] == 224 and config["model_cfg"]["embed_dim"] == 1024
 
 
 def test_blip_base_parameter_count_and_vocabulary() -> None:
     from transformers import BlipForConditionalGeneration
 
-    vocab = models.blip_vocab("full")
-    config = models.blip_config("full", vocab)
+    vocab = builders.blip_vocab("full")
+    config = builders.blip_config("full", vocab)
     with torch.device("meta"):
         model = BlipForConditionalGeneration(config)
     # 224.0M distinct parameters; 247.4M when the LM head tied to the word embeddings is counted again.
-    assert models.parameter_counts("full BLIP", {"blip": model})["blip"] == pytest.approx(224.0 * M, abs=0.1 * M)
+    assert builders.parameter_counts("full BLIP", {"blip": model})["blip"] == pytest.approx(224.0 * M, abs=0.1 * M)
     assert sum(t.numel() for t in model.state_dict().values()) == pytest.approx(247.4 * M, abs=0.1 * M)
     text = config.text_config
     assert len(vocab) == text.vocab_size == 30524 and config.vision_config.image_size == 384

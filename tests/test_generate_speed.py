@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import generate, models
+from stages import builders, generate
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = {"dtype": "auto", "compile": False, "channels_last": False, "fuse_qkv": False, "vae_batch_size": 8,
@@ -23,7 +23,7 @@ TEXTS, SEEDS = ["a pencil sketch of a horse", "zebra running", "a statue of a ma
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sd") / "model"
-    models.save_tiny_sd(out, 0)
+    builders.save_tiny_sd(out, 0)
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from stages import models
+from stages import builders, models
 from stages.config import UserError
 
 SEED = 0
@@ -31,21 +31,21 @@ def _same_weights(a: Path, b: Path) -> bool:
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sd") / "model"
-    models.save_tiny_sd(out, SEED)
+    builders.save_tiny_sd(out, SEED)
     return out
 
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clip") / "model"
-    models.save_tiny_clip(out, SEED)
+    builders.save_tiny_clip(out, SEED)
     return out
 
 
 @pytest.fixture(scope="session")
 def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("blip") / "model"
-    models.save_tiny_blip(out, SEED)
+    builders.save_tiny_blip(out, SEED)
     return out
 
 
@@ -56,7 +56,7 @@ def sd_pipe(sd_dir: Path):
     return pipe
 
 
-BUILDERS = {"sd": models.save_tiny_sd, "clip": models.save_tiny_clip, "blip": models.save_tiny_blip}
+BUILDERS = {"sd": builders.save_tiny_sd, "clip": builders.save_tiny_clip, "blip": builders.save_tiny_blip}
 LOADERS = {"sd": models.load_sd_pipeline, "clip": models.load_clip, "blip": models.load_blip}
 
 
@@ -95,7 +95,7 @@ def test_sd_tokenizer_matches_open_clip(sd_pipe) -> None:
     import open_clip
 
     reference = open_clip.get_tokenizer("ViT-H-14")(SENTENCES).tolist()
-    built = models.sd_tokenizer_from_open_clip()
+    built = builders.sd_tokenizer_from_open_clip()
     for tokenizer in (built, sd_pipe.tokenizer):  # freshly built and after save/load
         ids = tokenizer(SENTENCES, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True).input_ids

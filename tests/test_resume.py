@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import data, models, sketches, training
+from stages import builders, data, sketches, training
 from stages.config import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def inputs(tmp_path_factory) -> Path:
     from dvc.utils.hydra import compose_and_dump
 
     root = tmp_path_factory.mktemp("inputs")
-    models.save_tiny_sd(root / "sd", SEED)
+    builders.save_tiny_sd(root / "sd", SEED)
     sketches.make_synthetic_sketches(root / "raw", 60, 32, SEED)
     data.write_jsonl(root / "split" / "train.jsonl", data.read_metadata(root / "raw"))
     compose_and_dump(root / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
