@@ -156,13 +156,17 @@ def prepare_training(parts: dict, dataloader, p: dict, accelerator) -> dict:
     from diffusers.training_utils import EMAModel
 
     unet = parts["unet"]
+    # Each process sees its shard of the data: steps come from the prepared dataloader, not the whole dataset.
+    dataloader = accelerator.prepare(dataloader)
     steps_per_epoch = math.ceil(len(dataloader) / p["gradient_accumulation_steps"])
     max_steps = p["max_train_steps"] or p["epochs"] * steps_per_epoch
     optimizer = make_optimizer(unet.parameters(), p)
-    lr_scheduler = get_scheduler(p["lr_scheduler"], optimizer, num_warmup_steps=p["lr_warmup_steps"],
-                                 num_training_steps=max_steps)
+    # accelerate steps a prepared scheduler once per process at every optimizer step.
+    n = accelerator.num_processes
+    lr_scheduler = get_scheduler(p["lr_scheduler"], optimizer, num_warmup_steps=p["lr_warmup_steps"] * n,
+                                 num_training_steps=max_steps * n)
     ema = EMAModel(unet.parameters(), decay=p["ema_decay"], foreach=True) if p["use_ema"] else None
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
     return {"unet": unet, "optimizer": optimizer, "dataloader": dataloader, "lr_scheduler": lr_scheduler, "ema": ema,
