@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages import data, models, training
+from stages import data, latents, models, training
 from stages.config import (
     BOOL, FRACTION, MULTIPLE_OF_8, NON_NEGATIVE_INT, NON_NEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, UserError,
     cli, load_params, load_shared, one_of, require_path,
@@ -36,15 +36,17 @@ from stages.outputs import MANIFEST, atomic_dir, library_versions, write_json
 
 log = logging.getLogger(__name__)
 
+OPTIMIZERS = ("adamw8bit", "adamw_fused", "adamw")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SCHEMA = {
     "epochs": POSITIVE_INT, "max_train_steps": NON_NEGATIVE_INT, "train_batch_size": POSITIVE_INT,
     "gradient_accumulation_steps": POSITIVE_INT, "learning_rate": POSITIVE_NUMBER, "lr_scheduler": one_of(*SCHEDULERS),
-    "lr_warmup_steps": NON_NEGATIVE_INT, "optimizer": one_of("adamw8bit", "adamw"), "adam_beta1": FRACTION,
+    "lr_warmup_steps": NON_NEGATIVE_INT, "optimizer": one_of(*OPTIMIZERS), "adam_beta1": FRACTION,
     "adam_beta2": FRACTION, "adam_weight_decay": NON_NEGATIVE_NUMBER, "adam_epsilon": POSITIVE_NUMBER,
     "max_grad_norm": POSITIVE_NUMBER, "gradient_checkpointing": BOOL, "mixed_precision": one_of("no", "fp16", "bf16"),
     "use_ema": BOOL, "ema_decay": FRACTION, "resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL,
-    "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT,
+    "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT, "cache_latents": BOOL,
+    "channels_last": BOOL, "compile_unet": BOOL,
 }
 
 
@@ -86,10 +88,15 @@ def load_components(sd_dir: Path, p: dict, accelerator) -> dict:
         frozen.to(accelerator.device, dtype=frozen_dtype)
     if p["gradient_checkpointing"]:
         pipe.unet.enable_gradient_checkpointing()
+    if p["channels_last"]:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if p["compile_unet"]:
+        pipe.unet.compile()  # in place: the module, its state dict and checkpoints keep their names
     pipe.unet.train()
     noise_scheduler = DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler")
     return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae, "unet": pipe.unet,
-            "noise_scheduler": noise_scheduler, "frozen_dtype": frozen_dtype}
+            "noise_scheduler": noise_scheduler, "frozen_dtype": frozen_dtype, "device": accelerator.device,
+            "latent_scale": pipe.vae.config.scaling_factor, "main_process": accelerator.is_local_main_process}
 
 
 def make_optimizer(parameters, p: dict):
@@ -101,44 +108,28 @@ def make_optimizer(parameters, p: dict):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
+    if p["optimizer"] == "adamw_fused":
+        # One kernel for all parameters on CUDA instead of a few per tensor; foreach is the CPU's closest.
+        on_cuda = torch.cuda.is_available()
+        return torch.optim.AdamW(parameters, fused=on_cuda, foreach=not on_cuda, **kwargs)
     return torch.optim.AdamW(parameters, **kwargs)
 
 
-def make_dataloader(raw: Path, rows: list[dict], tokenizer, p: dict, seed: int):
-    """Shuffled batches of pixel values and caption token ids; the shuffle order depends only on the seed and epoch."""
+def make_dataloader(raw: Path, rows: list[dict], parts: dict, p: dict, seed: int):
+    """Shuffled batches, of cached latents or of pixels and token ids; the order depends only on the seed and epoch."""
     import torch
 
-    transform = data.train_transforms(p["resolution"], p["center_crop"], p["random_flip"])
-    dataset = training.SeededItems(data.CaptionedImages(raw, rows, transform), seed)
-
-    def collate(items: list[dict]) -> dict:
-        tokens = tokenizer([item["text"] for item in items], padding="max_length", truncation=True,
-                           max_length=tokenizer.model_max_length, return_tensors="pt")
-        return {"pixel_values": torch.stack([item["pixel_values"] for item in items]), "input_ids": tokens.input_ids}
-
+    if latents.cacheable(p):
+        items, collate = latents.cached_dataset(raw, rows, parts, p)
+    else:
+        transform = data.train_transforms(p["resolution"], p["center_crop"], p["random_flip"])
+        items, collate = data.CaptionedImages(raw, rows, transform), latents.TokenBatch(parts["tokenizer"])
+    dataset = training.SeededItems(items, seed)
     # With its own generator, making an iterator draws the workers' base seed from it, not from the global RNG.
     return torch.utils.data.DataLoader(
         dataset, batch_size=p["train_batch_size"], shuffle=True, collate_fn=collate,
         num_workers=p["dataloader_num_workers"], generator=torch.Generator().manual_seed(seed),
     )
-
-
-def diffusion_loss(batch: dict, parts: dict, unet):
-    """The denoising loss: noise the VAE latents at a random timestep and regress the noise (or velocity)."""
-    import torch
-    import torch.nn.functional as F
-
-    vae, scheduler = parts["vae"], parts["noise_scheduler"]
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(vae.device, dtype=parts["frozen_dtype"])
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        text = parts["text_encoder"](batch["input_ids"].to(vae.device), return_dict=False)[0]
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, text, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target.float())
 
 
 def peak_memory_mb(device) -> float:
@@ -178,7 +169,7 @@ def train_batch(batch: dict, parts: dict, loop: dict, p: dict, accelerator) -> t
     unet, optimizer = loop["unet"], loop["optimizer"]
     grad_norm = float("nan")
     with accelerator.accumulate(unet):
-        loss = diffusion_loss(batch, parts, unet)
+        loss = latents.diffusion_loss(batch, parts, unet)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), p["max_grad_norm"]))
@@ -190,6 +181,8 @@ def train_batch(batch: dict, parts: dict, loop: dict, p: dict, accelerator) -> t
 
 def train(parts: dict, loop: dict, position: training.Position, p: dict, accelerator, live, save: Callable) -> dict:
     """The training loop from `position`, calling save(position) every checkpoint_every steps; returns the summary."""
+    import torch
+
     unet, dataloader, ema, max_steps = loop["unet"], loop["dataloader"], loop["ema"], loop["max_steps"]
     step, epoch, done, loss = position.step, position.epoch, position.batch, float("nan")
     bar = tqdm(total=max_steps, initial=step, desc="finetune", unit="step",
@@ -199,7 +192,7 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
         for batch in training.epoch_batches(dataloader, epoch, done, accelerator):
             done += 1
             loss_tensor, grad_norm = train_batch(batch, parts, loop, p, accelerator)
-            images += batch["pixel_values"].shape[0] * accelerator.num_processes
+            images += latents.batch_size(batch) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             if ema:
@@ -217,7 +210,7 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
                 break
         epoch, done = epoch + 1, 0
     bar.close()
-    final_unet = accelerator.unwrap_model(unet)
+    final_unet = accelerator.unwrap_model(unet).to(memory_format=torch.contiguous_format)  # safetensors needs it
     if ema:
         ema.copy_to(final_unet.parameters())
     return {"unet": final_unet, "steps": step, "final_loss": loss, "train_seconds": time.perf_counter() - started}
@@ -258,7 +251,7 @@ def run(sd_dir: Path, raw: Path, split_dir: Path, out: Path, live_dir: Path, scr
     found = training.find_resumable(scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed)
     parts = load_components(sd_dir, p, accelerator)
-    loop = prepare_training(parts, make_dataloader(raw, rows, parts["tokenizer"], p, seed), p, accelerator)
+    loop = prepare_training(parts, make_dataloader(raw, rows, parts, p, seed), p, accelerator)
     position = training.resume(loop, found, live_dir, accelerator)
     log.info("finetune on %d images, %s, mixed precision %s", len(rows), accelerator.device, accelerator.mixed_precision)
     save = functools.partial(training.save, accelerator, scratch, run=run_id, live_dir=live_dir)

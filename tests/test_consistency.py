@@ -62,7 +62,7 @@ def test_stage_reads_the_params_sections_it_declares(name):
 
 
 def test_every_stage_module_is_a_stage_or_a_shared_module():
-    shared = {"config", "outputs", "data", "models", "evaluation", "sketches", "training", "builders"}
+    shared = {"config", "outputs", "data", "models", "evaluation", "sketches", "training", "builders", "latents"}
     modules = {p.stem for p in (REPO / "stages").glob("*.py")} - {"__init__"}
     assert modules == set(STAGES) | shared
 

@@ -1,11 +1,15 @@
 """finetune's step count and speed options on tiny models, and bench/finetune_speed.py at tiny size on the CPU."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+from pathlib import Path
 
+import pytest
 import torch
 
-from stages import finetune
+from stages import builders, data, finetune, latents, sketches, training
+from stages.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 P = {"gradient_accumulation_steps": 2, "max_train_steps": 0, "epochs": 3, "lr_scheduler": "linear",
      "lr_warmup_steps": 0, "optimizer": "adamw", "learning_rate": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999,
@@ -28,3 +32,55 @@ def test_steps_come_from_the_shard_each_process_sees():
     assert len(loop["dataloader"]) == 10
     assert loop["max_steps"] == 3 * 5  # 10 batches per process, accumulation 2, 3 epochs
     assert loop["lr_scheduler"].lr_lambdas[0](15 * 2) == 0.0  # the schedule ends after two scheduler steps a step
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict], dict]:
+    """A tiny pipeline, 12 synthetic sketches and the smoke profile's finetune params."""
+    from dvc.utils.hydra import compose_and_dump
+
+    root = tmp_path_factory.mktemp("inputs")
+    builders.save_random_sd(root / "sd", 0, "tiny")
+    sketches.make_synthetic_sketches(root / "raw", 12, 32, 0)
+    compose_and_dump(root / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
+    p = load_params("finetune", finetune.SCHEMA, root / "params.yaml") | {"train_batch_size": 4}
+    return root / "sd", root / "raw", data.read_metadata(root / "raw"), p
+
+
+def first_batch(inputs: tuple, **settings) -> tuple[dict, dict]:
+    """Epoch 0's first batch and the model parts, from a fresh build with `settings` over the smoke params."""
+    from accelerate.utils import set_seed
+
+    sd_dir, raw, rows, p = inputs
+    p = p | settings | {"mixed_precision": "no"}
+    accelerator = finetune.build_accelerator(p, 0)
+    set_seed(0)
+    parts = finetune.load_components(sd_dir, p, accelerator)
+    dataloader = accelerator.prepare(finetune.make_dataloader(raw, rows, parts, p, 0))
+    return next(iter(training.epoch_batches(dataloader, 0, 0, accelerator))), parts
+
+
+def test_cached_latents_are_those_of_the_same_flipped_images(inputs: tuple) -> None:
+    encoded, parts = first_batch(inputs, cache_latents=False)
+    cached, cached_parts = first_batch(inputs, cache_latents=True)
+    assert cached_parts["vae"] is None and cached_parts["text_encoder"] is None  # freed once the cache is made
+    with torch.no_grad():
+        dist = parts["vae"].encode(encoded["pixel_values"]).latent_dist
+        text = parts["text_encoder"](encoded["input_ids"], return_dict=False)[0]
+    assert torch.allclose(cached["latent_mean"], dist.mean, atol=1e-5)
+    assert torch.allclose(cached["latent_std"], dist.std, atol=1e-5)
+    assert torch.allclose(cached["encoder_hidden_states"], text, atol=1e-5)
+    torch.manual_seed(1)
+    assert float(latents.diffusion_loss(cached, cached_parts, cached_parts["unet"])) > 0
+
+
+def test_cache_falls_back_without_center_crop(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="stages.latents")
+    assert not latents.cacheable({"cache_latents": True, "center_crop": False})
+    assert "cache_latents needs center_crop" in caplog.text
+    assert latents.cacheable({"cache_latents": True, "center_crop": True})
+
+
+def test_fused_adamw_is_foreach_on_a_cpu() -> None:
+    optimizer = finetune.make_optimizer(torch.nn.Linear(2, 2).parameters(), P | {"optimizer": "adamw_fused"})
+    assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
