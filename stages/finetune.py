@@ -7,8 +7,11 @@ OUT_DIR/training_info.json (what made it), and LIVE_DIR (dvclive: loss, lr, grad
 Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
 see stages/training.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses, with one
 line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run ends with
-the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
-each item's random flip/crop only on seed, epoch and index, and the RNG states are restored.
+the same UNet weights, bit for bit on a CPU (with channels_last off), as one never interrupted: the data order depends
+only on seed and epoch, each item's random flip/crop only on seed, epoch and index, and the RNG states are restored.
+
+Speed: `cache_latents` (stages/latents.py), `optimizer: adamw_fused`, `channels_last`, `compile_unet`; measured by
+bench/finetune_speed.py (bench/FINETUNE.md).
 
 Run: python -m stages.finetune SD_DIR RAW_DIR SPLIT_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
 (multi-GPU: accelerate launch -m stages.finetune ...)

@@ -31,7 +31,7 @@ def cacheable(p: dict) -> bool:
 
 
 class CachedItems:
-    """Items {"latent_mean", "latent_std", "caption"} (caption: row of the text cache), flipped at random if cached so."""
+    """Items {"latent_mean", "latent_std", "caption" (a row of the text cache)}, flipped at random if cached so."""
 
     def __init__(self, mean: Any, std: Any, captions: list[int]) -> None:
         self.mean, self.std, self.captions = mean, std, captions  # mean, std: flips x images x C x h x w

@@ -1,6 +1,11 @@
 """finetune's step count and speed options on tiny models, and bench/finetune_speed.py at tiny size on the CPU."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +89,21 @@ def test_cache_falls_back_without_center_crop(caplog: pytest.LogCaptureFixture) 
 def test_fused_adamw_is_foreach_on_a_cpu() -> None:
     optimizer = finetune.make_optimizer(torch.nn.Linear(2, 2).parameters(), P | {"optimizer": "adamw_fused"})
     assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
+
+
+def test_bench_prints_both_configurations(tmp_path: Path) -> None:
+    figures = tmp_path / "figures.json"
+    # One thread: the test stays fast when other processes share the CPU (oversubscribed threads spin).
+    result = subprocess.run(
+        [sys.executable, "bench/finetune_speed.py", "--batch-sizes", "1,2", "--steps", "2", "--warmup", "1",
+         "--json", str(figures)],
+        cwd=REPO, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("(a) straightforward", "(b) ours"):
+        for batch in (1, 2):
+            row = re.search(re.escape(name) + rf"\s+{batch}\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+-$", result.stdout,
+                            re.MULTILINE)
+            assert row and float(row.group(2)) > 0 and int(row.group(3)) > 0, result.stdout
+    assert re.search(r"UNet model FLOPs per image, forward\+backward at 32 px: [\d.e+-]+ TFLOP", result.stdout)
+    saved = json.loads(figures.read_text())
+    assert saved["configurations"]["b"]["flops_per_image"] > 0

@@ -1,0 +1,243 @@
+"""Fine-tuning speed and memory: the straightforward recipe against ours, through the finetune stage's own code.
+
+Side by side in one run, each configuration in its own process (so its peak memory is its own), at each batch size:
+  (a) straightforward  what diffusers' train_text_to_image example does: VAE- and text-encode every step, fp16
+                       autocast (bf16 on a CPU), bitsandbytes 8-bit AdamW, EMA on the device without foreach,
+                       gradient checkpointing
+  (b) ours             latents and text embeddings cached once (stages/latents.py), bf16 where supported, SDPA,
+                       channels_last, fused AdamW (foreach on a CPU), foreach EMA, torch.compile with --compile
+Both build the models, data, optimizer and EMA with stages.finetune and step with finetune.train_batch. Reported:
+images/s over the steady-state steps (warm-up steps, compilation included, timed apart), peak memory
+(torch.cuda.max_memory_allocated on CUDA; the process's peak RSS on a CPU, which never goes down, so batch sizes run
+in increasing order) and, on CUDA, MFU: UNet model FLOPs (forward+backward per image, counted with
+torch.utils.flop_counter.FlopCounterMode over one uncompiled step of (b) without gradient checkpointing, where the
+UNet is the only model that runs) x images/s / --peak-flops.
+
+Run on a GPU:  python bench/finetune_speed.py   (study-shaped random SD2-base at 256 px, batch 1, 8, 32, 64), or
+--sd models/pretrained/sd for a fetched pipeline. On a CPU it defaults to tiny random models at 32 px, batch 1 and 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages import data  # noqa: E402
+
+CONFIGURATIONS = {
+    "a": ("(a) straightforward", {"cache_latents": False, "mixed_precision": "fp16", "optimizer": "adamw8bit",
+                                   "gradient_checkpointing": True, "channels_last": False, "compile_unet": False}),
+    "b": ("(b) ours", {"cache_latents": True, "mixed_precision": "bf16", "optimizer": "adamw_fused",
+                       "gradient_checkpointing": False, "channels_last": True}),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sd", type=Path, help="a Stable Diffusion pipeline folder (default: build a random one)")
+    parser.add_argument("--arch", choices=("tiny", "full"), default="full" if cuda else "tiny")
+    parser.add_argument("--resolution", type=int, default=256 if cuda else 32)
+    parser.add_argument("--batch-sizes", default="1,8,32,64" if cuda else "1,4", help="comma-separated")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
+    parser.add_argument("--warmup", type=int, default=3 if cuda else 2, help="untimed steps first")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="compile (b)'s UNet")
+    parser.add_argument("--ours-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="gradient checkpointing in (b) too: less memory, about a third more compute")
+    parser.add_argument("--peak-flops", type=float, default=790e12, help="device peak bf16 FLOP/s (H100 SXM dense)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def make_inputs(args: argparse.Namespace, root: Path) -> Path:
+    """A pipeline folder (given or random) and synthetic sketches, one per image of the largest batch."""
+    from stages import builders, sketches
+
+    sd = args.sd or root / "sd"
+    if not args.sd:
+        builders.save_random_sd(sd, 0, args.arch)
+    n_images = max(int(b) for b in args.batch_sizes.split(","))
+    sketches.make_synthetic_sketches(root / "raw", n_images, args.resolution, 0)
+    (root / "sd_path").write_text(str(sd))
+    return root
+
+
+def settings(key: str, args: argparse.Namespace, batch: int) -> dict:
+    """params.yaml's finetune section with the configuration's settings and the bench's sizes."""
+    from stages import finetune
+    from stages.config import load_params
+
+    p = dict(load_params("finetune", finetune.SCHEMA, REPO / "params.yaml"))
+    ours = {"compile_unet": args.compile, "gradient_checkpointing": args.ours_checkpointing} if key == "b" else {}
+    return p | CONFIGURATIONS[key][1] | ours | {
+        "resolution": args.resolution, "train_batch_size": batch, "gradient_accumulation_steps": 1,
+        "use_ema": True, "max_train_steps": 10**9, "checkpoint_every": 0, "dataloader_num_workers": 0}
+
+
+def build(inputs: Path, p: dict) -> tuple:
+    """Accelerator, model parts and prepared training objects, made by the stage's functions."""
+    from diffusers.training_utils import EMAModel
+
+    from stages import finetune
+
+    sd, raw = Path((inputs / "sd_path").read_text()), inputs / "raw"
+    rows = data.read_metadata(raw)
+    accelerator = finetune.build_accelerator(p, 0)
+    parts = finetune.load_components(sd, p, accelerator)
+    loop = finetune.prepare_training(parts, finetune.make_dataloader(raw, rows, parts, p, 0), p, accelerator)
+    if not p["cache_latents"]:  # (a): the example's EMAModel, one kernel per tensor
+        loop["ema"] = EMAModel(accelerator.unwrap_model(loop["unet"]).parameters(), decay=p["ema_decay"])
+    loop["ema"].to(accelerator.device)
+    return accelerator, parts, loop
+
+
+def batches(loop: dict, accelerator):
+    """Batches without end, epoch after epoch."""
+    from stages import training
+
+    epoch = 0
+    while True:
+        yield from training.epoch_batches(loop["dataloader"], epoch, 0, accelerator)
+        epoch += 1
+
+
+def one_step(batch: dict, parts: dict, loop: dict, p: dict, accelerator) -> None:
+    from stages import finetune
+
+    finetune.train_batch(batch, parts, loop, p, accelerator)  # its grad norm is a float: the step has finished
+    loop["ema"].step(loop["unet"].parameters())
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(inputs: Path, p: dict, args: argparse.Namespace) -> dict:
+    """Warm-up and timed steps at one batch size: seconds, images/s and peak memory."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    accelerator, parts, loop = build(inputs, p)
+    stream = batches(loop, accelerator)
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        one_step(next(stream), parts, loop, p, accelerator)
+    synchronize()
+    warmup_s, started = time.perf_counter() - started, time.perf_counter()
+    for _ in range(args.steps):
+        one_step(next(stream), parts, loop, p, accelerator)
+    synchronize()
+    run_s = time.perf_counter() - started
+    return {"batch": p["train_batch_size"], "warmup_s": warmup_s, "run_s": run_s,
+            "images_per_s": args.steps * p["train_batch_size"] / run_s, "peak_memory_mib": peak_memory_mib()}
+
+
+def unet_flops_per_image(inputs: Path, p: dict) -> float:
+    """Model FLOPs of the UNet's forward and backward per image: one uncompiled step of (b), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = p | {"compile_unet": False, "gradient_checkpointing": False, "cache_latents": True}
+    accelerator, parts, loop = build(inputs, p)
+    batch = next(batches(loop, accelerator))
+    counter = FlopCounterMode(display=False)
+    with counter:  # cached latents: the UNet is the only model that runs in the step
+        one_step(batch, parts, loop, p, accelerator)
+    return counter.get_total_flops() / p["train_batch_size"]
+
+
+def child(args: argparse.Namespace) -> None:
+    """One configuration at every batch size, in increasing order; prints its figures as one JSON line."""
+    rows = [measure(args.inputs, settings(args.child, args, int(b)), args) for b in args.batch_sizes.split(",")]
+    flops = unet_flops_per_image(args.inputs, settings("b", args, 1)) if args.child == "b" else None
+    print(json.dumps({"rows": rows, "flops_per_image": flops}))
+
+
+def run_child(key: str, inputs: Path, args: argparse.Namespace) -> dict:
+    """One configuration in a fresh process; its figures."""
+    flags = ["--resolution", str(args.resolution), "--batch-sizes", args.batch_sizes, "--steps", str(args.steps),
+             "--warmup", str(args.warmup), "--compile" if args.compile else "--no-compile",
+             "--ours-checkpointing" if args.ours_checkpointing else "--no-ours-checkpointing"]
+    result = subprocess.run([sys.executable, __file__, *flags, "--child", key, "--inputs", str(inputs)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"configuration {key} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def environment() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
+        f"{torch.get_num_threads()} threads)"
+    return {"device": device, "python": platform.python_version(), "command": " ".join(sys.argv)} | {
+        name: metadata.version(name) for name in ("torch", "diffusers", "accelerate", "bitsandbytes")}
+
+
+def report(figures: dict, args: argparse.Namespace, cuda: bool) -> list[str]:
+    """The table, the FLOP count and how it was obtained."""
+    flops = figures["b"]["flops_per_image"]
+    lines = [f"{'configuration':<22}{'batch':>6}{'warm-up s':>11}{'images/s':>11}{'peak MiB':>11}{'MFU':>8}"]
+    for key, (name, _) in CONFIGURATIONS.items():
+        for row in figures[key]["rows"]:
+            mfu = f"{flops * row['images_per_s'] / args.peak_flops:.1%}" if cuda else "-"
+            lines.append(f"{name:<22}{row['batch']:>6}{row['warmup_s']:>11.2f}{row['images_per_s']:>11.2f}"
+                         f"{row['peak_memory_mib']:>11.0f}{mfu:>8}")
+    lines.append(f"UNet model FLOPs per image, forward+backward at {args.resolution} px: {flops / 1e12:.4g} TFLOP "
+                 "(torch.utils.flop_counter.FlopCounterMode over one uncompiled step of (b), batch 1, cached latents, "
+                 "no gradient checkpointing)")
+    if cuda:
+        lines.append(f"MFU = FLOPs per image x images/s / {args.peak_flops:.3g} FLOP/s (--peak-flops)")
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        return child(args)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = make_inputs(args, Path(tmp))
+        figures = {key: run_child(key, inputs, args) for key in CONFIGURATIONS}
+    env = environment()
+    print("\n".join(f"{k}: {v}" for k, v in env.items()))
+    print("\n".join(report(figures, args, cuda)))
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "configurations": figures}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
