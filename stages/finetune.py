@@ -7,8 +7,8 @@ OUT_DIR/training_info.json (what made it), and LIVE_DIR (dvclive: loss, lr, grad
 Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
 see stages/training.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses, with one
 line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run ends with
-the same UNet weights, bit for bit on a CPU (with channels_last off), as one never interrupted: the data order depends
-only on seed and epoch, each item's random flip/crop only on seed, epoch and index, and the RNG states are restored.
+the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
+each item's random flip/crop only on seed, epoch and index, and the RNG states are restored.
 
 Speed: `cache_latents` (stages/latents.py), `optimizer: adamw_fused`, `channels_last`, `compile_unet`; measured by
 bench/finetune_speed.py (bench/FINETUNE.md).
@@ -91,7 +91,11 @@ def load_components(sd_dir: Path, p: dict, accelerator) -> dict:
         frozen.to(accelerator.device, dtype=frozen_dtype)
     if p["gradient_checkpointing"]:
         pipe.unet.enable_gradient_checkpointing()
-    if p["channels_last"]:
+    if p["channels_last"] and p["optimizer"] == "adamw8bit":
+        # bitsandbytes makes the weights contiguous at its first step while its states stay NHWC: no gain, and a
+        # resumed run then trains on other numbers.
+        log.info("channels_last is ignored with optimizer adamw8bit")
+    elif p["channels_last"]:
         pipe.unet.to(memory_format=torch.channels_last)
     if p["compile_unet"]:
         pipe.unet.compile()  # in place: the module, its state dict and checkpoints keep their names
