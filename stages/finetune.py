@@ -258,6 +258,10 @@ def run(sd_dir: Path, raw: Path, split_dir: Path, out: Path, live_dir: Path, scr
     found = training.find_resumable(scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed)
     parts = load_components(sd_dir, p, accelerator)
+    truncated = latents.count_truncated(parts["tokenizer"], [row["text"] for row in rows])
+    if truncated:
+        log.info("%d of %d captions are longer than the text encoder's %d tokens: they are truncated", truncated,
+                 len(rows), parts["tokenizer"].model_max_length)
     loop = prepare_training(parts, make_dataloader(raw, rows, parts, p, seed), p, accelerator)
     position = training.resume(loop, found, live_dir, accelerator)
     log.info("finetune on %d images, %s, mixed precision %s", len(rows), accelerator.device, accelerator.mixed_precision)
@@ -266,7 +270,8 @@ def run(sd_dir: Path, raw: Path, split_dir: Path, out: Path, live_dir: Path, scr
         result = train(parts, loop, position, p, accelerator, live, save)
     summary = {k: v for k, v in result.items() if k != "unet"} | {"resumed_from_step": position.step or None}
     if accelerator.is_main_process:
-        info = summary | {"params": p, "seed": seed, "n_train_images": len(rows), "device": str(accelerator.device),
+        info = summary | {"params": p, "seed": seed, "n_train_images": len(rows),
+                          "n_captions_truncated": truncated, "device": str(accelerator.device),
                           "mixed_precision_ran": accelerator.mixed_precision, "libraries": library_versions(),
                           "base_model": models_origin(sd_dir)}
         save_pipeline(sd_dir, result["unet"], out, info)

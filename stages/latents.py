@@ -165,3 +165,9 @@ def diffusion_loss(batch: dict, parts: dict, unet: Any) -> Any:
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, text, return_dict=False)[0]
     return F.mse_loss(prediction.float(), target.float())
+
+
+def count_truncated(tokenizer: Any, captions: list[str]) -> int:
+    """How many captions have more tokens (with start and end) than the text encoder reads; those are truncated."""
+    ids = tokenizer(captions, truncation=False)["input_ids"]
+    return sum(len(one) > tokenizer.model_max_length for one in ids)

@@ -62,6 +62,8 @@ def test_smoke_run_goes_through_all_stages(clone):
                   "generate@finetuned", "clip_eval", "blip_check", "report"):
         assert f"Running stage '{stage}'" in clone.log
     assert (clone.root / "models/finetuned/unet/diffusion_pytorch_model.safetensors").is_file()
+    info = json.loads((clone.root / "models/finetuned/training_info.json").read_text())
+    assert info["n_captions_truncated"] == 0 and info["params"]["epochs"] == 2
     assert len(list((clone.root / "reports/samples/finetuned").glob("*.png"))) == 10
     assert "![training loss]" in (clone.root / "reports/report.md").read_text()
 

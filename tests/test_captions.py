@@ -1,0 +1,11 @@
+"""Captions longer than the text encoder's 77 tokens are truncated and counted, not refused."""
+from stages import builders, latents
+
+
+def test_long_captions_are_counted():
+    tokenizer = builders.sd_tokenizer_from_open_clip()
+    short = "a man standing next to a tree"
+    fits = " ".join(["tree"] * 75)  # 75 words + start + end = 77 tokens: fits exactly
+    too_long = " ".join(["tree"] * 76)
+    assert latents.count_truncated(tokenizer, [short, fits]) == 0
+    assert latents.count_truncated(tokenizer, [short, too_long, fits, too_long + " house"]) == 2
