@@ -76,7 +76,7 @@ def test_cached_latents_are_those_of_the_same_flipped_images(inputs: tuple) -> N
     assert torch.allclose(cached["latent_std"], dist.std, atol=1e-5)
     assert torch.allclose(cached["encoder_hidden_states"], text, atol=1e-5)
     torch.manual_seed(1)
-    assert float(latents.diffusion_loss(cached, cached_parts, cached_parts["unet"])) > 0
+    assert latents.diffusion_loss(cached, cached_parts, cached_parts["unet"]).item() > 0
 
 
 def test_cache_falls_back_without_center_crop(caplog: pytest.LogCaptureFixture) -> None:
