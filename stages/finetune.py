@@ -259,9 +259,6 @@ def run(sd_dir: Path, raw: Path, split_dir: Path, out: Path, live_dir: Path, scr
     set_seed(seed)
     parts = load_components(sd_dir, p, accelerator)
     truncated = latents.count_truncated(parts["tokenizer"], [row["text"] for row in rows])
-    if truncated:
-        log.info("%d of %d captions are longer than the text encoder's %d tokens: they are truncated", truncated,
-                 len(rows), parts["tokenizer"].model_max_length)
     loop = prepare_training(parts, make_dataloader(raw, rows, parts, p, seed), p, accelerator)
     position = training.resume(loop, found, live_dir, accelerator)
     log.info("finetune on %d images, %s, mixed precision %s", len(rows), accelerator.device, accelerator.mixed_precision)

@@ -170,4 +170,8 @@ def diffusion_loss(batch: dict, parts: dict, unet: Any) -> Any:
 def count_truncated(tokenizer: Any, captions: list[str]) -> int:
     """How many captions have more tokens (with start and end) than the text encoder reads; those are truncated."""
     ids = tokenizer(captions, truncation=False)["input_ids"]
-    return sum(len(one) > tokenizer.model_max_length for one in ids)
+    truncated = sum(len(one) > tokenizer.model_max_length for one in ids)
+    if truncated:
+        log.info("%d of %d captions are longer than the text encoder's %d tokens: they are truncated", truncated,
+                 len(captions), tokenizer.model_max_length)
+    return truncated

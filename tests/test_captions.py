@@ -2,10 +2,12 @@
 from stages import builders, latents
 
 
-def test_long_captions_are_counted():
+def test_long_captions_are_counted(caplog):
+    caplog.set_level("INFO", logger="stages.latents")
     tokenizer = builders.sd_tokenizer_from_open_clip()
     short = "a man standing next to a tree"
     fits = " ".join(["tree"] * 75)  # 75 words + start + end = 77 tokens: fits exactly
     too_long = " ".join(["tree"] * 76)
     assert latents.count_truncated(tokenizer, [short, fits]) == 0
     assert latents.count_truncated(tokenizer, [short, too_long, fits, too_long + " house"]) == 2
+    assert "2 of 4 captions are longer than the text encoder's 77 tokens: they are truncated" in caplog.text
