@@ -74,7 +74,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     import torch
 
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return models.default_dtype(device)
     if name == "fp16" and device.type != "cuda":
         log.warning("generate.dtype fp16 runs as bf16 on %s", device.type)
         return torch.bfloat16
@@ -99,9 +99,7 @@ def speed_up(pipe: StableDiffusionPipeline, p: dict) -> None:
 
 def load_pipeline(model_dir: Path, p: dict) -> StableDiffusionPipeline:
     """The pipeline on the device accelerate picks, in generate.dtype, with the scheduler and speed-ups asked for."""
-    from accelerate import PartialState
-
-    device = PartialState().device
+    device, _ = models.inference_device()
     pipe = models.load_sd_pipeline(model_dir)
     pipe.to(device, dtype=resolve_dtype(p["dtype"], device))
     set_scheduler(pipe, p["scheduler"])

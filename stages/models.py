@@ -144,13 +144,19 @@ def load_sd_pipeline(path: Path) -> StableDiffusionPipeline:
             path, use_safetensors=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def inference_device() -> tuple[Any, Any]:
-    """Where inference runs: the device accelerate picks, in fp16 on CUDA and fp32 elsewhere (CPU results unchanged)."""
+def default_dtype(device: Any) -> Any:
+    """The inference dtype unless one is asked for: fp16 on CUDA, fp32 elsewhere (CPU results unchanged)."""
     import torch
+
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def inference_device() -> tuple[Any, Any]:
+    """Where inference runs: the device accelerate picks, and its default dtype."""
     from accelerate import PartialState
 
     device = PartialState().device
-    return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, default_dtype(device)
 
 
 def load_clip(path: Path, device: Any = "cpu", half: bool = False) -> tuple[Any, Callable, Callable]:
