@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.config import compose_params  # noqa: E402
 
 
 def timed(cwd: Path, *args: str) -> float:
@@ -26,10 +29,8 @@ def timed(cwd: Path, *args: str) -> float:
 
 def smoke_clone(target: Path) -> Path:
     """A clone of the committed repository with params.yaml composed for the smoke profile."""
-    from dvc.utils.hydra import compose_and_dump
-
     subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True)
-    compose_and_dump(target / "params.yaml", str(target / "conf"), None, "config", str(target), ["profile=smoke"])
+    compose_params(target / "params.yaml", target, ["profile=smoke"])
     return target
 
 

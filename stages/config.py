@@ -71,6 +71,13 @@ def validate(section: dict, schema: dict[str, Any], prefix: str) -> dict:
     return section
 
 
+def compose_params(out: Path, root: Path, overrides: list[str]) -> None:
+    """Write params.yaml as `dvc exp run -S <overrides>` composes it from root/conf (DVC's Hydra integration)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(out, str(root / "conf"), None, "config", str(root), overrides)
+
+
 def load_params(section: str, schema: dict[str, Any], path: Path = PARAMS_FILE) -> dict:
     """Load and validate one section of params.yaml."""
     if not path.is_file():

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from stages import builders
+from stages.config import compose_params
 from stages.data import read_metadata, write_jsonl
 from stages.sketches import make_synthetic_sketches
 
@@ -30,9 +31,7 @@ EXPECTED_SKIPS = {
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     """A folder with the smoke params.yaml, as the stages see the repository root."""
-    from dvc.utils.hydra import compose_and_dump
-
-    compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
+    compose_params(tmp_path / "params.yaml", REPO, ["profile=smoke"])
     return tmp_path
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.config import compose_params
+
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]
@@ -68,20 +70,16 @@ def test_every_stage_module_is_a_stage_or_a_shared_module():
 
 
 def test_committed_params_are_the_default_composition(tmp_path):
-    from dvc.utils.hydra import compose_and_dump
-
-    compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), [])
+    compose_params(tmp_path / "params.yaml", REPO, [])
     assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def test_smoke_profile_composes_valid_params(tmp_path):
-    from dvc.utils.hydra import compose_and_dump
-
     from stages import blip_check, clip_eval, fetch, finetune, generate, report, split
     from stages.config import load_params, load_shared
 
     path = tmp_path / "params.yaml"
-    compose_and_dump(path, str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
+    compose_params(path, REPO, ["profile=smoke"])
     assert load_shared(path)["profile"] == "smoke"
     for module in (split, finetune, generate, clip_eval, blip_check, report):
         load_params(module.__name__.split(".")[-1], module.SCHEMA, path)

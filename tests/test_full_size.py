@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages import builders, fetch
+from stages.config import compose_params
 
 REPO = Path(__file__).resolve().parents[1]
 M = 1_000_000
@@ -64,13 +65,11 @@ def test_blip_base_parameter_count_and_vocabulary() -> None:
 
 
 def test_full_profile_composes_valid_params(tmp_path: Path) -> None:
-    from dvc.utils.hydra import compose_and_dump
-
     from stages import blip_check, clip_eval, finetune, generate, report, split
     from stages.config import load_params, load_shared
 
     path = tmp_path / "params.yaml"
-    compose_and_dump(path, str(REPO / "conf"), None, "config", str(REPO), ["profile=full"])
+    compose_params(path, REPO, ["profile=full"])
     assert load_shared(path)["profile"] == "full"
     for module in (split, finetune, generate, clip_eval, blip_check, report):
         load_params(module.__name__.split(".")[-1], module.SCHEMA, path)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.config import compose_params
 from tests.test_pipeline import fresh_copy, sh
 
 pytestmark = pytest.mark.slow
@@ -36,10 +37,8 @@ def one_thread_per_stage():
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A fresh copy with the smoke params (made slower as above) and the pretrained pipeline already fetched."""
-    from dvc.utils.hydra import compose_and_dump
-
     root = fresh_copy(tmp_path_factory.mktemp("interrupt"))
-    compose_and_dump(root / "params.yaml", str(root / "conf"), None, "config", str(root), ["profile=smoke"])
+    compose_params(root / "params.yaml", root, ["profile=smoke"])
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["fetch"]["data"] |= SLOWER["fetch"]["data"]
     params["generate"] |= SLOWER["generate"]
