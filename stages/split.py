@@ -14,12 +14,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stages import data
-from stages.config import FRACTION, UserError, cli, load_params, require_path
+from stages.config import FRACTION, POSITIVE_INT, UserError, cli, load_params, require_path
 from stages.outputs import atomic_dir, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA = {"fractions": {"train": FRACTION, "val": FRACTION, "test": FRACTION}, "max_bad_fraction": FRACTION}
+SCHEMA = {"fractions": {"train": FRACTION, "val": FRACTION, "test": FRACTION}, "max_bad_fraction": FRACTION,
+          "min_image_size": POSITIVE_INT}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
