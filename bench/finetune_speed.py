@@ -80,7 +80,7 @@ def settings(key: str, args: argparse.Namespace, batch: int) -> dict:
     from stages import finetune
     from stages.config import load_params
 
-    p = dict(load_params("finetune", finetune.SCHEMA, REPO / "params.yaml"))
+    p = dict(load_params("finetune", REPO / "params.yaml"))
     ours = {"compile_unet": args.compile, "gradient_checkpointing": args.ours_checkpointing} if key == "b" else {}
     return p | CONFIGURATIONS[key][1] | ours | {
         "resolution": args.resolution, "train_batch_size": batch, "gradient_accumulation_steps": 1,

@@ -52,7 +52,7 @@ def parse_args(cuda: bool) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace, cuda: bool) -> dict:
     """The generate section of params.yaml with the bench's sizes and the batched configuration's settings."""
-    p = dict(load_params("generate", generate.SCHEMA, REPO / "params.yaml"))
+    p = dict(load_params("generate", REPO / "params.yaml"))
     p["prompts"] = p["prompts"][: args.prompts or None]
     p["images_per_prompt"] = args.images_per_prompt or p["images_per_prompt"]
     p["resolution"] = args.resolution or (p["resolution"] if cuda else 32)
@@ -173,7 +173,7 @@ def run_evaluation(pipe, model_dirs: Path, p: dict, texts: list[str], seeds: lis
     device, dtype = models.inference_device()
     clip = models.load_clip(model_dirs / "clip", device, half=dtype == torch.float16)
     blip = models.load_blip(model_dirs / "blip", device, dtype)
-    max_new_tokens = load_params("blip_check", blip_check.SCHEMA, REPO / "params.yaml")["max_new_tokens"]
+    max_new_tokens = load_params("blip_check", REPO / "params.yaml")["max_new_tokens"]
     clip_texts = [styled(prompt, p["style_prompt"], True) for prompt in p["prompts"]
                   for _ in range(p["images_per_prompt"])] * 2
     reset_memory()

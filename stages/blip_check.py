@@ -1,14 +1,14 @@
 """blip_check: caption every generated image with BLIP and count the captions that name the sketch style.
 
-Reads BLIP_DIR (transformers BLIP captioning folder), SAMPLES_DIR/{base,finetuned}/ and params `blip_check`, `shared`.
+Reads BLIP_DIR (transformers BLIP captioning folder), SAMPLES_DIR/{base,finetuned}/ and params `blip_check`.
 Writes METRICS (share of style captions per model, with n) and DETAIL_DIR/captions.csv.
 Captions in batches on the GPU in fp16 when there is one, in fp32 on a CPU.
 
-Run: python -m stages.blip_check BLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR
+Run: python -m stages.blip_check BLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR (params.yaml is validated whole first)
+Example: python -m stages.blip_check models/pretrained/blip reports/samples reports/blip_check.json reports/blip_check
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from stages import models
-from stages.config import NON_EMPTY_STRING, POSITIVE_INT, cli, load_params, non_empty_list_of
+from stages.config import cli, load_params, parse_args
 from stages.evaluation import MODELS, read_samples
 from stages.outputs import atomic_dir, write_csv, write_json
 
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
 log = logging.getLogger(__name__)
-
-SCHEMA = {"style_words": non_empty_list_of(NON_EMPTY_STRING), "max_new_tokens": POSITIVE_INT, "batch_size": POSITIVE_INT}
-
 
 def captions(blip_dir: Path, paths: list[Path], p: dict) -> list[str]:
     """Greedy BLIP captions of the sample images, on the GPU in fp16 when there is one."""
@@ -84,11 +81,13 @@ def run(blip_dir: Path, samples: Path, metrics_path: Path, detail: Path, p: dict
 
 @cli
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("blip_dir", "samples", "metrics", "detail"):
-        parser.add_argument(name, type=Path)
-    args = parser.parse_args()
-    run(args.blip_dir, args.samples, args.metrics, args.detail, load_params("blip_check", SCHEMA))
+    args = parse_args(__doc__, {
+        "blip_dir": "a transformers BLIP captioning folder (models/pretrained/blip)",
+        "samples": "the folder holding base/ and finetuned/ samples (reports/samples)",
+        "metrics": "the metrics JSON to write (reports/blip_check.json)",
+        "detail": "the folder for the captions table (reports/blip_check)",
+    })
+    run(args.blip_dir, args.samples, args.metrics, args.detail, load_params("blip_check"))
 
 
 if __name__ == "__main__":

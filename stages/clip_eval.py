@@ -6,11 +6,11 @@ Writes METRICS (flat: mean score per model and their paired difference, each wit
 DETAIL_DIR/per_image.csv, DETAIL_DIR/per_prompt.csv. Scores in batches on the GPU in fp16 when there is one, in
 fp32 on a CPU.
 
-Run: python -m stages.clip_eval CLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR
+Run: python -m stages.clip_eval CLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR (params.yaml is validated whole first)
+Example: python -m stages.clip_eval models/pretrained/clip reports/samples reports/clip_eval.json reports/clip_eval
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages import models
-from stages.config import BOOL, POSITIVE_INT, cli, load_params, load_shared
+from stages.config import cli, load_params, load_shared, parse_args
 from stages.evaluation import MODELS, mean_with_ci, read_samples, styled
 from stages.outputs import atomic_dir, write_csv, write_json
 
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
-
-SCHEMA = {"style_to_clip": BOOL, "bootstrap_samples": POSITIVE_INT, "batch_size": POSITIVE_INT}
-
 
 def clip_scores(clip_dir: Path, rows: list[dict], texts: list[str], batch_size: int) -> list[float]:
     """100 x cosine similarity between each sample image and its text, on the GPU in fp16 when there is one."""
@@ -104,11 +101,13 @@ def run(clip_dir: Path, samples: Path, metrics_path: Path, detail: Path, p: dict
 
 @cli
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("clip_dir", "samples", "metrics", "detail"):
-        parser.add_argument(name, type=Path)
-    args = parser.parse_args()
-    run(args.clip_dir, args.samples, args.metrics, args.detail, load_params("clip_eval", SCHEMA), load_shared()["seed"])
+    args = parse_args(__doc__, {
+        "clip_dir": "an open_clip local-dir folder (models/pretrained/clip)",
+        "samples": "the folder holding base/ and finetuned/ samples (reports/samples)",
+        "metrics": "the metrics JSON to write (reports/clip_eval.json)",
+        "detail": "the folder for per-image and per-prompt tables (reports/clip_eval)",
+    })
+    run(args.clip_dir, args.samples, args.metrics, args.detail, load_params("clip_eval"), load_shared()["seed"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Reading and validating params.yaml, and the one-line error every stage prints for input a user can fix."""
+"""Reading and validating params.yaml, the rules of all its sections, and the command line every stage shares.
+
+Every stage validates the whole of params.yaml (every section, unknown keys included) before it does any work, so a
+mistyped setting stops the first stage that runs, with one line naming the key and the closest known one.
+"""
 from __future__ import annotations
 
+import argparse
+import difflib
 import functools
 import logging
 import os
@@ -54,12 +60,73 @@ def non_empty_list_of(rule: Rule) -> Rule:
     return Rule(f"a non-empty list, each {rule.what}", lambda v: isinstance(v, list) and bool(v) and all(map(rule.ok, v)))
 
 
+# ---------------------------------------------------------------------------------------------------- the sections
+
+FETCH_KINDS = ("sd", "clip", "blip", "data")
+RANDOM_SOURCES = ("tiny", "full")  # random weights built from configs: the smoke size and the study's size
+
+
+def fetch_schema(kind: str) -> dict[str, Rule]:
+    sources = ("hub", "local", "synthetic") if kind == "data" else ("hub", "local", *RANDOM_SOURCES)
+    rules = {"source": one_of(*sources), "repo_id": STRING, "revision": STRING, "path": STRING}
+    if kind == "data":
+        rules |= {"n_images": POSITIVE_INT, "image_size": POSITIVE_INT}
+    return rules
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "shared": {"seed": NON_NEGATIVE_INT, "profile": NON_EMPTY_STRING},
+    "fetch": {kind: fetch_schema(kind) for kind in FETCH_KINDS},
+    "split": {"fractions": {"train": FRACTION, "val": FRACTION, "test": FRACTION}, "max_bad_fraction": FRACTION,
+              "min_image_size": POSITIVE_INT},
+    "finetune": {
+        "epochs": POSITIVE_INT, "max_train_steps": NON_NEGATIVE_INT, "train_batch_size": POSITIVE_INT,
+        "gradient_accumulation_steps": POSITIVE_INT, "learning_rate": POSITIVE_NUMBER,
+        "lr_scheduler": one_of("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                               "polynomial"),
+        "lr_warmup_steps": NON_NEGATIVE_INT, "optimizer": one_of("adamw8bit", "adamw_fused", "adamw"),
+        "adam_beta1": FRACTION, "adam_beta2": FRACTION, "adam_weight_decay": NON_NEGATIVE_NUMBER,
+        "adam_epsilon": POSITIVE_NUMBER, "max_grad_norm": POSITIVE_NUMBER, "gradient_checkpointing": BOOL,
+        "mixed_precision": one_of("no", "fp16", "bf16"), "use_ema": BOOL, "ema_decay": FRACTION,
+        "resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL,
+        "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT, "cache_latents": BOOL,
+        "channels_last": BOOL, "compile_unet": BOOL,
+    },
+    "generate": {
+        "prompts": non_empty_list_of(NON_EMPTY_STRING), "images_per_prompt": POSITIVE_INT,
+        "style_prompt": NON_EMPTY_STRING, "style_to_generator": BOOL,
+        "scheduler": one_of("pndm", "ddim", "dpmsolver++", "euler"), "num_inference_steps": POSITIVE_INT,
+        "guidance_scale": NON_NEGATIVE_NUMBER, "resolution": MULTIPLE_OF_8, "batch_size": POSITIVE_INT,
+        "dtype": one_of("auto", "fp32", "fp16", "bf16"), "compile": BOOL, "channels_last": BOOL, "fuse_qkv": BOOL,
+        "vae_batch_size": POSITIVE_INT,
+    },
+    "clip_eval": {"style_to_clip": BOOL, "bootstrap_samples": POSITIVE_INT, "batch_size": POSITIVE_INT},
+    "blip_check": {"style_words": non_empty_list_of(NON_EMPTY_STRING), "max_new_tokens": POSITIVE_INT,
+                   "batch_size": POSITIVE_INT},
+    "report": {"captions_per_model": POSITIVE_INT},
+}
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+def closest_key(key: str, known: list[str]) -> str:
+    """The known key a mistyped one most likely meant: one whose word initials it is (lr: learning_rate), else the
+    most similar spelling."""
+    initials = [k for k in known if "".join(word[:1] for word in k.split("_")) == key]
+    return (initials or difflib.get_close_matches(key, known, n=1, cutoff=0) or known)[0]
+
+
 def validate(section: dict, schema: dict[str, Any], prefix: str) -> dict:
     """Check every key of a params section against its schema; nested dicts are schemas of sub-sections."""
     if not isinstance(section, dict):
         raise UserError(f"params.yaml: {prefix} must be a mapping; {EDIT_HINT.format(key=prefix)}")
+    for key in section:
+        if key not in schema:
+            known = f"{prefix}.{closest_key(str(key), list(schema))}" if prefix else closest_key(str(key), list(schema))
+            raise UserError(f"params.yaml: unknown key {prefix + '.' if prefix else ''}{key} (no stage reads it; "
+                            f"closest known key: {known}); remove it or fix its name in conf/ or the -S override")
     for key, check in schema.items():
-        name = f"{prefix}.{key}"
+        name = f"{prefix}.{key}" if prefix else key
         if key not in section:
             raise UserError(f"params.yaml: missing key {name}; add it ({EDIT_HINT.format(key=name)})")
         if isinstance(check, dict):
@@ -78,22 +145,36 @@ def compose_params(out: Path, root: Path, overrides: list[str]) -> None:
     compose_and_dump(out, str(root / "conf"), None, "config", str(root), overrides)
 
 
-def load_params(section: str, schema: dict[str, Any], path: Path = PARAMS_FILE) -> dict:
-    """Load and validate one section of params.yaml."""
+def check_split_fractions(params: dict) -> None:
+    """The split fractions must add up to 1; checked with the rest, before any image is read."""
+    fractions = params["split"]["fractions"]
+    if abs(sum(fractions.values()) - 1) > 1e-6:
+        raise UserError(f"params.yaml: split.fractions must sum to 1, got {fractions} (sum "
+                        f"{sum(fractions.values()):g}); {EDIT_HINT.format(key='split.fractions.train')}")
+
+
+def load_params(section: str, path: Path = PARAMS_FILE) -> dict:
+    """Validate the whole of params.yaml, then return one section of it."""
     if not path.is_file():
         raise UserError(f"{path} not found; run from the repository root")
     params = yaml.safe_load(path.read_text()) or {}
-    if section not in params:
-        raise UserError(f"params.yaml: missing section {section}; {EDIT_HINT.format(key=section)}")
-    return validate(params[section], schema, section)
-
-
-SHARED_SCHEMA = {"seed": NON_NEGATIVE_INT, "profile": NON_EMPTY_STRING}
+    validate(params, SCHEMAS, "")
+    check_split_fractions(params)
+    return params[section]
 
 
 def load_shared(path: Path = PARAMS_FILE) -> dict:
     """The section every stage reads: the seed and the name of the profile that composed params.yaml."""
-    return load_params("shared", SHARED_SCHEMA, path)
+    return load_params("shared", path)
+
+
+def parse_args(doc: str, arguments: dict[str, str | dict]) -> argparse.Namespace:
+    """A stage's command line: its module docstring as the help text, one positional argument per entry of
+    `arguments` (a help string for a path, or add_argument's keywords)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, spec in arguments.items():
+        parser.add_argument(name, **({"type": Path, "help": spec} if isinstance(spec, str) else spec))
+    return parser.parse_args()
 
 
 def cli(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,36 +1,40 @@
 """Shared dataset code: imagefolder reading and checks, split hashing, transforms.
 
 An imagefolder is a folder of images plus `metadata.jsonl`, one JSON object per line with `file_name` (relative to
-the folder) and `text` (the caption). torch and torchvision are imported inside the functions that need them.
+the folder) and `text` (the caption). What fetch left out of a copied folder, and why, is in `fetch_skipped.csv`.
+torch and torchvision are imported inside the functions that need them.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import stat
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from PIL import Image, ImageOps
 
-from stages.config import UserError
-from stages.outputs import atomic_file
+from stages.config import EDIT_HINT, UserError
+from stages.outputs import MANIFEST, atomic_file, read_csv
 
 METADATA = "metadata.jsonl"
+FETCH_SKIPPED = "fetch_skipped.csv"  # file_name, reason: what fetch did not copy into the imagefolder
+RESERVED = {METADATA, "metadata.csv", FETCH_SKIPPED, MANIFEST}  # the folder's own records, never an image's name
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-MAGIC = [(b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp")]
 
 
 # ---------------------------------------------------------------------------------------------------- jsonl files
 
 def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    """Parse a JSONL file line by line into (line number, object); blank lines are skipped."""
+    """Parse a JSONL file line by line into (line number, object); blank lines are skipped, a leading BOM accepted."""
     if not path.is_file():
         raise UserError(f"{path}: file not found; create it or fix the path")
     rows = []
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = (raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw).decode("utf-8")
             except UnicodeDecodeError:
                 raise UserError(f"{path}:{number}: not valid UTF-8; re-save the file as UTF-8") from None
             if not line.strip():
@@ -58,29 +62,58 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_metadata(folder: Path) -> list[dict]:
-    """Read metadata.jsonl of an imagefolder, one line at a time, with clear errors."""
+    """Rows of an imagefolder's metadata.jsonl; whether each is usable is check_example's call, row by row.
+
+    Only a line that names no file stops here: it cannot be skipped by name.
+    """
     path = folder / METADATA
     rows = []
     for number, row in _jsonl_rows(path):
-        for key in ("file_name", "text"):
-            if key not in row:
-                raise UserError(f"{path}:{number}: missing key {key!r}; every line needs file_name and text")
-            if not isinstance(row[key], str):
-                raise UserError(f"{path}:{number}: {key!r} must be a string, got {type(row[key]).__name__}")
-        name = PurePosixPath(row["file_name"])
-        if name.is_absolute() or ".." in name.parts:
-            raise UserError(f"{path}:{number}: file_name {row['file_name']!r} must be relative to {folder}")
+        if not isinstance(row.get("file_name"), str):
+            raise UserError(f'{path}:{number}: no "file_name" string; every line needs "file_name": "<image path>"'
+                            " (fix or delete that line)")
         rows.append(row)
     return rows
 
 
+def fetch_skipped(folder: Path) -> dict[str, str]:
+    """What fetch left out of an imagefolder and why (file_name -> reason); empty when it left nothing out."""
+    path = folder / FETCH_SKIPPED
+    return {row["file_name"]: row["reason"] for row in read_csv(path)} if path.is_file() else {}
+
+
+def name_key(file_name: str) -> str:
+    """The name as the file system sees it ("./a//b.png" is "a/b.png"), so that one file is one example."""
+    return str(PurePosixPath(file_name))
+
+
+def name_problem(file_name: str) -> str | None:
+    """Why a file_name cannot name a file inside the dataset folder, or None."""
+    name = PurePosixPath(file_name)
+    if not file_name.strip() or not name.parts:  # "", " ", "." and "./" name the folder itself
+        return "empty file_name"
+    if name.is_absolute() or ".." in name.parts:
+        return "file_name leaves the dataset folder (absolute or '..')"
+    if "\x00" in file_name:
+        return "file_name holds a NUL character"
+    if str(name) in RESERVED:
+        return "file_name names the dataset's own records, not an image"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- splits
 
-def split_of(file_name: str, fractions: dict[str, float]) -> str:
-    """Assign a file to a split (e.g. {"train": 0.9, "val": 0.05, "test": 0.05}) by hashing its name: stable across runs and machines."""
+def check_fractions(fractions: dict[str, float]) -> None:
+    """Split fractions (e.g. {"train": 0.9, "val": 0.05, "test": 0.05}) must be in [0, 1] and sum to 1."""
     values = list(fractions.values())
     if not values or not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in values) or abs(sum(values) - 1) > 1e-6:
-        raise UserError(f"split fractions {fractions} must be in [0, 1] and sum to 1; fix them in params.yaml")
+        raise UserError(f"split.fractions {fractions} must be in [0, 1] and sum to 1; "
+                        f"{EDIT_HINT.format(key='split.fractions.train')}")
+
+
+def split_of(file_name: str, fractions: dict[str, float]) -> str:
+    """Assign a file to a split by hashing its name: stable across runs and machines."""
+    check_fractions(fractions)
     # sha256, not hash(): hash() of a str changes with PYTHONHASHSEED, so splits would differ between processes.
     u = int.from_bytes(hashlib.sha256(file_name.encode("utf-8")).digest()[:8], "big") / 2**64
     # Sorted names, so the order of keys in params.yaml does not move files between splits.
@@ -119,24 +152,52 @@ def load_rgb(path: Path) -> Image.Image:
         return to_rgb(image)
 
 
-def check_example(folder: Path, row: dict) -> str | None:
-    """Return why an example is unusable (missing file, not decodable, not RGB-convertible, empty caption), or None."""
-    text = row.get("text")
-    if not isinstance(text, str) or not text.strip():
+def caption_problem(text: Any) -> str | None:
+    """Why a caption cannot be trained on (missing, null, blank or not a string), or None."""
+    if text is None or (isinstance(text, str) and not text.strip()):
         return "empty caption"
-    path = folder / row["file_name"]
-    if not path.is_file():
-        return "missing file"
-    if path.stat().st_size == 0:
-        return "empty file"
+    return None if isinstance(text, str) else f"caption is not text ({type(text).__name__})"
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a path holds no image file to open (missing, a folder, empty), or None."""
     try:
-        load_rgb(path)
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing file"
+    except OSError as e:
+        return f"cannot read file ({e.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder where an image file should be"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    return "empty file" if info.st_size == 0 else None
+
+
+def image_problem(path: Path, min_size: int) -> str | None:
+    """Why an image file cannot be trained on (too small, too large, not decodable), or None."""
+    try:
+        with Image.open(path) as image:
+            if min(image.size) < min_size:  # from the header: a small image is never decoded
+                return f"too small ({image.width}x{image.height} < {min_size} px)"
+            image.load()
+            to_rgb(image)
     except Image.DecompressionBombError:
         return "image too large (decompression bomb)"
     # Broken files surface as OSError, SyntaxError, ValueError, struct.error and more, depending on the plugin.
     except Exception as e:  # noqa: BLE001
-        return f"not decodable: {type(e).__name__}: {e}"
+        # Without the folder in it, a reason reads the same wherever the dataset was copied to.
+        return f"not decodable: {type(e).__name__}: {str(e).replace(str(path), path.name)}"
     return None
+
+
+def check_example(folder: Path, row: dict, min_size: int = 1) -> str | None:
+    """Why an example is unusable (bad file_name, empty caption, missing, too small or broken file), or None."""
+    reason = name_problem(row["file_name"]) or caption_problem(row.get("text"))
+    if reason:
+        return reason
+    path = folder / row["file_name"]
+    return file_problem(path) or image_problem(path, min_size)
 
 
 def train_transforms(resolution: int, center_crop: bool, random_flip: bool) -> Callable[[Image.Image], Any]:
@@ -171,57 +232,5 @@ class CaptionedImages:
         try:
             image = load_rgb(path)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"{path}: cannot read image ({e}); re-run the data stage to drop bad files") from None
+            raise UserError(f"{path}: cannot read image ({e}); run the split stage again to drop bad files") from None
         return {"pixel_values": self.transform(image), "text": row["text"]}
-
-
-# ---------------------------------------------------------------------------------------------------- parquet
-
-def _image_suffix(data: bytes, name: str | None) -> str:
-    """File suffix from the original name, else from the magic bytes; '.bin' when neither tells."""
-    suffix = PurePosixPath(name).suffix.lower() if name else ""
-    if suffix in IMAGE_SUFFIXES:
-        return suffix
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return next((ext for magic, ext in MAGIC if data.startswith(magic)), ".bin")
-
-
-def _parquet_batches(path: Path, columns: list[str]) -> Iterator[Any]:
-    """Record batches of the given columns from one parquet file, with UserErrors for unreadable files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        file = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{path}: not a readable parquet file ({e}); download it again") from None
-    found = file.schema_arrow.names
-    for column in columns:
-        if column not in found:
-            raise UserError(
-                f"{path}: no column {column!r} (columns: {', '.join(found)}); set the column name in params.yaml"
-            )
-    return file.iter_batches(batch_size=64, columns=columns)
-
-
-def parquet_to_imagefolder(
-    parquet_files: list[Path], out_dir: Path, image_column: str = "image", text_column: str = "text"
-) -> int:
-    """Convert Hugging Face parquet shards (image column as struct {bytes, path}) to an imagefolder; return the row count."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    for path in parquet_files:
-        for batch in _parquet_batches(Path(path), [image_column, text_column]):
-            images, texts = batch.column(image_column).to_pylist(), batch.column(text_column).to_pylist()
-            for image, text in zip(images, texts):
-                data, name = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
-                if not isinstance(data, bytes):
-                    raise UserError(f"{path}: row {len(rows)} has no image bytes; use shards with embedded images")
-                if text is not None and not isinstance(text, str):
-                    raise UserError(f"{path}: {text_column!r} holds {type(text).__name__}; name a text column")
-                file_name = f"{len(rows):05d}{_image_suffix(data, name)}"
-                (out_dir / file_name).write_bytes(data)  # original bytes: no re-encoding loss
-                rows.append({"file_name": file_name, "text": text or ""})
-    write_jsonl(out_dir / METADATA, rows)
-    return len(rows)

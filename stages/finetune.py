@@ -2,7 +2,9 @@
 
 Reads SD_DIR (pipeline folder from fetch), RAW_DIR (imagefolder), SPLIT_DIR/train.jsonl and params `finetune`,
 `shared`. Writes OUT_DIR, a diffusers pipeline folder whose UNet is the fine-tuned (EMA) one, with
-OUT_DIR/training_info.json (what made it), and LIVE_DIR (dvclive: loss, lr, grad norm, images/s, peak memory per step).
+OUT_DIR/training_info.json (what made it: the same inputs give the same folder, byte for byte), LIVE_DIR (dvclive:
+loss, lr, grad norm per step) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every run, so they
+stay out of the model folder and the metrics).
 
 Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
 see stages/training.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses, with one
@@ -14,11 +16,12 @@ Speed: `cache_latents` (stages/latents.py), `optimizer: adamw_fused`, `channels_
 bench/finetune_speed.py (bench/FINETUNE.md).
 
 Run: python -m stages.finetune SD_DIR RAW_DIR SPLIT_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
-(multi-GPU: accelerate launch -m stages.finetune ...)
+(multi-GPU: accelerate launch -m stages.finetune ...). params.yaml is validated whole before any work.
+Example: python -m stages.finetune models/pretrained/sd data/raw data/split models/finetuned reports/finetune \
+    scratch/finetune
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import math
@@ -31,27 +34,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stages import data, latents, models, training
-from stages.config import (
-    BOOL, FRACTION, MULTIPLE_OF_8, NON_NEGATIVE_INT, NON_NEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, UserError,
-    cli, load_params, load_shared, one_of, require_path,
-)
+from stages.config import UserError, cli, load_params, load_shared, parse_args, require_path
 from stages.outputs import MANIFEST, atomic_dir, library_versions, write_json
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw8bit", "adamw_fused", "adamw")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-SCHEMA = {
-    "epochs": POSITIVE_INT, "max_train_steps": NON_NEGATIVE_INT, "train_batch_size": POSITIVE_INT,
-    "gradient_accumulation_steps": POSITIVE_INT, "learning_rate": POSITIVE_NUMBER, "lr_scheduler": one_of(*SCHEDULERS),
-    "lr_warmup_steps": NON_NEGATIVE_INT, "optimizer": one_of(*OPTIMIZERS), "adam_beta1": FRACTION,
-    "adam_beta2": FRACTION, "adam_weight_decay": NON_NEGATIVE_NUMBER, "adam_epsilon": POSITIVE_NUMBER,
-    "max_grad_norm": POSITIVE_NUMBER, "gradient_checkpointing": BOOL, "mixed_precision": one_of("no", "fp16", "bf16"),
-    "use_ema": BOOL, "ema_decay": FRACTION, "resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL,
-    "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT, "cache_latents": BOOL,
-    "channels_last": BOOL, "compile_unet": BOOL,
-}
-
+TIMING = ("images_per_s", "peak_memory_mb", "train_seconds", "resumed_from_step")  # differ from run to run
 
 def resolve_precision(requested: str, cuda: bool, cuda_bf16: bool = True) -> str:
     """What mixed precision really runs: CPU autocast has no fp16, so fp16 runs as bf16 there; old GPUs lack bf16."""
@@ -206,9 +194,7 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
                 ema.step(unet.parameters())
             step, loss = step + 1, float(loss_tensor.detach())
             if accelerator.is_main_process:
-                log_step(live, {"loss": loss, "lr": loop["lr_scheduler"].get_last_lr()[0], "grad_norm": grad_norm,
-                                "images_per_s": images / (time.perf_counter() - started),
-                                "peak_memory_mb": peak_memory_mb(accelerator.device)})
+                log_step(live, {"loss": loss, "lr": loop["lr_scheduler"].get_last_lr()[0], "grad_norm": grad_norm})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if p["checkpoint_every"] and step % p["checkpoint_every"] == 0 and step < max_steps:
@@ -220,7 +206,9 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
     final_unet = accelerator.unwrap_model(unet).to(memory_format=torch.contiguous_format)  # safetensors needs it
     if ema:
         ema.copy_to(final_unet.parameters())
-    return {"unet": final_unet, "steps": step, "final_loss": loss, "train_seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    return {"unet": final_unet, "steps": step, "final_loss": loss, "train_seconds": seconds,
+            "images_per_s": images / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(accelerator.device)}
 
 
 def log_step(live, values: dict) -> None:
@@ -267,11 +255,12 @@ def run(sd_dir: Path, raw: Path, split_dir: Path, out: Path, live_dir: Path, scr
         result = train(parts, loop, position, p, accelerator, live, save)
     summary = {k: v for k, v in result.items() if k != "unet"} | {"resumed_from_step": position.step or None}
     if accelerator.is_main_process:
-        info = summary | {"params": p, "seed": seed, "n_train_images": len(rows),
-                          "n_captions_truncated": truncated, "device": str(accelerator.device),
-                          "mixed_precision_ran": accelerator.mixed_precision, "libraries": library_versions(),
-                          "base_model": models_origin(sd_dir)}
+        info = {"steps": result["steps"], "final_loss": result["final_loss"], "params": p, "seed": seed,
+                "n_train_images": len(rows), "n_captions_truncated": truncated, "device": str(accelerator.device),
+                "mixed_precision_ran": accelerator.mixed_precision, "libraries": library_versions(),
+                "base_model": models_origin(sd_dir)}
         save_pipeline(sd_dir, result["unet"], out, info)
+        write_json(live_dir / "timing.json", {k: summary[k] for k in TIMING})
     training.discard(accelerator, scratch)
     return summary
 
@@ -286,12 +275,16 @@ def models_origin(sd_dir: Path) -> dict:
 
 @cli
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("sd_dir", "raw", "split_dir", "out", "live_dir", "scratch"):
-        parser.add_argument(name, type=Path)
-    args = parser.parse_args()
-    p = load_params("finetune", SCHEMA)
-    run(args.sd_dir, args.raw, args.split_dir, args.out, args.live_dir, args.scratch, p, load_shared()["seed"])
+    args = parse_args(__doc__, {
+        "sd_dir": "the pretrained pipeline folder (models/pretrained/sd)", "raw": "the imagefolder (data/raw)",
+        "split_dir": "the split folder with train.jsonl (data/split)",
+        "out": "the fine-tuned pipeline folder to write (models/finetuned)",
+        "live_dir": "the dvclive folder to write (reports/finetune)",
+        "scratch": "where resumable checkpoints go while training runs (scratch/finetune)",
+    })
+    p, shared = load_params("finetune"), load_shared()
+    models.require_gpu(shared["profile"])
+    run(args.sd_dir, args.raw, args.split_dir, args.out, args.live_dir, args.scratch, p, shared["seed"])
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ device and dtype that computed it). Every image has its own generator (seed + in
 alone; both models get the same seeds. Speed settings (dtype, compile, channels_last, fuse_qkv, vae_batch_size) are
 what bench/generate_speed.py measures against plain diffusers; it imports this module's code path.
 
-Run: python -m stages.generate MODEL_NAME MODEL_DIR OUT_DIR
+Run: python -m stages.generate MODEL_NAME MODEL_DIR OUT_DIR (params.yaml is validated whole before any work)
+Example: python -m stages.generate finetuned models/finetuned reports/samples/finetuned
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,10 +18,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from stages import data, models
-from stages.config import (
-    BOOL, MULTIPLE_OF_8, NON_EMPTY_STRING, NON_NEGATIVE_NUMBER, POSITIVE_INT, cli, load_params, load_shared,
-    non_empty_list_of, one_of,
-)
+from stages.config import cli, load_params, load_shared, parse_args
 from stages.evaluation import image_seed, styled
 from stages.outputs import atomic_dir
 
@@ -32,15 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("pndm", "ddim", "dpmsolver++", "euler")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-SCHEMA = {
-    "prompts": non_empty_list_of(NON_EMPTY_STRING), "images_per_prompt": POSITIVE_INT,
-    "style_prompt": NON_EMPTY_STRING, "style_to_generator": BOOL, "scheduler": one_of(*SCHEDULERS),
-    "num_inference_steps": POSITIVE_INT, "guidance_scale": NON_NEGATIVE_NUMBER, "resolution": MULTIPLE_OF_8,
-    "batch_size": POSITIVE_INT, "dtype": one_of(*DTYPES), "compile": BOOL, "channels_last": BOOL, "fuse_qkv": BOOL,
-    "vae_batch_size": POSITIVE_INT,
-}
 SPEED = ("compile", "channels_last", "fuse_qkv", "vae_batch_size")  # change pixels by float rounding at most
 
 
@@ -157,12 +145,14 @@ def run(model: str, model_dir: Path, out: Path, p: dict, seed: int) -> list[dict
 
 @cli
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="name recorded in the manifest, e.g. base or finetuned")
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    run(args.model, args.model_dir, args.out, load_params("generate", SCHEMA), load_shared()["seed"])
+    args = parse_args(__doc__, {
+        "model": {"help": "the name recorded in the manifest: base or finetuned"},
+        "model_dir": "a Stable Diffusion pipeline folder (models/pretrained/sd or models/finetuned)",
+        "out": "the folder to write the PNGs and manifest.jsonl into (reports/samples/<model>)",
+    })
+    p, shared = load_params("generate"), load_shared()
+    models.require_gpu(shared["profile"])
+    run(args.model, args.model_dir, args.out, p, shared["seed"])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -157,6 +158,28 @@ def inference_device() -> tuple[Any, Any]:
 
     device = PartialState().device
     return device, default_dtype(device)
+
+
+ALLOW_CPU = "SKETCH_ALLOW_CPU"
+# Images a profile's fine-tune sees with its default sizes (epochs x training images): study 30 x ~9,000, full 1 x 2,700.
+GPU_PROFILE_IMAGES = {"study": 270_000, "full": 2_700}
+TFLOP_PER_IMAGE = 0.539  # SD2-base UNet forward + backward at 256 px, batch 1 (torch.utils.flop_counter)
+CPU_TFLOPS_PER_CORE = 0.05  # an assumption, not a measurement: sustained fp32 throughput of one modern core
+
+
+def require_gpu(profile: str) -> None:
+    """Stop a study-sized profile on a machine without CUDA, with an estimate of the time it would take instead."""
+    import torch
+
+    if profile not in GPU_PROFILE_IMAGES or torch.cuda.is_available() or os.environ.get(ALLOW_CPU) == "1":
+        return
+    cores = os.cpu_count() or 1
+    days = GPU_PROFILE_IMAGES[profile] * TFLOP_PER_IMAGE / (cores * CPU_TFLOPS_PER_CORE) / 86_400
+    raise UserError(
+        f"the {profile} profile needs a CUDA GPU: without one its fine-tune alone would take about {days:.1f} days on "
+        f"this machine's {cores} CPU cores (an estimate: {GPU_PROFILE_IMAGES[profile]:,} images x {TFLOP_PER_IMAGE} "
+        f"TFLOP at {CPU_TFLOPS_PER_CORE * 1000:.0f} GFLOP/s per core); run `make demo` for the offline smoke setting, "
+        f"or set {ALLOW_CPU}=1 to go on anyway (it changes no result)")
 
 
 def load_clip(path: Path, device: Any = "cpu", half: bool = False) -> tuple[Any, Callable, Callable]:

@@ -4,11 +4,11 @@ Reads params.yaml (all of it: the settings that ran), SAMPLES_DIR, the metrics a
 clip_eval and blip_check (REPORTS_DIR) and params `report`. Writes OUT_MD (Markdown) and FIGURES_DIR (PNG grids, one
 per prompt, base row above fine-tuned row, and the training loss curve).
 
-Run: python -m stages.report SAMPLES_DIR REPORTS_DIR OUT_MD FIGURES_DIR
+Run: python -m stages.report SAMPLES_DIR REPORTS_DIR OUT_MD FIGURES_DIR (params.yaml is validated whole first)
+Example: python -m stages.report reports/samples reports reports/report.md reports/figures
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -18,13 +18,12 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageDraw
 
-from stages.config import POSITIVE_INT, PARAMS_FILE, cli, load_params, require_path
+from stages.config import PARAMS_FILE, cli, load_params, parse_args, require_path
 from stages.evaluation import MODELS, read_samples
 from stages.outputs import atomic_dir, atomic_file, read_csv
 
 log = logging.getLogger(__name__)
 
-SCHEMA = {"captions_per_model": POSITIVE_INT}
 CELL = 128  # grid cells are at least this many pixels, so tiny smoke images stay visible
 LABEL_WIDTH = 80
 
@@ -99,7 +98,8 @@ def markdown(params: dict, reports: Path, rows_by_model: dict, figures_rel: str,
     prompts = list(dict.fromkeys(r["prompt"] for r in rows_by_model[MODELS[0]]))
     captions = read_csv(require_path(reports / "blip_check" / "captions.csv", "run blip_check first"))
     parts = [
-        f"# Sketch-style fine-tune of Stable Diffusion: report ({params['shared']['profile']} profile)",
+        f"# Style fine-tune of Stable Diffusion, \"{params['generate']['style_prompt']} ...\": report "
+        f"({params['shared']['profile']} profile)",
         "## Settings that ran\n\n```yaml\n" + yaml.safe_dump(params, sort_keys=False) + "```",
         "## Data split\n\n" + metrics_table(load("split.json")),
         f"## Training\n\n![training loss]({figures_rel}/loss.png)\n\n" + metrics_table(load("finetune/metrics.json")),
@@ -130,11 +130,13 @@ def run(samples: Path, reports: Path, out_md: Path, figures: Path, p: dict) -> N
 
 @cli
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("samples", "reports", "out_md", "figures"):
-        parser.add_argument(name, type=Path)
-    args = parser.parse_args()
-    run(args.samples, args.reports, args.out_md, args.figures, load_params("report", SCHEMA))
+    args = parse_args(__doc__, {
+        "samples": "the folder holding base/ and finetuned/ samples (reports/samples)",
+        "reports": "the folder holding the other stages' metrics and tables (reports)",
+        "out_md": "the Markdown report to write (reports/report.md)",
+        "figures": "the folder for the report's figures (reports/figures)",
+    })
+    run(args.samples, args.reports, args.out_md, args.figures, load_params("report"))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,18 @@ from stages.data import read_metadata, write_jsonl
 from stages.sketches import make_synthetic_sketches
 
 REPO = Path(__file__).resolve().parents[1]
-OK_ODDITIES = {"rgba.png", "palette.png", "cmyk.jpg", "gray16.png", "one_pixel.png"}
+OK_ODDITIES = {"rgba.png", "palette.png", "cmyk.jpg", "gray16.png"}
 EXPECTED_SKIPS = {
     "corrupt.png": "not decodable", "truncated.jpg": "not decodable", "zero_bytes.png": "empty file",
     "bomb.png": "decompression bomb", "missing.png": "missing file", "empty_caption.png": "empty caption",
-    "blank_caption.png": "empty caption", "00001.png": "listed twice",
+    "blank_caption.png": "empty caption", "00001.png": "listed twice", "one_pixel.png": "too small (1x1 < 32 px)",
+    "null_caption.png": "empty caption", "no_caption.png": "empty caption", "number_caption.png": "caption is not text",
+    "../escape.png": "file_name leaves the dataset folder", "/etc/hostname": "file_name leaves the dataset folder",
+    "folder.png": "a folder where an image file should be",
 }
+N_EXAMPLES = 40 + len(OK_ODDITIES) + len(EXPECTED_SKIPS)
+CAPTIONS = {"empty_caption.png": "", "blank_caption.png": "  \t ", "null_caption.png": None, "number_caption.png": 42,
+            "00001.png": "listed a second time"}
 
 
 @pytest.fixture
@@ -58,17 +64,17 @@ def add_odd_images(raw: Path) -> list[dict]:
     (raw / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     (raw / "zero_bytes.png").write_bytes(b"")
     Image.new("1", (20000, 20000)).save(raw / "bomb.png")  # 400 Mpixel: over twice PIL's limit
-    Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(raw / "rgba.png")
-    Image.new("P", (30, 40), 3).save(raw / "palette.png")
+    Image.new("RGBA", (40, 32), (0, 0, 0, 0)).save(raw / "rgba.png")
+    Image.new("P", (32, 40), 3).save(raw / "palette.png")
     Image.new("CMYK", (50, 50), (0, 0, 0, 255)).save(raw / "cmyk.jpg")
-    Image.fromarray(np.full((33, 21), 40000, dtype=np.uint16)).save(raw / "gray16.png")
+    Image.fromarray(np.full((33, 32), 40000, dtype=np.uint16)).save(raw / "gray16.png")
     Image.new("RGB", (1, 1), "white").save(raw / "one_pixel.png")
-    for name in ("empty_caption.png", "blank_caption.png", "unlisted.png"):
-        Image.new("RGB", (16, 16), "white").save(raw / name)
-    rows = [{"file_name": name, "text": "a sketch"} for name in [*OK_ODDITIES, *EXPECTED_SKIPS] if name != "00001.png"]
-    captions = {"empty_caption.png": "", "blank_caption.png": "  \t "}
-    return [r | {"text": captions.get(r["file_name"], r["text"])} for r in rows] + [
-        {"file_name": "00001.png", "text": "listed a second time"}]
+    for name in ("empty_caption.png", "blank_caption.png", "null_caption.png", "no_caption.png",
+                 "number_caption.png", "unlisted.png"):
+        Image.new("RGB", (32, 32), "white").save(raw / name)
+    (raw / "folder.png").mkdir()
+    rows = [{"file_name": name, "text": CAPTIONS.get(name, "a sketch")} for name in [*OK_ODDITIES, *EXPECTED_SKIPS]]
+    return [row if row["file_name"] != "no_caption.png" else {"file_name": "no_caption.png"} for row in rows]
 
 
 @pytest.fixture
@@ -80,7 +86,7 @@ def odd_dataset(workdir) -> Path:
 
 
 def test_split_skips_and_records_each_bad_file(workdir, odd_dataset):
-    params = (workdir / "params.yaml").read_text().replace("max_bad_fraction: 0.05", "max_bad_fraction: 0.2")
+    params = (workdir / "params.yaml").read_text().replace("max_bad_fraction: 0.05", "max_bad_fraction: 0.3")
     (workdir / "params.yaml").write_text(params)
     result = stage(workdir, "stages.split", "data/raw", "data/split", "reports/split.json")
     assert result.returncode == 0, result.stderr
@@ -94,19 +100,27 @@ def test_split_skips_and_records_each_bad_file(workdir, odd_dataset):
             for row in map(json.loads, (workdir / f"data/split/{name}.jsonl").read_text().splitlines())}
     assert OK_ODDITIES <= kept and len(kept) == 40 + len(OK_ODDITIES)
     metrics = json.loads((workdir / "reports/split.json").read_text())
-    assert metrics["n_skipped"] == len(EXPECTED_SKIPS) and metrics["n_examples"] == 40 + len(OK_ODDITIES) + 8
+    assert metrics["n_skipped"] == len(EXPECTED_SKIPS) and metrics["n_examples"] == N_EXAMPLES
 
 
 def test_split_stops_when_too_much_data_is_bad(workdir, odd_dataset):
     result = stage(workdir, "stages.split", "data/raw", "data/split", "reports/split.json")
-    assert_one_line_error(result, "8 of 53 examples are unusable", "split.max_bad_fraction")
-    assert not (workdir / "data/split").exists() and not (workdir / "reports/split.json").exists()
+    error = assert_one_line_error(result, f"{len(EXPECTED_SKIPS)} of {N_EXAMPLES} examples are unusable (",
+                                  "all listed in data/split/skipped.csv); fix the data or raise split.max_bad_fraction")
+    for count in ("4 empty caption", "2 not decodable", "2 file_name leaves the dataset folder", "1 too small",
+                  "1 listed twice in metadata.jsonl", "1 image too large", "1 a folder where an image file should be"):
+        assert count in error
+    with (workdir / "data/split/skipped.csv").open() as handle:
+        assert {row["file_name"] for row in csv.DictReader(handle)} == set(EXPECTED_SKIPS) | {"unlisted.png"}
+    assert os.listdir(workdir / "data/split") == ["skipped.csv"], "no split files: nothing looks complete"
+    assert not (workdir / "reports/split.json").exists()
 
 
 @pytest.mark.parametrize("line, words", [
     (b"not json at all\n", ["metadata.jsonl:3"]),
     (b'{"file_name": "00000.png", "text": "caf\xe9"}\n', ["metadata.jsonl:3", "UTF-8"]),
-    (b'{"file_name": "00000.png"}\n', ["metadata.jsonl:3", "text"]),
+    (b'{"text": "a house"}\n', ["metadata.jsonl:3", "file_name"]),
+    (b'"00000.png"\n', ["metadata.jsonl:3", "JSON object"]),
 ])
 def test_broken_metadata_stops_naming_the_line(workdir, line, words):
     raw = workdir / "data" / "raw"

@@ -1,63 +1,120 @@
-"""Parameter validation: every bad value stops with one line naming the key."""
+"""Parameter validation: every bad value or unknown key stops with one line naming the key, before any work."""
+import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, composed
 
-from stages import blip_check, clip_eval, finetune, generate, split
-from stages.config import UserError, load_params
+from stages.config import SCHEMAS, UserError, closest_key, load_params
 
-STUDY = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+STUDY = composed()
+STAGES = [name for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]]
 
 
-def params_file(tmp_path, section, **changes):
-    params = {"shared": dict(STUDY["shared"]), section: dict(STUDY[section])}
-    for key, value in changes.items():
-        if value is KeyError:
-            del params[section][key]
-        else:
-            params[section][key] = value
+def params_file(tmp_path: Path, params: dict) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
 
 
-@pytest.mark.parametrize("module", [split, finetune, generate, clip_eval, blip_check])
-def test_study_params_are_valid(module, repo_root):
-    section = module.__name__.split(".")[-1]
-    assert load_params(section, module.SCHEMA, repo_root / "params.yaml") == STUDY[section]
+def changed(section: str, key: str, value) -> dict:
+    params = copy.deepcopy(STUDY)
+    if value is KeyError:
+        del params[section][key]
+    else:
+        params[section][key] = value
+    return params
 
 
-@pytest.mark.parametrize("section, schema, key, value, words", [
-    ("finetune", finetune.SCHEMA, "epochs", KeyError, "missing key finetune.epochs"),
-    ("finetune", finetune.SCHEMA, "epochs", 0, "finetune.epochs must be a positive integer"),
-    ("finetune", finetune.SCHEMA, "train_batch_size", -2, "finetune.train_batch_size must be a positive integer"),
-    ("finetune", finetune.SCHEMA, "learning_rate", "fast", "finetune.learning_rate must be a number > 0"),
-    ("finetune", finetune.SCHEMA, "resolution", 250, "finetune.resolution must be a positive integer divisible by 8"),
-    ("finetune", finetune.SCHEMA, "mixed_precision", "fp8", "finetune.mixed_precision must be one of no, fp16, bf16"),
-    ("finetune", finetune.SCHEMA, "use_ema", "yes", "finetune.use_ema must be true or false"),
-    ("generate", generate.SCHEMA, "prompts", [], "generate.prompts must be a non-empty list"),
-    ("generate", generate.SCHEMA, "prompts", ["a cat", " "], "generate.prompts must be a non-empty list"),
-    ("generate", generate.SCHEMA, "images_per_prompt", 0, "generate.images_per_prompt must be a positive integer"),
-    ("generate", generate.SCHEMA, "scheduler", "magic", "generate.scheduler must be one of pndm"),
-    ("blip_check", blip_check.SCHEMA, "style_words", [], "blip_check.style_words must be a non-empty list"),
-    ("split", split.SCHEMA, "max_bad_fraction", 1.5, "split.max_bad_fraction must be a number between 0 and 1"),
+@pytest.mark.parametrize("section", list(SCHEMAS))
+def test_study_params_are_valid(section, tmp_path):
+    assert load_params(section, params_file(tmp_path, STUDY)) == STUDY[section]
+
+
+@pytest.mark.parametrize("section, key, value, words", [
+    ("finetune", "epochs", KeyError, "missing key finetune.epochs"),
+    ("finetune", "epochs", 0, "finetune.epochs must be a positive integer"),
+    ("finetune", "train_batch_size", -2, "finetune.train_batch_size must be a positive integer"),
+    ("finetune", "learning_rate", "fast", "finetune.learning_rate must be a number > 0"),
+    ("finetune", "resolution", 250, "finetune.resolution must be a positive integer divisible by 8"),
+    ("finetune", "mixed_precision", "fp8", "finetune.mixed_precision must be one of no, fp16, bf16"),
+    ("finetune", "use_ema", "yes", "finetune.use_ema must be true or false"),
+    ("generate", "prompts", [], "generate.prompts must be a non-empty list"),
+    ("generate", "prompts", ["a cat", " "], "generate.prompts must be a non-empty list"),
+    ("generate", "images_per_prompt", 0, "generate.images_per_prompt must be a positive integer"),
+    ("generate", "scheduler", "magic", "generate.scheduler must be one of pndm"),
+    ("blip_check", "style_words", [], "blip_check.style_words must be a non-empty list"),
+    ("split", "max_bad_fraction", 1.5, "split.max_bad_fraction must be a number between 0 and 1"),
+    ("split", "min_image_size", 0, "split.min_image_size must be a positive integer"),
 ])
-def test_bad_parameter_names_the_key(tmp_path, section, schema, key, value, words):
-    with pytest.raises(UserError, match=words.replace("(", r"\(")):
-        load_params(section, schema, params_file(tmp_path, section, **{key: value}))
+def test_a_bad_value_in_any_section_stops_every_stage(tmp_path, section, key, value, words):
+    path = params_file(tmp_path, changed(section, key, value))
+    for reader in ("shared", "fetch", section):  # the first stage to run finds it, not only the stage it concerns
+        with pytest.raises(UserError, match=re.escape(words)):
+            load_params(reader, path)
 
 
-def test_stage_prints_one_line_and_exits_2(tmp_path, repo_root):
-    params_file(tmp_path, "finetune", epochs=-1)
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.finetune", "a", "b", "c", "d", "e", "f"], cwd=tmp_path, capture_output=True,
-        text=True, env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin"},
-    )
+@pytest.mark.parametrize("override, words", [
+    ("+finetune.lr=1", "unknown key finetune.lr (no stage reads it; closest known key: finetune.learning_rate)"),
+    ("+finetune.learning_rat=1", "closest known key: finetune.learning_rate"),
+    ("+generate.style_promt=x", "unknown key generate.style_promt (no stage reads it; closest known key: "
+                                "generate.style_prompt)"),
+    ("+fetch.data.n_imgs=3", "unknown key fetch.data.n_imgs"),
+    ("+finetun.epochs=3", "unknown key finetun (no stage reads it; closest known key: finetune)"),
+])
+def test_an_unknown_key_names_the_closest_known_one(tmp_path, override, words):
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_params("fetch", params_file(tmp_path, composed(override)))
+
+
+def test_closest_key_prefers_initials_then_spelling():
+    assert closest_key("lr", ["lr_scheduler", "learning_rate"]) == "learning_rate"
+    assert closest_key("epoch", ["epochs", "ema_decay"]) == "epochs"
+
+
+def test_split_fractions_that_do_not_sum_to_one_stop_before_any_image_is_read(tmp_path):
+    params = changed("split", "fractions", {"train": 0.9, "val": 0.5, "test": 0.05})
+    with pytest.raises(UserError, match=r"split.fractions must sum to 1, got .* \(sum 1.45\)"):
+        load_params("fetch", params_file(tmp_path, params))
+
+
+def stage_command(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_stage_prints_one_line_and_exits_2(tmp_path):
+    params_file(tmp_path, changed("finetune", "epochs", -1))
+    result = stage_command(tmp_path, "stages.finetune", "a", "b", "c", "d", "e", "f")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: finetune.epochs must be a positive integer, got -1; "
         "edit conf/ (or run `dvc exp run -S finetune.epochs=...`)"
     ]
+
+
+def test_the_first_stage_refuses_a_typo_meant_for_a_later_one(tmp_path):
+    params_file(tmp_path, composed("profile=smoke", "+finetune.lr=1"))
+    result = stage_command(tmp_path, "stages.fetch", "data", "data/raw")
+    assert result.returncode == 2 and not (tmp_path / "data").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("error: params.yaml: unknown key finetune.lr")
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_help_explains_every_argument_the_params_read_and_an_example(name, tmp_path):
+    result = stage_command(tmp_path, f"stages.{name}", "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]
+    stage = stage.get("do", stage)
+    arguments = re.search(r"positional arguments:\n(.*?)\n\n", text, re.S).group(1)
+    entries = re.findall(r"^  (\S+)( +\S.*)?$", arguments, re.M)
+    assert entries and all(help_text.strip() for _, help_text in entries), arguments
+    for section in stage["params"]:
+        section = section if isinstance(section, str) else next(iter(section))
+        assert (f"`{section.split('.')[0]}" if section != "params.yaml" else "params.yaml") in text, section
+    assert re.search(rf"^Example: python -m stages\.{name} \S", text, re.M)

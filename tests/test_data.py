@@ -1,4 +1,5 @@
-"""Tests of stages/data.py: synthetic sketches, split hashing, transforms, metadata errors, image checks, parquet."""
+"""Tests of stages/data.py and stages/imagefolder.py: synthetic sketches, split hashing, transforms, metadata errors,
+image checks, parquet."""
 from __future__ import annotations
 
 import io
@@ -17,13 +18,14 @@ from stages.config import UserError
 from stages.data import (
     CaptionedImages,
     check_example,
-    parquet_to_imagefolder,
+    fetch_skipped,
     read_jsonl,
     read_metadata,
     split_of,
     train_transforms,
     write_jsonl,
 )
+from stages.imagefolder import parquet_to_imagefolder
 from stages.sketches import make_synthetic_sketches
 
 FRACTIONS = {"train": 0.9, "val": 0.05, "test": 0.05}
@@ -174,7 +176,9 @@ def test_captioned_images(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "bad_line, message",
-    [(b"{not json", "not JSON"), (b'{"file_name": "b.png", "text": "caf\xe9"}', "UTF-8"), (b'{"file_name": "b.png"}', "'text'")],
+    [(b"{not json", "not JSON"), (b'{"file_name": "b.png", "text": "caf\xe9"}', "UTF-8"),
+     (b'{"text": "a tree"}', "file_name"), (b'{"file_name": 7, "text": "a tree"}', "file_name"),
+     (b'["b.png", "a tree"]', "JSON object")],
 )
 def test_read_metadata_errors_name_the_line(tmp_path: Path, bad_line: bytes, message: str) -> None:
     good = json.dumps({"file_name": "a.png", "text": "a house"}).encode()
@@ -182,6 +186,13 @@ def test_read_metadata_errors_name_the_line(tmp_path: Path, bad_line: bytes, mes
     with pytest.raises(UserError, match=message) as error:
         read_metadata(tmp_path)
     assert "metadata.jsonl:3" in str(error.value)
+
+
+def test_read_metadata_keeps_rows_for_check_example_to_judge(tmp_path: Path) -> None:
+    lines = [{"file_name": "a.png", "text": "a house"}, {"file_name": "b.png"}, {"file_name": "c.png", "text": None},
+             {"file_name": "../d.png", "text": 3}]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(map(json.dumps, lines)).encode())
+    assert read_metadata(tmp_path) == lines, "a leading byte-order mark is accepted; no row stops the reading"
 
 
 def test_read_metadata_missing_file(tmp_path: Path) -> None:
@@ -242,6 +253,29 @@ def test_check_example_rejects_missing_file_and_empty_caption(tmp_path: Path) ->
     assert check_example(tmp_path, {"file_name": "ok.png", "text": " \t\n"}) == "empty caption"
 
 
+@pytest.mark.parametrize("row, reason", [
+    ({"file_name": "ok.png", "text": None}, "empty caption"),
+    ({"file_name": "ok.png"}, "empty caption"),
+    ({"file_name": "ok.png", "text": 3}, "caption is not text (int)"),
+    ({"file_name": "ok.png", "text": ["a", "tree"]}, "caption is not text (list)"),
+    ({"file_name": "../ok.png", "text": "a tree"}, "file_name leaves the dataset folder (absolute or '..')"),
+    ({"file_name": "sub/../../ok.png", "text": "a tree"}, "file_name leaves the dataset folder (absolute or '..')"),
+    ({"file_name": "/etc/hostname", "text": "a tree"}, "file_name leaves the dataset folder (absolute or '..')"),
+    ({"file_name": "", "text": "a tree"}, "empty file_name"),
+    ({"file_name": "./", "text": "a tree"}, "empty file_name"),
+    ({"file_name": "metadata.jsonl", "text": "a tree"}, "file_name names the dataset's own records, not an image"),
+    ({"file_name": "folder.png", "text": "a tree"}, "a folder where an image file should be"),
+    ({"file_name": "small.png", "text": "a tree"}, "too small (40x31 < 32 px)"),
+])
+def test_check_example_names_each_row_problem(tmp_path: Path, row: dict, reason: str) -> None:
+    (tmp_path / "ok.png").write_bytes(_png(Image.new("RGB", (32, 32))))
+    (tmp_path / "small.png").write_bytes(_png(Image.new("RGB", (40, 31))))
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "metadata.jsonl").write_text("")
+    assert check_example(tmp_path, row, min_size=32) == reason
+    assert check_example(tmp_path, {"file_name": "ok.png", "text": "a tree"}, min_size=32) is None
+
+
 def test_check_example_rejects_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "big.png").write_bytes(_png(Image.new("L", (100, 100))))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
@@ -270,9 +304,42 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     count = parquet_to_imagefolder([tmp_path / "train-0.parquet", tmp_path / "train-1.parquet"], out)
     rows = read_metadata(out)
     assert count == 3 and [r["text"] for r in rows] == texts
-    assert [r["file_name"] for r in rows] == ["00000.png", "00001.jpg", "00002.png"]
+    assert [r["file_name"] for r in rows] == ["scene_1.PNG", "00001.jpg", "00002.png"], "own names kept where given"
     assert [(out / r["file_name"]).read_bytes() for r in rows] == [png, jpg, png]
     assert all(check_example(out, r) is None for r in rows)
+    assert fetch_skipped(out) == {}
+
+
+def test_parquet_rows_with_problems_are_kept_for_split_to_judge(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = _png(_noise("RGB"))
+    images = [{"bytes": png, "path": p} for p in ["a/one.png", "../up.png", "/abs/x.png", "./a//one.png", "two.png",
+                                                   "metadata.jsonl", "00000.png"]] + [None, {"bytes": None, "path": "far.png"}]
+    texts = ["a house", "up", "abs", "the first again", None, "meta", "a tree", "no image", "far"]
+    pq.write_table(pa.table({"image": images, "text": texts}), tmp_path / "s.parquet")
+    out = tmp_path / "out"
+    assert parquet_to_imagefolder([tmp_path / "s.parquet"], out) == 9
+    rows = read_metadata(out)
+    assert [r["file_name"] for r in rows] == ["a/one.png", "../up.png", "/abs/x.png", "a/one.png", "two.png",
+                                              "metadata.jsonl", "00000.png", "00007.bin", "far.png"]
+    assert [r["text"] for r in rows] == texts
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "00000.png", "a/one.png", "fetch_skipped.csv", "metadata.jsonl", "two.png"]
+    assert (out / "a/one.png").read_bytes() == png and not (tmp_path / "up.png").exists()
+    assert fetch_skipped(out) == {"00007.bin": "no image bytes in the parquet row",
+                                  "far.png": "no image bytes in the parquet row"}
+
+
+def test_parquet_caption_that_is_not_text_is_recorded(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [_png(_noise("RGB"))], "text": [7]}), tmp_path / "s.parquet")
+    parquet_to_imagefolder([tmp_path / "s.parquet"], tmp_path / "out")
+    assert read_metadata(tmp_path / "out") == [{"file_name": "00000.png", "text": None}]
+    assert fetch_skipped(tmp_path / "out") == {"00000.png": "caption is not text (int)"}
 
 
 def test_parquet_missing_column(tmp_path: Path) -> None:
@@ -280,8 +347,9 @@ def test_parquet_missing_column(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"img": [b"x"], "caption": ["a"]}), tmp_path / "s.parquet")
-    with pytest.raises(UserError, match=r"s\.parquet.*'image'.*img, caption"):
+    with pytest.raises(UserError, match=r"s\.parquet.*'image'.*img, caption") as error:
         parquet_to_imagefolder([tmp_path / "s.parquet"], tmp_path / "out")
+    assert "params.yaml" not in str(error.value), "no parameter names the columns"
 
 
 def test_parquet_not_parquet(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[d
     builders.save_random_sd(root / "sd", 0, "tiny")
     sketches.make_synthetic_sketches(root / "raw", 12, 32, 0)
     compose_and_dump(root / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
-    p = load_params("finetune", finetune.SCHEMA, root / "params.yaml") | {"train_batch_size": 4}
+    p = load_params("finetune", root / "params.yaml") | {"train_batch_size": 4}
     return root / "sd", root / "raw", data.read_metadata(root / "raw"), p
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import fresh_copy, sh
 
 from stages.config import compose_params
-from tests.test_pipeline import fresh_copy, sh
 
 pytestmark = pytest.mark.slow
 # Slower than smoke, so that there is time to kill each stage between its first file and its last; finetune shorter.

@@ -1,45 +1,34 @@
-"""End to end through the real DVC commands, on a fresh copy of the repository, in the offline smoke setting."""
+"""End to end through the real DVC commands, on a fresh copy of the repository, in the offline smoke setting.
+
+DVC runs as `.venv/bin/dvc` from a PATH whose `python` is the system's (without the project's libraries), as a user
+does who calls it without activating the environment: the stages must still run with the environment's interpreter.
+"""
 import json
-import os
-import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
+from conftest import fresh_copy, sh
 
-REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"images_per_s", "peak_memory_mb", "train_seconds", "step"}
+TIMING_KEYS = {"step"}  # dvclive's step counter; timings are in reports/finetune/timing.json, not in the metrics
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so that no source file holds it
+SMOKE = ("dvc", "exp", "run", "-S", "profile=smoke")
+ALL_STAGES = ("fetch@sd", "fetch@clip", "fetch@blip", "fetch@data", "split", "finetune", "generate@base",
+              "generate@finetuned", "clip_eval", "blip_check", "report")
 pytestmark = pytest.mark.slow
 
 
-def sh(cwd: Path, *args: str) -> str:
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-        "HF_TOKEN": FAKE_TOKEN,
-    }
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def fresh_copy(target: Path) -> Path:
-    """The repository as a user clones it: tracked and untracked-but-not-ignored files, one commit."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, target / name)
-    sh(target, "git", "init", "-q", "-b", "main")
-    sh(target, "git", "add", "-A")
-    sh(target, "git", "commit", "-q", "-m", "fresh copy")
-    return target
+@pytest.fixture(scope="module")
+def user_env(tmp_path_factory) -> dict:
+    """A PATH whose `python` is the system interpreter, a Hub token in the environment."""
+    bin_dir = tmp_path_factory.mktemp("system-bin")
+    (bin_dir / "python").symlink_to("/usr/bin/python3")
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_TOKEN": FAKE_TOKEN}
 
 
 def read_metrics(clone: Path) -> dict:
@@ -51,16 +40,26 @@ def read_metrics(clone: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> SimpleNamespace:
-    """A fresh copy after the first smoke experiment: its folder and what `dvc exp run` printed."""
+def clone(tmp_path_factory, user_env) -> SimpleNamespace:
+    """A fresh copy after the first smoke experiment: its folder, what `dvc exp run` printed, and a runner."""
     root = fresh_copy(tmp_path_factory.mktemp("clone"))
-    return SimpleNamespace(root=root, log=sh(root, "dvc", "exp", "run", "-S", "profile=smoke"))
+    run = lambda *args, check=True: sh(root, *args, env=user_env, check=check)  # noqa: E731
+    log = run(*SMOKE)
+    return SimpleNamespace(root=root, log=log, run=run, metrics=read_metrics(root))
 
 
-def test_smoke_run_goes_through_all_stages(clone):
-    for stage in ("fetch@sd", "fetch@clip", "fetch@blip", "fetch@data", "split", "finetune", "generate@base",
-                  "generate@finetuned", "clip_eval", "blip_check", "report"):
-        assert f"Running stage '{stage}'" in clone.log
+def ran(log: str) -> set[str]:
+    return {stage for stage in ALL_STAGES if f"Running stage '{stage}'" in log}
+
+
+def model_hash(clone: SimpleNamespace) -> str:
+    lock = yaml.safe_load((clone.root / "dvc.lock").read_text())
+    return next(out["md5"] for out in lock["stages"]["finetune"]["outs"] if out["path"] == "models/finetuned")
+
+
+def test_smoke_run_goes_through_all_stages_with_the_environments_python(clone, user_env):
+    assert subprocess.run(["python", "-c", "import dvc"], capture_output=True, env=user_env).returncode != 0
+    assert ran(clone.log) == set(ALL_STAGES)
     assert (clone.root / "models/finetuned/unet/diffusion_pytorch_model.safetensors").is_file()
     info = json.loads((clone.root / "models/finetuned/training_info.json").read_text())
     assert info["n_captions_truncated"] == 0 and info["params"]["epochs"] == 2
@@ -68,8 +67,16 @@ def test_smoke_run_goes_through_all_stages(clone):
     assert "![training loss]" in (clone.root / "reports/report.md").read_text()
 
 
+def test_the_tests_pass_in_a_workspace_the_demo_rewrote(clone):
+    """`make demo` then `make test`: the smoke run recomposed params.yaml and wrote dvc.lock and reports/."""
+    assert "profile: smoke" in (clone.root / "params.yaml").read_text()
+    printed = clone.run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_consistency.py",
+                        "tests/test_config.py", "tests/test_fetch.py")
+    assert " passed" in printed and "failed" not in printed
+
+
 def test_second_repro_runs_nothing(clone):
-    assert "Running stage" not in sh(clone.root, "dvc", "repro")
+    assert "Running stage" not in clone.run("dvc", "repro")
 
 
 def test_reported_clip_score_is_recomputed_independently(clone):
@@ -95,35 +102,82 @@ def test_reported_clip_score_is_recomputed_independently(clone):
 
 def test_flipping_the_generator_pre_prompt_reruns_only_generation_and_after(clone):
     first = read_metrics(clone.root)
-    log = sh(clone.root, "dvc", "exp", "run", "-S", "profile=smoke", "-S", "generate.style_to_generator=false")
-    for stage in ("generate@base", "generate@finetuned", "clip_eval", "blip_check", "report"):
-        assert f"Running stage '{stage}'" in log
-    for stage in ("fetch@sd", "fetch@data", "split", "finetune"):
-        assert f"Running stage '{stage}'" not in log
+    log = clone.run(*SMOKE, "-S", "generate.style_to_generator=false")
+    assert ran(log) == {"generate@base", "generate@finetuned", "clip_eval", "blip_check", "report"}
     assert read_metrics(clone.root) != first
 
-    shown = json.loads(sh(clone.root, "dvc", "exp", "show", "--json"))
+    shown = json.loads(clone.run("dvc", "exp", "show", "--json"))
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
     assert len(experiments) == 2
     for exp in experiments:
         metrics = exp["revs"][0]["data"]["metrics"]["reports/clip_eval.json"]["data"]
         assert "clip_score_finetuned" in metrics
     names = [exp["name"] for exp in experiments]
-    diff = json.loads(sh(clone.root, "dvc", "metrics", "diff", names[0], names[1], "--json"))
+    diff = json.loads(clone.run("dvc", "metrics", "diff", names[0], names[1], "--json"))
     assert diff["reports/clip_eval.json"]["clip_score_base"]["diff"] != 0
 
 
+def test_a_setting_tried_before_is_restored_from_the_cache(clone):
+    log = clone.run(*SMOKE)  # back to the first experiment's settings
+    assert ran(log) == set(), log
+    assert "Stage 'generate@base' is cached - skipping run" in log
+    assert read_metrics(clone.root) == clone.metrics
+
+
+def test_compare_shows_the_settings_that_differ_and_the_headline(clone):
+    printed = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
+    header = printed[0].split()
+    assert header == ["experiment", "generate.style_to_generator", "clip_score_base", "clip_score_finetuned",
+                      "clip_score_diff", "style_share_base", "style_share_finetuned", "loss"]
+    assert len(printed) == 1 + 3 and all(len(line.split()) == len(header) for line in printed[1:])
+
+
+def test_a_bad_value_then_set_back_restores_the_model_without_training(clone):
+    failed = clone.run(*SMOKE, "-S", "finetune.epochs=0", check=False)
+    assert "error: params.yaml: finetune.epochs must be a positive integer, got 0" in failed
+    started = time.monotonic()
+    log = clone.run(*SMOKE)
+    assert "finetune" not in ran(log) and (clone.root / "models/finetuned/model_index.json").is_file()
+    assert (clone.root / "reports/finetune/plots/metrics/loss.tsv").is_file()
+    assert time.monotonic() - started < 60
+
+
+def test_a_hand_edited_fetched_folder_is_restored_from_the_cache(clone):
+    weights = clone.root / "models/pretrained/clip/open_clip_model.safetensors"
+    original = weights.read_bytes()
+    weights.chmod(0o644)
+    weights.write_bytes(original[:-8] + b"tampered")
+    assert "models/pretrained/clip" in clone.run("dvc", "status")
+    log = clone.run("dvc", "repro")  # `dvc exp run` restores it too, in the checkout it starts with
+    assert ran(log) == set() and "Stage 'fetch@clip' is cached - skipping run" in log
+    assert weights.read_bytes() == original
+
+
+def test_a_queued_experiment_reuses_what_is_cached(clone):
+    clone.run(*SMOKE, "--queue", "-n", "queued-steps", "-S", "generate.num_inference_steps=3")
+    clone.run("dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while any(state in clone.run("dvc", "queue", "status") for state in ("Queued", "Running")):
+        assert time.monotonic() < deadline, "the queued experiment did not finish in 10 minutes"
+        time.sleep(2)
+    log = clone.run("dvc", "queue", "logs", "queued-steps")
+    assert ran(log) == {"generate@base", "generate@finetuned", "clip_eval", "blip_check", "report"}, log
+    assert "Stage 'fetch@sd' is cached - skipping run" in log
+    clone.run("dvc", "queue", "stop")
+
+
 def test_plots_render(clone):
-    sh(clone.root, "dvc", "plots", "show", "-o", "plots_out")
+    clone.run("dvc", "plots", "show", "-o", "plots_out")
     html = (clone.root / "plots_out/index.html").read_text()
     assert "Fine-tuning loss" in html and "CLIP score per prompt" in html
 
 
-def test_same_smoke_run_twice_gives_identical_metrics(clone):
-    before = read_metrics(clone.root)
-    log = sh(clone.root, "dvc", "repro", "--force")
+def test_same_smoke_run_twice_gives_identical_metrics_and_model(clone):
+    before, model_before = read_metrics(clone.root), model_hash(clone)
+    log = clone.run("dvc", "repro", "--force")
     assert "Running stage 'finetune'" in log
     assert read_metrics(clone.root) == before
+    assert model_hash(clone) == model_before
 
 
 def test_the_hub_token_is_written_nowhere(clone):

@@ -141,7 +141,8 @@ def test_killed_run_resumes_to_the_same_weights(inputs, uninterrupted):
     for curve in CURVES:
         path = f"live/plots/metrics/{curve}.tsv"
         assert (cwd / path).read_text() == (uninterrupted / path).read_text()
-    assert json.loads((cwd / "out/training_info.json").read_text())["resumed_from_step"] == 8
+    assert json.loads((cwd / "live/timing.json").read_text())["resumed_from_step"] == 8
+    assert (cwd / "out/training_info.json").read_bytes() == (uninterrupted / "out/training_info.json").read_bytes()
 
 
 def test_checkpoint_from_other_settings_is_refused(inputs):
