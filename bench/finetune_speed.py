@@ -6,7 +6,9 @@ Side by side in one run, each configuration in its own process (so its peak memo
                        gradient checkpointing
   (b) ours             latents and text embeddings cached once (stages/latents.py), bf16 where supported, SDPA,
                        channels_last, fused AdamW (foreach on a CPU), foreach EMA, torch.compile with --compile
-Both build the models, data, optimizer and EMA with stages.finetune and step with finetune.train_batch. Reported:
+  (c) LoRA             (b) with `method: lora`, rank 4 on the attention projections (stages/lora.py)
+  (d) CLIP loss        (b) with `clip_loss` on every step and every sample (one-step x0, VAE decode, guidance CLIP)
+Both build the models, data, optimizer and EMA with stages.components and step with finetune.train_batch. Reported:
 images/s over the steady-state steps (warm-up steps, compilation included, timed apart), peak memory
 (torch.cuda.max_memory_allocated on CUDA; the process's peak RSS on a CPU, which never goes down, so batch sizes run
 in increasing order) and, on CUDA, MFU: UNet model FLOPs (forward+backward per image, counted with
@@ -39,6 +41,12 @@ CONFIGURATIONS = {
     "b": ("(b) ours", {"cache_latents": True, "mixed_precision": "bf16", "optimizer": "adamw_fused",
                        "gradient_checkpointing": False, "channels_last": True}),
 }
+OURS = CONFIGURATIONS["b"][1]
+CONFIGURATIONS |= {
+    "c": ("(c) ours, LoRA r4", OURS | {"method": "lora", "lora_rank": 4, "lora_alpha": 4}),
+    "d": ("(d) ours, CLIP loss", OURS | {"clip_loss": {"weight": 0.01, "max_timestep": 1000, "every": 1}}),
+}
+STYLE_PROMPT = "A black and white sketch of"
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,6 +77,7 @@ def make_inputs(args: argparse.Namespace, root: Path) -> Path:
     sd = args.sd or root / "sd"
     if not args.sd:
         builders.save_random_sd(sd, 0, args.arch)
+    builders.save_random_guide(root / "guide", 0, args.arch)
     n_images = max(int(b) for b in args.batch_sizes.split(","))
     sketches.make_synthetic_sketches(root / "raw", n_images, args.resolution, 0)
     (root / "sd_path").write_text(str(sd))
@@ -77,11 +86,10 @@ def make_inputs(args: argparse.Namespace, root: Path) -> Path:
 
 def settings(key: str, args: argparse.Namespace, batch: int) -> dict:
     """params.yaml's finetune section with the configuration's settings and the bench's sizes."""
-    from stages import finetune
     from stages.config import load_params
 
     p = dict(load_params("finetune", REPO / "params.yaml"))
-    ours = {"compile_unet": args.compile, "gradient_checkpointing": args.ours_checkpointing} if key == "b" else {}
+    ours = {"compile_unet": args.compile, "gradient_checkpointing": args.ours_checkpointing} if key != "a" else {}
     return p | CONFIGURATIONS[key][1] | ours | {
         "resolution": args.resolution, "train_batch_size": batch, "gradient_accumulation_steps": 1,
         "use_ema": True, "max_train_steps": 10**9, "checkpoint_every": 0, "dataloader_num_workers": 0}
@@ -91,13 +99,14 @@ def build(inputs: Path, p: dict) -> tuple:
     """Accelerator, model parts and prepared training objects, made by the stage's functions."""
     from diffusers.training_utils import EMAModel
 
-    from stages import finetune
+    from stages import components
 
     sd, raw = Path((inputs / "sd_path").read_text()), inputs / "raw"
     rows = data.read_metadata(raw)
-    accelerator = finetune.build_accelerator(p, 0)
-    parts = finetune.load_components(sd, p, accelerator)
-    loop = finetune.prepare_training(parts, finetune.make_dataloader(raw, rows, parts, p, 0), p, accelerator)
+    accelerator = components.build_accelerator(p, 0)
+    parts = components.load_components(sd, p, accelerator)
+    components.add_guide(parts, inputs / "guide", STYLE_PROMPT, p)
+    loop = components.prepare_training(parts, components.make_dataloader(raw, rows, parts, p, 0), p, accelerator)
     if not p["cache_latents"]:  # (a): the example's EMAModel, one kernel per tensor
         loop["ema"] = EMAModel(accelerator.unwrap_model(loop["unet"]).parameters(), decay=p["ema_decay"])
     loop["ema"].to(accelerator.device)
@@ -117,8 +126,8 @@ def batches(loop: dict, accelerator):
 def one_step(batch: dict, parts: dict, loop: dict, p: dict, accelerator) -> None:
     from stages import finetune
 
-    finetune.train_batch(batch, parts, loop, p, accelerator)  # its grad norm is a float: the step has finished
-    loop["ema"].step(loop["unet"].parameters())
+    finetune.train_batch(batch, parts, loop, p, accelerator, 0)  # its grad norm is a float: the step has finished
+    loop["ema"].step(loop["trainable"])
 
 
 def synchronize() -> None:

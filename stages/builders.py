@@ -79,6 +79,11 @@ TEXT_COMMON = {"max_position_embeddings": 77, "vocab_size": 49408, "hidden_act":
 CLIP_TINY = {"embed_dim": 32,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+# The guidance CLIP of the smoke setting: another shape (and seed) than the scoring one, so neither stands in for the other.
+GUIDE_TINY = {"embed_dim": 24,
+              "vision_cfg": {"image_size": 32, "layers": 2, "width": 24, "head_width": 12, "patch_size": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 1}}
+GUIDE_SEED_OFFSET = 1000
 BLIP_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
                   "max_position_embeddings": 512, "projection_dim": 32}
 BLIP_TINY_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -128,11 +133,15 @@ def save_random_sd(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
     return parameter_counts(f"{arch} Stable Diffusion", modules)
 
 
-def clip_config(arch: str) -> dict[str, Any]:
-    """The open_clip config (model_cfg + preprocess_cfg) of `arch`; "full" is open_clip's built-in ViT-H-14."""
+def clip_config(arch: str, guide: bool = False) -> dict[str, Any]:
+    """The open_clip config (model_cfg + preprocess_cfg) of `arch`; "full" is open_clip's built-in ViT-H-14 for the
+    scorer, ViT-B-32 for the guidance CLIP."""
     import open_clip
 
-    model_cfg = CLIP_TINY if arch == "tiny" else open_clip.get_model_config("ViT-H-14")
+    if arch == "tiny":
+        model_cfg = GUIDE_TINY if guide else CLIP_TINY
+    else:
+        model_cfg = open_clip.get_model_config("ViT-B-32" if guide else "ViT-H-14")
     size = model_cfg["vision_cfg"]["image_size"]
     return {"model_cfg": model_cfg,
             "preprocess_cfg": {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
@@ -140,12 +149,12 @@ def clip_config(arch: str) -> dict[str, Any]:
                                "resize_mode": "shortest"}}
 
 
-def save_random_clip(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
+def save_random_clip(out_dir: Path, seed: int, arch: str, guide: bool = False) -> dict[str, int]:
     """Build a random open_clip model of `arch` and save it as an open_clip `local-dir:` folder; return its size."""
     import open_clip
     import torch
 
-    config = clip_config(arch)
+    config = clip_config(arch, guide)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.CLIP(**config["model_cfg"])
@@ -197,6 +206,11 @@ def save_random_blip(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
 
 
 # The smoke setting's builders.
+def save_random_guide(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
+    """The guidance CLIP for finetune.clip_loss: another architecture and seed than the scoring CLIP."""
+    return save_random_clip(out_dir, seed + GUIDE_SEED_OFFSET, arch, guide=True)
+
+
 save_tiny_sd = functools.partial(save_random_sd, arch="tiny")
 save_tiny_clip = functools.partial(save_random_clip, arch="tiny")
 save_tiny_blip = functools.partial(save_random_blip, arch="tiny")

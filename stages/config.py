@@ -62,7 +62,7 @@ def non_empty_list_of(rule: Rule) -> Rule:
 
 # ---------------------------------------------------------------------------------------------------- the sections
 
-FETCH_KINDS = ("sd", "clip", "blip", "data")
+FETCH_KINDS = ("sd", "clip", "blip", "guide", "data")
 RANDOM_SOURCES = ("tiny", "full")  # random weights built from configs: the smoke size and the study's size
 
 
@@ -90,7 +90,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "mixed_precision": one_of("no", "fp16", "bf16"), "use_ema": BOOL, "ema_decay": FRACTION,
         "resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL,
         "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT, "cache_latents": BOOL,
-        "channels_last": BOOL, "compile_unet": BOOL,
+        "channels_last": BOOL, "compile_unet": BOOL, "method": one_of("full", "lora"), "lora_rank": POSITIVE_INT,
+        "lora_alpha": POSITIVE_NUMBER, "snr_gamma": NON_NEGATIVE_NUMBER, "noise_offset": NON_NEGATIVE_NUMBER,
+        "caption_dropout": FRACTION,
+        "clip_loss": {"weight": NON_NEGATIVE_NUMBER, "max_timestep": POSITIVE_INT, "every": POSITIVE_INT},
+        "validate_every": NON_NEGATIVE_INT, "validation_prompt": NON_EMPTY_STRING, "validation_images": POSITIVE_INT,
+        "validation_steps": POSITIVE_INT,
     },
     "generate": {
         "prompts": non_empty_list_of(NON_EMPTY_STRING), "images_per_prompt": POSITIVE_INT,

@@ -4,6 +4,7 @@ Reads params `fetch.<kind>` and `shared`. Writes OUT_DIR, one of:
   sd    a diffusers StableDiffusionPipeline folder (safetensors)
   clip  an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors)
   blip  a transformers BLIP captioning folder (safetensors)
+  guide an open_clip folder: the CLIP that finetune.clip_loss trains against (never the scoring one)
   data  an imagefolder: images + metadata.jsonl (file_name, text)
 and OUT_DIR/fetch_manifest.json (source, revision, resolved commit, sha256 of every file).
 
@@ -29,7 +30,7 @@ from stages.outputs import MANIFEST, atomic_dir, file_hashes, library_versions, 
 
 log = logging.getLogger(__name__)
 
-OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "data": "synthetic"}
+OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "guide": "tiny", "data": "synthetic"}
 
 
 def check_source(kind: str, p: dict) -> None:
@@ -45,8 +46,10 @@ def check_source(kind: str, p: dict) -> None:
             raise UserError(f"fetch.{kind}.path: {p['path']} does not exist; point it at a local {kind} folder")
 
 
-COPIERS = {"sd": models.copy_sd, "clip": models.copy_clip, "blip": models.copy_blip, "data": imagefolder.copy_dataset}
-BUILDERS = {"sd": builders.save_random_sd, "clip": builders.save_random_clip, "blip": builders.save_random_blip}
+COPIERS = {"sd": models.copy_sd, "clip": models.copy_clip, "blip": models.copy_blip, "guide": models.copy_clip,
+           "data": imagefolder.copy_dataset}
+BUILDERS = {"sd": builders.save_random_sd, "clip": builders.save_random_clip, "blip": builders.save_random_blip,
+            "guide": builders.save_random_guide}
 
 
 def requested(kind: str, p: dict, seed: int) -> dict:

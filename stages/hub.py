@@ -17,6 +17,7 @@ FILES = {
     "sd": ["*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"],
     "clip": ["open_clip_config.json", "open_clip_model.safetensors"],
     "blip": ["*.json", "*.txt", "model.safetensors"],
+    "guide": ["open_clip_config.json", "open_clip_model.safetensors"],
     "data": ["*.parquet"],
 }
 OFFLINE_HINT = ("to run offline, use `make demo` (the smoke setting) or set fetch.{kind}.source=local with "

@@ -7,6 +7,10 @@ kept in memory. Each step still samples its latents from the cached distribution
 it (`torch.rand(1) < 0.5`, seeded per item by training.SeededItems): cached and uncached runs train on the same
 flipped images. Random crops differ every epoch and cannot be cached: without `center_crop` the stage encodes every
 step. Every process encodes the whole dataset, and a resumed run encodes it again (the cache is not checkpointed).
+
+Caption dropout (`caption_dropout` > 0) replaces an item's caption by the empty one, decided after the flip with the
+item's own seeded RNG: a resumed run drops the same captions. Both batch kinds carry each sample's caption text
+("captions", "" where dropped) for the CLIP loss (stages/losses.py), which also keeps the VAE after caching.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from stages import data
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 16  # images or captions encoded at a time while caching
+EMPTY_CAPTION = ""  # what a dropped caption becomes: the unconditional input of classifier-free guidance
 
 
 def cacheable(p: dict) -> bool:
@@ -48,18 +53,19 @@ class CachedItems:
 
 
 class CachedBatch:
-    """collate_fn for CachedItems: stacked latent distributions and the text embeddings of their captions."""
+    """collate_fn for CachedItems: stacked latent distributions, the text embeddings and texts of their captions."""
 
-    def __init__(self, text: Any) -> None:
-        self.text = text
+    def __init__(self, text: Any, distinct: list[str]) -> None:
+        self.text, self.distinct = text, distinct  # row i of `text` embeds distinct[i]
 
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         import torch
 
-        rows = torch.tensor([item["caption"] for item in items])
+        rows = [item["caption"] for item in items]
         return {"latent_mean": torch.stack([item["latent_mean"] for item in items]),
                 "latent_std": torch.stack([item["latent_std"] for item in items]),
-                "encoder_hidden_states": self.text[rows]}
+                "encoder_hidden_states": self.text[torch.tensor(rows)],
+                "captions": [self.distinct[row] for row in rows]}
 
 
 class TokenBatch:
@@ -71,9 +77,31 @@ class TokenBatch:
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         import torch
 
-        tokens = self.tokenizer([item["text"] for item in items], padding="max_length", truncation=True,
+        texts = [item["text"] for item in items]
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        return {"pixel_values": torch.stack([item["pixel_values"] for item in items]), "input_ids": tokens.input_ids}
+        return {"pixel_values": torch.stack([item["pixel_values"] for item in items]), "input_ids": tokens.input_ids,
+                "captions": texts}
+
+
+class CaptionDropout:
+    """Items of `dataset` whose `key` is replaced by `empty` with probability `rate`, drawn after the item's own draws.
+
+    Inside training.SeededItems the draw comes from the item's (seed, epoch, index) RNG, after the flip and crop that
+    `dataset[index]` drew, so those stay what they were without dropout.
+    """
+
+    def __init__(self, dataset: Any, rate: float, key: str, empty: Any) -> None:
+        self.dataset, self.rate, self.key, self.empty = dataset, rate, key, empty
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        item = self.dataset[index]
+        return item | {self.key: self.empty} if bool(torch.rand(1) < self.rate) else item
 
 
 def _stack_pixels(items: list[dict]) -> Any:
@@ -102,11 +130,11 @@ def encode_images(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[An
     return torch.stack([torch.cat(m) for m in means]), torch.stack([torch.cat(s) for s in stds])
 
 
-def encode_captions(rows: list[dict], parts: dict) -> tuple[Any, list[int]]:
-    """Text embeddings of the distinct captions (compute dtype, CPU) and each row's index into them."""
+def encode_captions(rows: list[dict], parts: dict, extra: tuple[str, ...] = ()) -> tuple[Any, list[str], list[int]]:
+    """Text embeddings of the distinct captions and `extra` (compute dtype, CPU), those texts, each row's index."""
     import torch
 
-    distinct = list(dict.fromkeys(row["text"] for row in rows))
+    distinct = list(dict.fromkeys([*(row["text"] for row in rows), *extra]))
     tokenizer, out = parts["tokenizer"], []
     with torch.no_grad():
         for start in range(0, len(distinct), ENCODE_BATCH):
@@ -114,22 +142,40 @@ def encode_captions(rows: list[dict], parts: dict) -> tuple[Any, list[int]]:
                                max_length=tokenizer.model_max_length, return_tensors="pt")
             out.append(parts["text_encoder"](tokens.input_ids.to(parts["device"]), return_dict=False)[0].cpu())
     index = {text: i for i, text in enumerate(distinct)}
-    return torch.cat(out), [index[row["text"]] for row in rows]
+    return torch.cat(out), distinct, [index[row["text"]] for row in rows]
 
 
-def cached_dataset(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[CachedItems, CachedBatch]:
-    """Encode the dataset once, free the VAE and text encoder, and return the cached items and their collate_fn."""
+def cached_dataset(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[Any, CachedBatch]:
+    """Encode the dataset once, free the text encoder (and the VAE unless the CLIP loss decodes with it), and return
+    the cached items, with caption dropout if asked, and their collate_fn."""
     import torch
 
     mean, std = encode_images(raw, rows, parts, p)
-    text, captions = encode_captions(rows, parts)
-    parts["vae"] = parts["text_encoder"] = None  # no longer needed: their memory goes to the UNet's training
+    dropout = p["caption_dropout"] > 0
+    text, distinct, captions = encode_captions(rows, parts, (EMPTY_CAPTION,) if dropout else ())
+    parts["text_encoder"] = None  # no longer needed: its memory goes to the UNet's training
+    if p["clip_loss"]["weight"] == 0:
+        parts["vae"] = None  # the CLIP loss decodes with it
     if parts["device"].type == "cuda":
         torch.cuda.empty_cache()
     mib = (mean.nbytes + std.nbytes) / 2**20, text.nbytes / 2**20
     log.info("cached latents of %d images x %d flips (%.0f MiB) and text embeddings of %d distinct captions "
              "(%.0f MiB) in memory", len(rows), mean.shape[0], mib[0], text.shape[0], mib[1])
-    return CachedItems(mean, std, captions), CachedBatch(text)
+    items: Any = CachedItems(mean, std, captions)
+    if dropout:
+        items = CaptionDropout(items, p["caption_dropout"], "caption", distinct.index(EMPTY_CAPTION))
+    return items, CachedBatch(text, distinct)
+
+
+def training_items(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[Any, Any]:
+    """The training items (cached latents, or images transformed at every step) and their collate_fn."""
+    if cacheable(p):
+        return cached_dataset(raw, rows, parts, p)
+    transform = data.train_transforms(p["resolution"], p["center_crop"], p["random_flip"])
+    items: Any = data.CaptionedImages(raw, rows, transform)
+    if p["caption_dropout"] > 0:
+        items = CaptionDropout(items, p["caption_dropout"], "text", EMPTY_CAPTION)
+    return items, TokenBatch(parts["tokenizer"])
 
 
 def batch_size(batch: dict) -> int:
@@ -150,21 +196,6 @@ def encode_batch(batch: dict, parts: dict) -> tuple[Any, Any]:
         latents = parts["vae"].encode(pixels).latent_dist.sample() * parts["latent_scale"]
         text = parts["text_encoder"](batch["input_ids"].to(device), return_dict=False)[0]
     return latents, text
-
-
-def diffusion_loss(batch: dict, parts: dict, unet: Any) -> Any:
-    """The denoising loss: noise the VAE latents at a random timestep and regress the noise (or velocity)."""
-    import torch
-    import torch.nn.functional as F
-
-    scheduler = parts["noise_scheduler"]
-    latents, text = encode_batch(batch, parts)
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, text, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target.float())
 
 
 def count_truncated(tokenizer: Any, captions: list[str]) -> int:

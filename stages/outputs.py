@@ -93,3 +93,16 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape our outputs, recorded beside every model folder."""
     return {name: metadata.version(name) for name in LIBRARIES}
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted: safetensors writes them in hash-map order,
+    which differs from process to process, so the same tensors would give other bytes (and another DVC hash)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items()))} | header
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to keep the data 8-byte aligned
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 INFO = "checkpoint.json"  # written last: a folder without it (or with other file sizes) is not a checkpoint
 LIVE = "dvclive"
-RESUME_SAFE = ("checkpoint_every", "dataloader_num_workers")  # augmentation is seeded per item, not per worker
+# Settings that leave the weights as they are: augmentation is seeded per item, not per worker, and validation draws
+# from its own generator.
+RESUME_SAFE = ("checkpoint_every", "dataloader_num_workers", "validate_every", "validation_prompt",
+               "validation_images", "validation_steps")
 NAME = re.compile(r"step-(\d+)")
 
 

@@ -50,6 +50,14 @@ def test_study_params_are_valid(section, tmp_path):
     ("blip_check", "style_words", [], "blip_check.style_words must be a non-empty list"),
     ("split", "max_bad_fraction", 1.5, "split.max_bad_fraction must be a number between 0 and 1"),
     ("split", "min_image_size", 0, "split.min_image_size must be a positive integer"),
+    ("finetune", "method", "dora", "finetune.method must be one of full, lora"),
+    ("finetune", "lora_rank", 0, "finetune.lora_rank must be a positive integer"),
+    ("finetune", "snr_gamma", -1, "finetune.snr_gamma must be a number >= 0"),
+    ("finetune", "caption_dropout", 1.5, "finetune.caption_dropout must be a number between 0 and 1"),
+    ("finetune", "clip_loss", {"weight": -0.1, "max_timestep": 200, "every": 1},
+     "finetune.clip_loss.weight must be a number >= 0"),
+    ("finetune", "clip_loss", {"weight": 0.1, "max_timestep": 200, "every": 0},
+     "finetune.clip_loss.every must be a positive integer"),
 ])
 def test_a_bad_value_in_any_section_stops_every_stage(tmp_path, section, key, value, words):
     path = params_file(tmp_path, changed(section, key, value))
@@ -89,12 +97,26 @@ def stage_command(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_stage_prints_one_line_and_exits_2(tmp_path):
     params_file(tmp_path, changed("finetune", "epochs", -1))
-    result = stage_command(tmp_path, "stages.finetune", "a", "b", "c", "d", "e", "f")
+    result = stage_command(tmp_path, "stages.finetune", "a", "b", "c", "d", "e", "f", "g")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: finetune.epochs must be a positive integer, got -1; "
         "edit conf/ (or run `dvc exp run -S finetune.epochs=...`)"
     ]
+
+
+def test_a_guidance_clip_folder_of_the_wrong_kind_is_one_line(tmp_path):
+    from stages import builders
+
+    builders.save_tiny_sd(tmp_path / "sd", 0)
+    params = composed("profile=smoke", "finetune.clip_loss.weight=0.1")
+    params_file(tmp_path, params)
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split/train.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    result = stage_command(tmp_path, "stages.finetune", "sd", "sd", "sd", "split", "out", "live", "scratch")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sd: no open_clip_config.json; expected an open_clip folder (config + open_clip_model.safetensors)")
 
 
 def test_the_first_stage_refuses_a_typo_meant_for_a_later_one(tmp_path):
@@ -112,8 +134,8 @@ def test_help_explains_every_argument_the_params_read_and_an_example(name, tmp_p
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]
     stage = stage.get("do", stage)
     arguments = re.search(r"positional arguments:\n(.*?)\n\n", text, re.S).group(1)
-    entries = re.findall(r"^  (\S+)( +\S.*)?$", arguments, re.M)
-    assert entries and all(help_text.strip() for _, help_text in entries), arguments
+    entries = re.split(r"\n(?=  \S)", arguments)  # an entry: its name, then its help on the same or next lines
+    assert entries and all(len(entry.split()) > 2 for entry in entries), arguments
     for section in stage["params"]:
         section = section if isinstance(section, str) else next(iter(section))
         assert (f"`{section.split('.')[0]}" if section != "params.yaml" else "params.yaml") in text, section

@@ -66,7 +66,7 @@ def test_stage_reads_the_params_sections_it_declares(name):
 
 def test_every_stage_module_is_a_stage_or_a_shared_module():
     shared = {"config", "outputs", "data", "models", "evaluation", "sketches", "training", "builders", "latents",
-              "hub", "imagefolder"}
+              "hub", "imagefolder", "components", "lora", "losses", "modelcard", "validation"}
     modules = {p.stem for p in (REPO / "stages").glob("*.py")} - {"__init__"}
     assert modules == set(STAGES) | shared
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import builders, data, finetune, latents, sketches, training
+from stages import builders, components, data, latents, losses, sketches, training
 from stages.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +30,13 @@ class TwoProcesses:
         prepared = [obj[: len(obj) // 2] if isinstance(obj, list) else obj for obj in objects]
         return prepared[0] if len(prepared) == 1 else prepared
 
+    def unwrap_model(self, model):
+        return model
+
 
 def test_steps_come_from_the_shard_each_process_sees():
     parts = {"unet": torch.nn.Linear(2, 2)}
-    loop = finetune.prepare_training(parts, list(range(20)), P, TwoProcesses())
+    loop = components.prepare_training(parts, list(range(20)), P, TwoProcesses())
     assert len(loop["dataloader"]) == 10
     assert loop["max_steps"] == 3 * 5  # 10 batches per process, accumulation 2, 3 epochs
     assert loop["lr_scheduler"].lr_lambdas[0](15 * 2) == 0.0  # the schedule ends after two scheduler steps a step
@@ -58,10 +61,10 @@ def first_batch(inputs: tuple, **settings) -> tuple[dict, dict]:
 
     sd_dir, raw, rows, p = inputs
     p = p | settings | {"mixed_precision": "no"}
-    accelerator = finetune.build_accelerator(p, 0)
+    accelerator = components.build_accelerator(p, 0)
     set_seed(0)
-    parts = finetune.load_components(sd_dir, p, accelerator)
-    dataloader = accelerator.prepare(finetune.make_dataloader(raw, rows, parts, p, 0))
+    parts = components.load_components(sd_dir, p, accelerator)
+    dataloader = accelerator.prepare(components.make_dataloader(raw, rows, parts, p, 0))
     return next(iter(training.epoch_batches(dataloader, 0, 0, accelerator))), parts
 
 
@@ -76,7 +79,7 @@ def test_cached_latents_are_those_of_the_same_flipped_images(inputs: tuple) -> N
     assert torch.allclose(cached["latent_std"], dist.std, atol=1e-5)
     assert torch.allclose(cached["encoder_hidden_states"], text, atol=1e-5)
     torch.manual_seed(1)
-    assert latents.diffusion_loss(cached, cached_parts, cached_parts["unet"]).item() > 0
+    assert losses.training_loss(cached, cached_parts, cached_parts["unet"], inputs[3], 0)["loss"].item() > 0
 
 
 def test_cache_falls_back_without_center_crop(caplog: pytest.LogCaptureFixture) -> None:
@@ -87,7 +90,7 @@ def test_cache_falls_back_without_center_crop(caplog: pytest.LogCaptureFixture) 
 
 
 def test_fused_adamw_is_foreach_on_a_cpu() -> None:
-    optimizer = finetune.make_optimizer(torch.nn.Linear(2, 2).parameters(), P | {"optimizer": "adamw_fused"})
+    optimizer = components.make_optimizer(torch.nn.Linear(2, 2).parameters(), P | {"optimizer": "adamw_fused"})
     assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
 
 

@@ -180,6 +180,21 @@ def test_same_smoke_run_twice_gives_identical_metrics_and_model(clone):
     assert model_hash(clone) == model_before
 
 
+def test_lora_and_the_clip_loss_run_through_the_dag_side_by_side(clone):
+    runs = {"lora": ["-S", "finetune.method=lora"], "clip-loss": ["-S", "finetune.clip_loss.weight=0.1"],
+            "lora-and-clip-loss": ["-S", "finetune.method=lora", "-S", "finetune.clip_loss.weight=0.1"]}
+    for name, settings in runs.items():
+        assert "finetune" in ran(clone.run(*SMOKE, "-n", name, *settings)), name
+    assert (clone.root / "models/finetuned/lora/pytorch_lora_weights.safetensors").is_file()
+    assert "load_lora_weights" in (clone.root / "models/finetuned/README.md").read_text()
+    clip = (clone.root / "reports/finetune/plots/metrics/loss_clip.tsv").read_text().splitlines()[1:]
+    assert any(float(line.split("\t")[1]) > 0 for line in clip)
+    assert (clone.root / "reports/finetune/plots/images/validation/0.png").is_file()
+    table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
+    assert {"finetune.method", "finetune.clip_loss.weight"} <= set(table[0].split())
+    assert {line.split()[0] for line in table[1:]} >= set(runs)
+
+
 def test_the_hub_token_is_written_nowhere(clone):
     """Every stage ran with HF_TOKEN set: no output, log, manifest, params, metrics or cache file holds it."""
     needle = FAKE_TOKEN.encode()

@@ -38,8 +38,10 @@ def inputs(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("inputs")
     builders.save_tiny_sd(root / "sd", SEED)
+    builders.save_random_guide(root / "guide", SEED, "tiny")
     sketches.make_synthetic_sketches(root / "raw", 60, 32, SEED)
     data.write_jsonl(root / "split" / "train.jsonl", data.read_metadata(root / "raw"))
+    data.write_jsonl(root / "split" / "val.jsonl", data.read_metadata(root / "raw")[:6])  # for the val loss
     compose_and_dump(root / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["finetune"] |= SETTINGS
@@ -47,17 +49,20 @@ def inputs(tmp_path_factory) -> Path:
     return root
 
 
-def workdir(inputs: Path, name: str) -> Path:
-    """An empty folder to run finetune in, with the params.yaml of `inputs`."""
+def workdir(inputs: Path, name: str, options: dict | None = None) -> Path:
+    """An empty folder to run finetune in, with the params.yaml of `inputs` and `options` over its finetune section."""
     cwd = inputs.parent / name
     cwd.mkdir()
-    shutil.copy(inputs / "params.yaml", cwd / "params.yaml")
+    params = yaml.safe_load((inputs / "params.yaml").read_text())
+    params["finetune"] |= options or {}
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     return cwd
 
 
 def start(cwd: Path, inputs: Path) -> subprocess.Popen:
     """finetune in a subprocess, its output going to cwd/log.txt (a pipe could fill up and stall it)."""
-    args = [str(inputs / "sd"), str(inputs / "raw"), str(inputs / "split"), "out", "live", "scratch"]
+    args = [str(inputs / "sd"), str(inputs / "guide"), str(inputs / "raw"), str(inputs / "split"), "out", "live",
+            "scratch"]
     with (cwd / "log.txt").open("a") as log:
         return subprocess.Popen([sys.executable, "-m", "stages.finetune", *args], cwd=cwd, env=ENV, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -143,6 +148,29 @@ def test_killed_run_resumes_to_the_same_weights(inputs, uninterrupted):
         assert (cwd / path).read_text() == (uninterrupted / path).read_text()
     assert json.loads((cwd / "live/timing.json").read_text())["resumed_from_step"] == 8
     assert (cwd / "out/training_info.json").read_bytes() == (uninterrupted / "out/training_info.json").read_bytes()
+
+
+EVERY_OPTION = {"method": "lora", "lora_rank": 4, "lora_alpha": 8, "snr_gamma": 5.0, "noise_offset": 0.1,
+                "caption_dropout": 0.3, "clip_loss": {"weight": 0.5, "max_timestep": 600, "every": 2},
+                "validate_every": 3}
+
+
+def test_every_option_on_still_resumes_to_the_same_weights(inputs):
+    """LoRA, the CLIP-guided loss, min-SNR, noise offset, caption dropout and validation, killed once mid-run."""
+    uninterrupted = workdir(inputs, "all-options", EVERY_OPTION)
+    finish(uninterrupted, inputs)
+    cwd = workdir(inputs, "all-options-interrupted", EVERY_OPTION)
+    kill_after_checkpoint(cwd, inputs, 4)
+    assert "resuming from checkpoint scratch/step-00000004 at step 4" in finish(cwd, inputs)
+    expected, got = unet_tensors(uninterrupted), unet_tensors(cwd)
+    assert all(expected[name].equal(got[name]) for name in expected)
+    adapter = "out/lora/pytorch_lora_weights.safetensors"
+    assert (cwd / adapter).read_bytes() == (uninterrupted / adapter).read_bytes()
+    for curve in (*CURVES, "loss_mse", "loss_clip", "val_loss"):
+        path = f"live/plots/metrics/{curve}.tsv"
+        assert (cwd / path).read_text() == (uninterrupted / path).read_text(), curve
+    clip = [float(line.split("\t")[1]) for line in (cwd / "live/plots/metrics/loss_clip.tsv").read_text().splitlines()[1:]]
+    assert any(clip) and not all(clip), "the CLIP loss applies on every 2nd step only"
 
 
 def test_checkpoint_from_other_settings_is_refused(inputs):
