@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -100,7 +101,35 @@ def test_missing_from_the_cache_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot get model stabilityai/stable-diffusion-2-base@" in errors[0]
+    assert errors[0].endswith("to run offline, use `make demo` (the smoke setting) or set fetch.sd.source=local with "
+                              "fetch.sd.path=<folder>")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_fails_at_once_without_retry_noise(tmp_path):
+    """No network here: the reachability check fails, and the cache is tried instead of five retries."""
+    params = yaml.safe_load(yaml.safe_dump(STUDY))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_CACHE": str(tmp_path / "empty-cache"),
+                        "HF_ENDPOINT": "http://127.0.0.1:9", "SKETCH_ALLOW_CPU": "1"}
+    env.pop("HF_HUB_OFFLINE")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "stages.fetch", "clip", "out"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and time.monotonic() - started < 20
+    assert "Retrying" not in result.stderr and "the Hub cannot be used: 127.0.0.1" in result.stderr
+
+
+def test_the_study_stops_up_front_on_a_machine_without_a_gpu(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(STUDY))
+    env = os.environ | {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("SKETCH_ALLOW_CPU", None)
+    result = subprocess.run([sys.executable, "-m", "stages.fetch", "sd", "out"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the study profile needs a CUDA GPU: without one its fine-tune alone would take about")
+    assert "days" in line and "SKETCH_ALLOW_CPU=1 to go on anyway" in line
 
 
 def test_local_source_that_does_not_exist_is_one_line(tmp_path):
