@@ -34,6 +34,18 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: tiny models gain nothing from more, and on a loaded machine extra threads
+    only spin (up to 10x slower); one thread also gives the same numbers whatever the core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Written by the pipeline, never part of a clone: a copy made after `make demo` must look like a fresh clone.
 GENERATED = ("dvc.lock", "params.yaml", "reports/", "dvc_plots/")
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",

@@ -26,7 +26,6 @@ them the generated latent ends no closer to the image's latent than the zero lat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,13 +50,7 @@ BOTH = {"train_batch_size": 2, "max_train_steps": 200}  # both sketches in every
 LORA = {"method": "lora", "lora_rank": 8, "lora_alpha": 8, "learning_rate": 3e-3, "max_train_steps": 200}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny ops gain nothing from more threads, and one thread gives the same numbers whatever the core count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(raw: Path, row: dict) -> torch.Tensor:
