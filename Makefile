@@ -31,7 +31,12 @@ demo: setup
 study: setup
 	dvc exp run -S profile=study
 
+# The offline plots-page test needs a Chromium: install it where we can (root with apt), else say it will be skipped.
 test: setup
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get update -qq >/dev/null 2>&1 \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \
+	  || echo "chromium not installed: the offline plots-page test will be skipped"; }
 	python -m pytest -q tests
 
 bench: setup
@@ -39,3 +44,11 @@ bench: setup
 
 compare: setup
 	@python scripts/compare.py
+
+# Written under a temporary name and renamed, so that a failed comparison leaves no half-written report.
+.PHONY: compare-md
+compare-md: setup
+	@mkdir -p reports
+	@python scripts/compare.py --markdown > reports/comparison.md.tmp || { rm -f reports/comparison.md.tmp; exit 1; }
+	@mv reports/comparison.md.tmp reports/comparison.md
+	@echo "reports/comparison.md"

@@ -1,7 +1,9 @@
 """blip_check: caption every generated image with BLIP and count the captions that name the sketch style.
 
 Reads BLIP_DIR (transformers BLIP captioning folder), SAMPLES_DIR/{base,finetuned}/ and params `blip_check`.
-Writes METRICS (share of style captions per model, with n) and DETAIL_DIR/captions.csv.
+Writes METRICS (flat; per prompt set: the study's prompts style_share_*, the held-out captions test_style_share_*):
+the share of style captions per model with its Wilson 95% interval and n, and the fine-tuned minus base difference
+with McNemar's exact p-value (the same seeds pair the images), and DETAIL_DIR/captions.csv.
 Captions in batches on the GPU in fp16 when there is one, in fp32 on a CPU.
 
 Run: python -m stages.blip_check BLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR (params.yaml is validated whole first)
@@ -16,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from stages import models
+from stages import models, statistics
 from stages.config import cli, load_params, parse_args
-from stages.evaluation import MODELS, read_samples
+from stages.evaluation import MODELS, SET_PREFIXES, of_set, read_samples
 from stages.outputs import atomic_dir, write_csv, write_json
 
 if TYPE_CHECKING:
@@ -51,9 +53,33 @@ def caption_images(model: BlipForConditionalGeneration, processor: BlipProcessor
     return texts
 
 
+# What English adds to a style word: "drawings", "sketches", "sketched", "sketching", "illustrations", "pencilled".
+INFLECTIONS = r"(?:s|es|d|ed|led|ing|ings)?"
+
+
 def style_matcher(style_words: list[str]) -> re.Pattern:
-    """Matches any style word as a whole word, case-insensitively ("drawing" but not "withdrawing")."""
-    return re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in style_words) + r")\b", re.IGNORECASE)
+    """Matches any style word or its plural or inflected form as a whole word, case-insensitively ("drawings" but not
+    "withdrawing"); in a phrase the last word inflects ("line arts")."""
+    words = "|".join(re.escape(w.strip()) for w in style_words)
+    return re.compile(r"\b(?:" + words + r")" + INFLECTIONS + r"\b", re.IGNORECASE)
+
+
+def share_summary(table: list[dict], prefix: str) -> dict:
+    """Flat metrics of one prompt set: each model's style share (Wilson 95% interval, n), and the paired difference
+    with McNemar's exact p-value."""
+    flags = {m: [row["names_style"] for row in table if row["model"] == m] for m in MODELS}
+    name = f"{prefix}style_share"
+    metrics = {}
+    for model in MODELS:
+        n, named = len(flags[model]), sum(flags[model])
+        low, high = statistics.wilson_interval(named, n)
+        metrics |= {f"{name}_{model}": named / n, f"{name}_{model}_ci_low": low, f"{name}_{model}_ci_high": high,
+                    f"{name}_{model}_n": n}
+    only_base = sum(b and not f for b, f in zip(flags["base"], flags["finetuned"]))
+    only_finetuned = sum(f and not b for b, f in zip(flags["base"], flags["finetuned"]))
+    return metrics | {f"{name}_diff": metrics[f"{name}_finetuned"] - metrics[f"{name}_base"],
+                      f"{name}_diff_n": len(flags["base"]),
+                      f"{name}_diff_p": statistics.mcnemar_exact_p(only_base, only_finetuned)}
 
 
 def run(blip_dir: Path, samples: Path, metrics_path: Path, detail: Path, p: dict) -> dict:
@@ -64,14 +90,14 @@ def run(blip_dir: Path, samples: Path, metrics_path: Path, detail: Path, p: dict
     texts = captions(blip_dir, [r["path"] for r in all_rows], p)
     matcher = style_matcher(p["style_words"])
     table = [
-        {"model": r["model"], "file_name": r["file_name"], "prompt": r["prompt"], "caption": text,
+        {"set": r["set"], "model": r["model"], "file_name": r["file_name"], "prompt": r["prompt"], "caption": text,
          "names_style": bool(matcher.search(text))}
         for r, text in zip(all_rows, texts)
     ]
     metrics = {}
-    for model in MODELS:
-        flags = [row["names_style"] for row in table if row["model"] == model]
-        metrics |= {f"style_share_{model}": sum(flags) / len(flags), f"style_share_{model}_n": len(flags)}
+    for name, prefix in SET_PREFIXES.items():
+        if of_set(table, name):
+            metrics |= share_summary(of_set(table, name), prefix)
     with atomic_dir(detail) as tmp:
         write_csv(tmp / "captions.csv", table, list(table[0]))
     write_json(metrics_path, metrics)

@@ -103,12 +103,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "scheduler": one_of("pndm", "ddim", "dpmsolver++", "euler"), "num_inference_steps": POSITIVE_INT,
         "guidance_scale": NON_NEGATIVE_NUMBER, "resolution": MULTIPLE_OF_8, "batch_size": POSITIVE_INT,
         "dtype": one_of("auto", "fp32", "fp16", "bf16"), "compile": BOOL, "channels_last": BOOL, "fuse_qkv": BOOL,
-        "vae_batch_size": POSITIVE_INT,
+        "vae_batch_size": POSITIVE_INT, "test_captions": NON_NEGATIVE_INT,
     },
-    "clip_eval": {"style_to_clip": BOOL, "bootstrap_samples": POSITIVE_INT, "batch_size": POSITIVE_INT},
+    "embed_real": {"batch_size": POSITIVE_INT},
+    "clip_eval": {"style_to_clip": BOOL, "bootstrap_samples": POSITIVE_INT, "permutation_samples": POSITIVE_INT,
+                  "kid_subsets": POSITIVE_INT, "kid_subset_size": POSITIVE_INT, "batch_size": POSITIVE_INT},
     "blip_check": {"style_words": non_empty_list_of(NON_EMPTY_STRING), "max_new_tokens": POSITIVE_INT,
                    "batch_size": POSITIVE_INT},
-    "report": {"captions_per_model": POSITIVE_INT},
+    "report": {"captions_per_model": POSITIVE_INT, "training_examples": NON_NEGATIVE_INT},
 }
 
 

@@ -9,6 +9,8 @@ from stages import data
 from stages.config import UserError, require_path
 
 MODELS = ("base", "finetuned")
+# The prompt sets of generate's manifest and the prefix of their metric keys: the study's keys keep meaning its prompts.
+SET_PREFIXES = {"study": "", "test": "test_"}
 
 
 def styled(prompt: str, style_prompt: str, apply: bool) -> str:
@@ -44,8 +46,12 @@ def read_samples(samples: Path) -> dict[str, list[dict]]:
         folder = samples / model
         manifest = require_path(folder / "manifest.jsonl", f"run `dvc repro generate@{model}` first")
         rows[model] = [row | {"path": folder / row["file_name"]} for row in data.read_jsonl(manifest)]
-    if [(r["prompt_index"], r["image_index"]) for r in rows["base"]] != [
-        (r["prompt_index"], r["image_index"]) for r in rows["finetuned"]
-    ]:
-        raise UserError(f"{samples}: base and finetuned samples differ in prompts or counts; rerun generate")
+    pairs = {m: [(r["set"], r["prompt_index"], r["image_index"], r["seed"]) for r in rows[m]] for m in MODELS}
+    if pairs["base"] != pairs["finetuned"]:
+        raise UserError(f"{samples}: base and finetuned samples differ in prompts, seeds or counts; rerun generate")
     return rows
+
+
+def of_set(rows: list[dict], name: str) -> list[dict]:
+    """The rows of one prompt set (study or test), in manifest order."""
+    return [r for r in rows if r["set"] == name]

@@ -1,13 +1,16 @@
 """generate: render every evaluation prompt, images_per_prompt times, with one Stable Diffusion pipeline.
 
-Reads MODEL_DIR (a pipeline folder: the pretrained or the fine-tuned one) and params `generate`, `shared`.
-Writes OUT_DIR/<prompt>_<image>.png and OUT_DIR/manifest.jsonl (model, prompt, text given, seed, settings, and the
-device and dtype that computed it). Every image has its own generator (seed + index), so any one can be regenerated
-alone; both models get the same seeds. Speed settings (dtype, compile, channels_last, fuse_qkv, vae_batch_size) are
+Two prompt sets: the study's prompts (set `study`, images_per_prompt each) and, with generate.test_captions > 0, the
+captions of that many held-out test images (set `test`, one image each; images the model never trained on).
+Reads MODEL_DIR (a pipeline folder: the pretrained or the fine-tuned one), SPLIT_DIR/test.jsonl and params
+`generate`, `shared`. Writes OUT_DIR/<prompt>_<image>.png, OUT_DIR/test_<caption>.png and OUT_DIR/manifest.jsonl
+(set, model, prompt, text given, seed, settings, and the device and dtype that computed it). Every image has its own
+generator (seed + index), so any one can be regenerated alone; both models get the same seeds.
+Speed settings (dtype, compile, channels_last, fuse_qkv, vae_batch_size) are
 what bench/generate_speed.py measures against plain diffusers; it imports this module's code path.
 
-Run: python -m stages.generate MODEL_NAME MODEL_DIR OUT_DIR (params.yaml is validated whole before any work)
-Example: python -m stages.generate finetuned models/finetuned reports/samples/finetuned
+Run: python -m stages.generate MODEL_NAME MODEL_DIR SPLIT_DIR OUT_DIR (params.yaml is validated whole before any work)
+Example: python -m stages.generate finetuned models/finetuned data/split reports/samples/finetuned
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm import tqdm
 
 from stages import data, models
-from stages.config import cli, load_params, load_shared, parse_args
+from stages.config import cli, load_params, load_shared, parse_args, require_path
 from stages.evaluation import image_seed, styled
 from stages.outputs import atomic_dir
 
@@ -32,17 +36,37 @@ log = logging.getLogger(__name__)
 SPEED = ("compile", "channels_last", "fuse_qkv", "vae_batch_size")  # change pixels by float rounding at most
 
 
-def plan(model: str, p: dict, seed: int) -> list[dict]:
-    """One manifest row per image to render, in a fixed order."""
+def test_captions(split: Path, wanted: int, seed: int) -> list[dict]:
+    """`wanted` rows of the test split (file_name, text), drawn with the seed; all of them when it holds fewer."""
+    if wanted == 0:
+        return []
+    rows = data.read_jsonl(require_path(split / "test.jsonl", "run the split stage first"))
+    if len(rows) < wanted:
+        log.warning("generate.test_captions is %d but %s holds %d test captions: using %s", wanted,
+                    split / "test.jsonl", len(rows), "all of them" if rows else "none (the held-out set is skipped)")
+        return rows
+    chosen = np.random.default_rng(seed).choice(len(rows), size=wanted, replace=False)
+    return [rows[i] for i in sorted(chosen)]
+
+
+def plan(model: str, p: dict, seed: int, held_out: list[dict] = ()) -> list[dict]:
+    """One manifest row per image to render, in a fixed order: the study's prompts, then the held-out captions."""
     settings = {k: p[k] for k in ("scheduler", "num_inference_steps", "guidance_scale", "resolution", "style_prompt",
                                   "style_to_generator")}
-    return [
-        {"file_name": f"{i:02d}_{j:02d}.png", "model": model, "prompt_index": i, "prompt": prompt, "image_index": j,
-         "text_given": styled(prompt, p["style_prompt"], p["style_to_generator"]),
-         "seed": image_seed(seed, i, j, p["images_per_prompt"])} | settings
+    study = [
+        {"file_name": f"{i:02d}_{j:02d}.png", "set": "study", "model": model, "prompt_index": i, "prompt": prompt,
+         "image_index": j, "seed": image_seed(seed, i, j, p["images_per_prompt"])}
         for i, prompt in enumerate(p["prompts"])
         for j in range(p["images_per_prompt"])
     ]
+    first_free = len(p["prompts"]) * p["images_per_prompt"]  # held-out seeds follow the study's: no image shares one
+    test = [
+        {"file_name": f"test_{k:04d}.png", "set": "test", "model": model, "prompt_index": k, "prompt": row["text"],
+         "image_index": 0, "seed": seed + first_free + k, "source_file": row["file_name"]}
+        for k, row in enumerate(held_out)
+    ]
+    return [row | {"text_given": styled(row["prompt"], p["style_prompt"], p["style_to_generator"])} | settings
+            for row in study + test]
 
 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
@@ -129,13 +153,14 @@ def render(pipe: StableDiffusionPipeline, rows: list[dict], p: dict, out: Path) 
             image.save(out / row["file_name"])
 
 
-def run(model: str, model_dir: Path, out: Path, p: dict, seed: int) -> list[dict]:
+def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int) -> list[dict]:
     """Render all images of one model into `out`; return the manifest rows."""
     models.check_sd_folder(model_dir)
+    held_out = test_captions(split, p["test_captions"], seed)
     pipe = load_pipeline(model_dir, p)
     # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.
     rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": str(pipe.unet.dtype).split(".")[-1]}
-    rows = [row | rendered for row in plan(model, p, seed)]
+    rows = [row | rendered for row in plan(model, p, seed, held_out)]
     log.info("generate %d images with %s (%s) on %s", len(rows), model, model_dir, pipe.device)
     with atomic_dir(out) as tmp:
         render(pipe, rows, p, tmp)
@@ -148,11 +173,12 @@ def main() -> None:
     args = parse_args(__doc__, {
         "model": {"help": "the name recorded in the manifest: base or finetuned"},
         "model_dir": "a Stable Diffusion pipeline folder (models/pretrained/sd or models/finetuned)",
+        "split": "the split folder whose test.jsonl holds the held-out captions (data/split)",
         "out": "the folder to write the PNGs and manifest.jsonl into (reports/samples/<model>)",
     })
     p, shared = load_params("generate"), load_shared()
     models.require_gpu(shared["profile"])
-    run(args.model, args.model_dir, args.out, p, shared["seed"])
+    run(args.model, args.model_dir, args.split, args.out, p, shared["seed"])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""report: the study's slides as a file: settings, metrics tables, training curve, before/after grids, captions.
+"""report: the study's results as a page a reader can use: headline numbers first, then charts, grids and settings.
 
-Reads params.yaml (all of it: the settings that ran), SAMPLES_DIR, the metrics and detail tables of split, finetune,
-clip_eval and blip_check (REPORTS_DIR) and params `report`. Writes OUT_MD (Markdown) and FIGURES_DIR (PNG grids, one
-per prompt, base row above fine-tuned row, and the training loss curve).
+Reads params.yaml (the settings that ran) and conf/config.yaml (the study's defaults, to show what differs),
+SAMPLES_DIR, the metrics and detail tables of split, finetune, clip_eval and blip_check (REPORTS_DIR), a few training
+sketches (RAW_DIR, SPLIT_DIR/train.jsonl) and params `report`. Writes OUT_MD (Markdown) and FIGURES_DIR (matplotlib
+charts: loss and validation loss, CLIP score per prompt, distances to real sketches; a grid per study prompt, base row
+above fine-tuned row, the prompt written above; training examples), declared in dvc.yaml as image plots.
 
-Run: python -m stages.report SAMPLES_DIR REPORTS_DIR OUT_MD FIGURES_DIR (params.yaml is validated whole first)
-Example: python -m stages.report reports/samples reports reports/report.md reports/figures
+Run: python -m stages.report SAMPLES_DIR REPORTS_DIR RAW_DIR SPLIT_DIR OUT_MD FIGURES_DIR (params.yaml is validated
+     whole first)
+Example: python -m stages.report reports/samples reports data/raw data/split reports/report.md reports/figures
 """
 from __future__ import annotations
 
@@ -13,116 +16,131 @@ import csv
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import yaml
-from PIL import Image, ImageDraw
 
+from stages import data, figures, results
 from stages.config import PARAMS_FILE, cli, load_params, parse_args, require_path
-from stages.evaluation import MODELS, read_samples
+from stages.evaluation import MODELS, of_set, read_samples
 from stages.outputs import atomic_dir, atomic_file, read_csv
 
 log = logging.getLogger(__name__)
 
-CELL = 128  # grid cells are at least this many pixels, so tiny smoke images stay visible
-LABEL_WIDTH = 80
+STUDY_DEFAULTS = Path("conf/config.yaml")
 
 
-def prompt_grid(rows_by_model: dict[str, list[dict]], prompt_index: int) -> Image.Image:
-    """One row per model (base above fine-tuned), one column per image of the prompt."""
-    cells = {m: [Image.open(r["path"]).convert("RGB") for r in rows if r["prompt_index"] == prompt_index]
-             for m, rows in rows_by_model.items()}
-    size = max(CELL, cells[MODELS[0]][0].width)
-    columns = len(cells[MODELS[0]])
-    grid = Image.new("RGB", (LABEL_WIDTH + columns * size, len(MODELS) * size), "white")
-    draw = ImageDraw.Draw(grid)
-    for row, model in enumerate(MODELS):
-        draw.text((4, row * size + size // 2), model, fill="black")
-        for column, image in enumerate(cells[model]):
-            grid.paste(image.resize((size, size), Image.NEAREST), (LABEL_WIDTH + column * size, row * size))
-    return grid
+def read_curve(reports: Path, name: str) -> list[tuple[int, float]]:
+    """(step, value) of one dvclive metric; empty when it was never logged (validation off)."""
+    path = reports / "finetune" / "plots" / "metrics" / f"{name}.tsv"
+    if name == "loss":
+        require_path(path, "run the finetune stage first")
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle, delimiter="\t")]
 
 
-def loss_curve(points: list[tuple[int, float]], width: int = 480, height: int = 240) -> Image.Image:
-    """A plain line chart of loss against step."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    margin = 30
-    steps, losses = [s for s, _ in points], [v for _, v in points]
-    low, high = min(losses), max(losses)
-    span_x, span_y = max(max(steps) - min(steps), 1), max(high - low, 1e-12)
-    xy = [(margin + (s - min(steps)) / span_x * (width - 2 * margin),
-           height - margin - (v - low) / span_y * (height - 2 * margin)) for s, v in points]
-    draw.rectangle((margin, margin, width - margin, height - margin), outline="gray")
-    draw.line(xy if len(xy) > 1 else xy * 2, fill="black", width=2)
-    draw.text((margin, 8), f"training loss ({low:.4f} .. {high:.4f}) over {max(steps)} steps", fill="black")
-    return image
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
-def read_loss(reports: Path) -> list[tuple[int, float]]:
-    path = reports / "finetune" / "plots" / "metrics" / "loss.tsv"
-    with require_path(path, "run the finetune stage first").open() as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle, delimiter="\t")]
+def grid_name(index: int, prompt: str) -> str:
+    return f"grid_{index + 1}_{slug(prompt)}.png"
 
 
-def cell(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def write_figures(study_rows: dict[str, list[dict]], reports: Path, examples: list[dict], raw: Path,
+                  figures_dir: Path, metrics: dict) -> None:
+    """Every chart and grid the report shows, written whole into figures_dir."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in study_rows[MODELS[0]]))
+    with atomic_dir(figures_dir) as tmp:
+        figures.loss_chart(read_curve(reports, "loss"), read_curve(reports, "val_loss"), tmp / "loss.png")
+        prompt_rows = [row | {k: float(row[k]) for k in ("clip_score", "ci_low", "ci_high")}
+                       for row in read_csv(reports / "clip_eval" / "per_prompt.csv")]
+        figures.clip_per_prompt_chart(prompt_rows, tmp / "clip_per_prompt.png")
+        if metrics.get("n_real_sketches"):
+            figures.distance_chart(metrics, tmp / "distances.png")
+        for i, prompt in enumerate(prompts):
+            images = {m: [data.load_rgb(r["path"]) for r in rows if r["prompt"] == prompt]
+                      for m, rows in study_rows.items()}
+            figures.prompt_grid(images, prompt).save(tmp / grid_name(i, prompt))
+        if examples:
+            sketches = [data.load_rgb(raw / row["file_name"]) for row in examples]
+            figures.training_examples(sketches, [row["text"] for row in examples]).save(tmp / "training_examples.png")
 
 
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+def load_metrics(reports: Path, name: str) -> dict:
+    return json.loads(require_path(reports / name, f"run the stage that writes {name}").read_text())
 
 
-def metrics_table(metrics: dict) -> str:
-    return table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str) -> list[str]:
+    """Warnings, the headline table, which CLIP produced the numbers, the distance chart."""
+    line, study_score = results.study_line(params)
+    clip = scorer["clip"]
+    parts = ["## Results", *results.warnings(params, metrics), results.headline_table(metrics, study_score),
+             line + " Compare CLIP scores only at equal generation settings and with the same CLIP model.",
+             f"Scored by the CLIP `{clip['name']}` (image tower: {clip['vision']}; embeddings of {clip['embed_dim']} "
+             f"dimensions): it produced every CLIP score, KID, CMMD and style similarity above. Intervals are 95% "
+             f"bootstrap percentile intervals (BLIP shares: Wilson); p: paired sign-flip permutation test (CLIP), "
+             f"McNemar's exact test (BLIP). KID, CMMD and style similarity compare all {scorer['images_per_model']} "
+             f"images a model generated with the {scorer['n_real_sketches']} real sketches of the test split."]
+    if metrics.get("n_real_sketches"):
+        parts.append(f"![distances to real sketches]({figures_rel}/distances.png)")
+    return parts
 
 
-def per_prompt_table(long_rows: list[dict]) -> str:
-    """CLIP score per prompt, one column per model."""
-    score = {(r["prompt"], r["model"]): float(r["clip_score"]) for r in long_rows}
-    prompts = list(dict.fromkeys(r["prompt"] for r in long_rows))
-    return table(["prompt", *MODELS], [[p, *(score[p, m] for m in MODELS)] for p in prompts])
-
-
-def write_figures(rows_by_model: dict, reports: Path, figures: Path, n_prompts: int) -> None:
-    with atomic_dir(figures) as tmp:
-        for i in range(n_prompts):
-            prompt_grid(rows_by_model, i).save(tmp / f"grid_{i:02d}.png")
-        loss_curve(read_loss(reports)).save(tmp / "loss.png")
-
-
-def markdown(params: dict, reports: Path, rows_by_model: dict, figures_rel: str, p: dict) -> str:
-    """The report text."""
-    load = lambda name: json.loads(require_path(reports / name, f"run the stage that writes {name}").read_text())  # noqa: E731
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows_by_model[MODELS[0]]))
+def captions_section(reports: Path, p: dict) -> list[str]:
     captions = read_csv(require_path(reports / "blip_check" / "captions.csv", "run blip_check first"))
-    parts = [
-        f"# Style fine-tune of Stable Diffusion, \"{params['generate']['style_prompt']} ...\": report "
-        f"({params['shared']['profile']} profile)",
-        "## Settings that ran\n\n```yaml\n" + yaml.safe_dump(params, sort_keys=False) + "```",
-        "## Data split\n\n" + metrics_table(load("split.json")),
-        f"## Training\n\n![training loss]({figures_rel}/loss.png)\n\n" + metrics_table(load("finetune/metrics.json")),
-        "## CLIP score (100 x cosine similarity)\n\n" + metrics_table(load("clip_eval.json")),
-        "Per prompt:\n\n" + per_prompt_table(read_csv(reports / "clip_eval" / "per_prompt.csv")),
-        "## BLIP captions naming the style\n\n" + metrics_table(load("blip_check.json")),
-        "## Before / after, per prompt (top row base, bottom row fine-tuned)",
-    ]
-    parts += [f"### {prompt}\n\n![{prompt}]({figures_rel}/grid_{i:02d}.png)" for i, prompt in enumerate(prompts)]
-    parts.append("## Sample captions")
+    parts = ["## Sample BLIP captions (study prompts)"]
     for model in MODELS:
-        sample = [row for row in captions if row["model"] == model][: p["captions_per_model"]]
+        sample = [row for row in captions if row["model"] == model and row["set"] == "study"][: p["captions_per_model"]]
         parts.append(f"**{model}**\n\n" + "\n".join(f"- {row['prompt']}: *{row['caption']}*" for row in sample))
+    return parts
+
+
+def markdown(params: dict, reports: Path, study_rows: dict, figures_rel: str, p: dict, examples: bool) -> str:
+    """The report text: results first, settings last."""
+    metrics = load_metrics(reports, "clip_eval.json") | load_metrics(reports, "blip_check.json")
+    scorer = json.loads((reports / "clip_eval" / "scorer.json").read_text())
+    prompts = list(dict.fromkeys(r["prompt"] for r in study_rows[MODELS[0]]))
+    training = load_metrics(reports, "finetune/metrics.json")
+    split = load_metrics(reports, "split.json")
+    parts = [f"# Sketch-style fine-tune of Stable Diffusion: results ({params['shared']['profile']} profile)",
+             *results_section(params, metrics, scorer, figures_rel),
+             "## CLIP score per prompt (study prompts)", f"![CLIP score per prompt]({figures_rel}/clip_per_prompt.png)",
+             "## Before and after: base (top row) and fine-tuned (bottom row), the same seeds"]
+    if examples:
+        parts.append(f"![training images]({figures_rel}/training_examples.png)")
+    parts += [f"![{prompt}]({figures_rel}/{grid_name(i, prompt)})" for i, prompt in enumerate(prompts)]
+    parts += ["## Training", f"![loss]({figures_rel}/loss.png)",
+              results.table(["at the last logged step", "loss", "val_loss"],
+                            [[str(training["step"]), results.number(training["loss"]),
+                              results.number(training["val_loss"]) if "val_loss" in training else "-"]]),
+              f"Data: {split['n_train']} training, {split['n_val']} validation and {split['n_test']} test sketches; "
+              f"{split['n_skipped']} of {split['n_examples']} examples skipped (data/split/skipped.csv).",
+              *captions_section(reports, p),
+              "## Settings that differ from the study's",
+              results.settings_table(params, study_defaults()) + "\n\nEvery setting: [params.yaml](../params.yaml)."]
     return "\n\n".join(parts) + "\n"
 
 
-def run(samples: Path, reports: Path, out_md: Path, figures: Path, p: dict) -> None:
+def study_defaults() -> dict:
+    """The study's settings: conf/config.yaml without Hydra's defaults list (the study profile changes nothing)."""
+    defaults = yaml.safe_load(STUDY_DEFAULTS.read_text())
+    defaults.pop("defaults", None)
+    return defaults
+
+
+def run(samples: Path, reports: Path, raw: Path, split: Path, out_md: Path, figures_dir: Path, p: dict) -> None:
     """Write the figures and the Markdown report."""
     params = yaml.safe_load(PARAMS_FILE.read_text())
-    rows_by_model = read_samples(samples)
-    n_prompts = len({r["prompt_index"] for r in rows_by_model[MODELS[0]]})
-    write_figures(rows_by_model, reports, figures, n_prompts)
-    text = markdown(params, reports, rows_by_model, os.path.relpath(figures, out_md.parent), p)
+    study_rows = {m: of_set(rows, "study") for m, rows in read_samples(samples).items()}
+    train = data.read_jsonl(require_path(split / "train.jsonl", "run the split stage first"))
+    examples = train[:p["training_examples"]]
+    metrics = load_metrics(reports, "clip_eval.json")
+    write_figures(study_rows, reports, examples, raw, figures_dir, metrics)
+    text = markdown(params, reports, study_rows, os.path.relpath(figures_dir, out_md.parent), p, bool(examples))
     with atomic_file(out_md) as tmp:
         tmp.write_text(text)
     log.info("report written to %s", out_md)
@@ -133,10 +151,12 @@ def main() -> None:
     args = parse_args(__doc__, {
         "samples": "the folder holding base/ and finetuned/ samples (reports/samples)",
         "reports": "the folder holding the other stages' metrics and tables (reports)",
+        "raw": "the imagefolder fetched, for a few training sketches (data/raw)",
+        "split": "the split folder whose train.jsonl names them (data/split)",
         "out_md": "the Markdown report to write (reports/report.md)",
         "figures": "the folder for the report's figures (reports/figures)",
     })
-    run(args.samples, args.reports, args.out_md, args.figures, load_params("report"))
+    run(args.samples, args.reports, args.raw, args.split, args.out_md, args.figures, load_params("report"))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def sd_folder_variants(root: Path) -> dict[str, tuple[Path, str]]:
 
 def test_wrong_model_folders_stop_before_loading(workdir):
     for case, (folder, words) in sd_folder_variants(workdir / "models").items():
-        result = stage(workdir, "stages.generate", "base", str(folder), "out")
+        result = stage(workdir, "stages.generate", "base", str(folder), "data/split", "out")
         assert_one_line_error(result, str(folder), words)
         assert not (workdir / "out").exists(), case
 
@@ -169,4 +169,4 @@ def test_bad_generate_parameters_stop_with_one_line(workdir, key, value, words):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["generate"][key] = yaml.safe_load(value)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    assert_one_line_error(stage(workdir, "stages.generate", "base", "models/sd", "out"), words)
+    assert_one_line_error(stage(workdir, "stages.generate", "base", "models/sd", "data/split", "out"), words)

@@ -69,7 +69,7 @@ def partial_files(out: Path) -> int:
 
 @pytest.mark.parametrize("stage, out, started, total", [
     ("fetch@data", "data/raw", 100, 1500),
-    ("generate@base", "reports/samples/base", 5, 20),  # killed after the first of 4 batches
+    ("generate@base", "reports/samples/base", 5, 28),  # 20 study images + 8 held-out; killed after batch 1 of 6
 ])
 def test_killed_stage_leaves_no_finished_output_and_reruns(repo, stage, out, started, total):
     out = repo / out

@@ -19,7 +19,16 @@ TIMING_KEYS = {"step"}  # dvclive's step counter; timings are in reports/finetun
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so that no source file holds it
 SMOKE = ("dvc", "exp", "run", "-S", "profile=smoke")
 ALL_STAGES = ("fetch@sd", "fetch@clip", "fetch@blip", "fetch@data", "split", "finetune", "generate@base",
-              "generate@finetuned", "clip_eval", "blip_check", "report")
+              "generate@finetuned", "embed_real", "clip_eval", "blip_check", "report")
+# Keys added beside the study's (README, "Metrics (stable keys)"): held-out captions, distances, significance.
+NEW_KEYS = {
+    "reports/clip_eval.json": ["clip_score_diff_p", "test_clip_score_base", "test_clip_score_finetuned",
+                               "test_clip_score_diff", "test_clip_score_diff_p", "kid_base", "kid_finetuned",
+                               "kid_diff", "cmmd_base", "cmmd_finetuned", "cmmd_diff", "style_similarity_base",
+                               "style_similarity_finetuned", "style_similarity_diff"],
+    "reports/blip_check.json": ["style_share_base_ci_low", "style_share_diff", "style_share_diff_p",
+                                "test_style_share_finetuned", "test_style_share_diff_p"],
+}
 pytestmark = pytest.mark.slow
 
 
@@ -63,8 +72,11 @@ def test_smoke_run_goes_through_all_stages_with_the_environments_python(clone, u
     assert (clone.root / "models/finetuned/unet/diffusion_pytorch_model.safetensors").is_file()
     info = json.loads((clone.root / "models/finetuned/training_info.json").read_text())
     assert info["n_captions_truncated"] == 0 and info["params"]["epochs"] == 2
-    assert len(list((clone.root / "reports/samples/finetuned").glob("*.png"))) == 10
-    assert "![training loss]" in (clone.root / "reports/report.md").read_text()
+    assert len(list((clone.root / "reports/samples/finetuned").glob("[0-9]*.png"))) == 10  # the study's prompts
+    assert len(list((clone.root / "reports/samples/finetuned").glob("test_*.png"))) == 8  # held-out captions
+    report = (clone.root / "reports/report.md").read_text()
+    assert report.index("## Results") < report.index("## Settings") and "mean nothing about style" in report
+    assert "![loss](figures/loss.png)" in report and "| 36.48 |" in report
 
 
 def test_the_tests_pass_in_a_workspace_the_demo_rewrote(clone):
@@ -89,7 +101,8 @@ def test_reported_clip_score_is_recomputed_independently(clone):
     model.eval()
     reported = json.loads((clone.root / "reports/clip_eval.json").read_text())
     for name in ("base", "finetuned"):
-        rows = [json.loads(line) for line in (clone.root / f"reports/samples/{name}/manifest.jsonl").read_text().splitlines()]
+        manifest = (clone.root / f"reports/samples/{name}/manifest.jsonl").read_text().splitlines()
+        rows = [row for row in map(json.loads, manifest) if row["set"] == "study"]
         scores = []
         with torch.no_grad():
             for row in rows:
@@ -115,6 +128,13 @@ def test_flipping_the_generator_pre_prompt_reruns_only_generation_and_after(clon
     names = [exp["name"] for exp in experiments]
     diff = json.loads(clone.run("dvc", "metrics", "diff", names[0], names[1], "--json"))
     assert diff["reports/clip_eval.json"]["clip_score_base"]["diff"] != 0
+    assert "kid_finetuned" in diff["reports/clip_eval.json"]  # new images: a new distance to the real sketches
+    every = json.loads(clone.run("dvc", "metrics", "diff", names[0], names[1], "--all", "--json"))
+    for file, keys in NEW_KEYS.items():
+        assert set(keys) <= set(every[file]), file
+
+    comparison = clone.run(sys.executable, str(clone.root / "scripts/compare.py"), "--markdown", *names)
+    assert "| clip_score_diff |" in comparison and "generate.style_to_generator" in comparison
 
 
 def test_a_setting_tried_before_is_restored_from_the_cache(clone):
@@ -166,10 +186,15 @@ def test_a_queued_experiment_reuses_what_is_cached(clone):
     clone.run("dvc", "queue", "stop")
 
 
-def test_plots_render(clone):
-    clone.run("dvc", "plots", "show", "-o", "plots_out")
-    html = (clone.root / "plots_out/index.html").read_text()
-    assert "Fine-tuning loss" in html and "CLIP score per prompt" in html
+def test_every_declared_plot_shows_offline_in_a_browser(clone, user_env):
+    from plots_page import check_plots_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    assert check_plots_page(clone.root, env=user_env) == []
+    shown = json.loads(clone.run("dvc", "plots", "show", "--json", "-o", "plots_out"))
+    assert {"reports/figures/loss.png", "reports/figures/distances.png", "reports/figures/clip_per_prompt.png",
+            "reports/figures/training_examples.png"} <= set(shown["data"])
 
 
 def test_same_smoke_run_twice_gives_identical_metrics_and_model(clone):
@@ -184,7 +209,8 @@ def test_lora_and_the_clip_loss_run_through_the_dag_side_by_side(clone):
     runs = {"lora": ["-S", "finetune.method=lora"], "clip-loss": ["-S", "finetune.clip_loss.weight=0.1"],
             "lora-and-clip-loss": ["-S", "finetune.method=lora", "-S", "finetune.clip_loss.weight=0.1"]}
     for name, settings in runs.items():
-        assert "finetune" in ran(clone.run(*SMOKE, "-n", name, *settings)), name
+        stages = ran(clone.run(*SMOKE, "-n", name, *settings))
+        assert "finetune" in stages and "embed_real" not in stages, name  # real-sketch embeddings are reused
     assert (clone.root / "models/finetuned/lora/pytorch_lora_weights.safetensors").is_file()
     assert "load_lora_weights" in (clone.root / "models/finetuned/README.md").read_text()
     clip = (clone.root / "reports/finetune/plots/metrics/loss_clip.tsv").read_text().splitlines()[1:]

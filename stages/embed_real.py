@@ -1,0 +1,92 @@
+"""embed_real: CLIP image embeddings of the held-out real sketches (the test split), computed once per split.
+
+`clip_eval` measures how far each model's generated images lie from these (KID, CMMD, style similarity). They depend
+on the data, the split and the scoring CLIP only, so an experiment that changes training or generation reuses them
+from DVC's cache. An image that fails to decode is skipped and counted, never a traceback.
+Reads CLIP_DIR (open_clip local-dir folder), RAW_DIR (imagefolder), SPLIT_DIR/test.jsonl and params `embed_real`.
+Writes OUT_DIR/embeddings.safetensors (normalised float32 rows), OUT_DIR/files.csv (file_name per row),
+OUT_DIR/skipped.csv (file_name, reason) and OUT_DIR/info.json (which CLIP, counts).
+
+Run: python -m stages.embed_real CLIP_DIR RAW_DIR SPLIT_DIR OUT_DIR (params.yaml is validated whole first)
+Example: python -m stages.embed_real models/pretrained/clip data/raw data/split data/real_embeddings
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stages import data, embeddings, models
+from stages.config import cli, load_params, parse_args, require_path
+from stages.outputs import atomic_dir, write_csv
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def decodable(raw: Path, rows: list[dict]) -> tuple[list[tuple[str, Image.Image]], list[dict]]:
+    """(file_name, RGB image) of every row whose image opens; a skipped row with the reason for each other one."""
+    images, skipped = [], []
+    for row in rows:
+        try:
+            images.append((row["file_name"], data.load_rgb(raw / row["file_name"])))
+        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises on a missing, torn or corrupt file
+            skipped.append({"file_name": row["file_name"], "reason": f"not decodable: {type(error).__name__}: {error}"})
+    return images, skipped
+
+
+def embed_split(clip_dir: Path, raw: Path, rows: list[dict],
+                batch_size: int) -> tuple[np.ndarray, list[str], list[dict]]:
+    """Embeddings of the rows' images, decoded one batch at a time (a split's full-size images need not fit in
+    memory), with the names embedded and the rows skipped."""
+    import torch
+
+    device, dtype = models.inference_device()
+    model, preprocess, _ = models.load_clip(clip_dir, device, half=dtype == torch.float16)
+    vectors, names, skipped = [], [], []
+    for batch in embeddings.batches(rows, batch_size, "embed real sketches"):
+        images, bad = decodable(raw, batch)
+        skipped += bad
+        if images:
+            vectors.append(embeddings.embed_images(model, preprocess, [im for _, im in images], batch_size, None))
+            names += [name for name, _ in images]
+    return (np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)), names, skipped
+
+
+def run(clip_dir: Path, raw: Path, split: Path, out: Path, p: dict) -> dict:
+    """Embed the test split's images into `out`; return the info written beside them."""
+    models.check_clip_folder(clip_dir)
+    rows = data.read_jsonl(require_path(split / "test.jsonl", "run the split stage first"))
+    vectors, names, skipped = embed_split(clip_dir, raw, rows, p["batch_size"])
+    if skipped:
+        log.warning("embed_real: %d of %d test images do not decode and are skipped (first: %s); see %s",
+                    len(skipped), len(rows), skipped[0]["file_name"], out / "skipped.csv")
+    if not names:
+        log.warning("embed_real: %s holds no usable test images: the distance to real sketches is skipped", split)
+    info = {"clip": embeddings.describe_clip(clip_dir), "n_test_rows": len(rows), "n_embedded": len(names),
+            "n_skipped": len(skipped)}
+    with atomic_dir(out) as tmp:
+        embeddings.save_real(tmp, vectors, info)
+        write_csv(tmp / "files.csv", [{"file_name": name} for name in names], ["file_name"])
+        write_csv(tmp / "skipped.csv", skipped, ["file_name", "reason"])
+    log.info("embed_real: %d test sketches embedded, %d skipped", len(names), len(skipped))
+    return info
+
+
+@cli
+def main() -> None:
+    args = parse_args(__doc__, {
+        "clip_dir": "an open_clip local-dir folder: the scoring CLIP (models/pretrained/clip)",
+        "raw": "the imagefolder fetched (data/raw)",
+        "split": "the split folder whose test.jsonl lists the held-out sketches (data/split)",
+        "out": "the folder to write the embeddings into (data/real_embeddings)",
+    })
+    run(args.clip_dir, args.raw, args.split, args.out, load_params("embed_real"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The report's results in words and tables: headline numbers as "mean [95% CI], n", the study's published numbers
+beside ours, warnings a reader needs (random models, small samples), and the settings that differ from the study."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The study's published mean CLIP scores (100 x cosine), by where the style pre-prompt went.
+STUDY_EXPERIMENTS = {
+    (True, True): ("experiment 1: style pre-prompt to the generator and to CLIP", 36.48),
+    (False, True): ("experiment 2: style pre-prompt to CLIP only", 33.58),
+}
+RANDOM_PROFILES = {"smoke": "tiny randomly initialised models", "full": "randomly initialised study-size models"}
+# Below this many images per set, KID and CMMD move more between resamples than between models (their intervals
+# show it): read them as a smoke signal, not a measurement.
+STABLE_N = 100
+
+
+@dataclass(frozen=True)
+class Row:
+    """One headline row: a metric family (e.g. clip_score), its label and unit, and the file its keys are in."""
+
+    key: str
+    label: str
+    unit: str
+
+
+CLIP_ROWS = [Row("clip_score", "CLIP score, the study's prompts", "100 x cos"),
+             Row("test_clip_score", "CLIP score, held-out test captions", "100 x cos")]
+BLIP_ROWS = [Row("style_share", "BLIP captions naming the style, the study's prompts", "share"),
+             Row("test_style_share", "BLIP captions naming the style, held-out test captions", "share")]
+DISTANCE_ROWS = [Row("kid", "KID to the real test sketches (lower: closer)", "MMD², CLIP features"),
+                 Row("cmmd", "CMMD to the real test sketches (lower: closer)", "x1000"),
+                 Row("style_similarity", "Style similarity to the real sketches' centroid (higher: closer)",
+                     "100 x cos")]
+
+
+def number(value: float) -> str:
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def with_ci(metrics: dict, name: str) -> str:
+    """ "mean [low, high], n=N" for a metric with _ci_low/_ci_high/_n companions; "-" when it is absent."""
+    if name not in metrics:
+        return "-"
+    text = number(metrics[name])
+    if f"{name}_ci_low" in metrics:
+        text += f" [{number(metrics[f'{name}_ci_low'])}, {number(metrics[f'{name}_ci_high'])}]"
+    return text + (f", n={metrics[f'{name}_n']}" if f"{name}_n" in metrics else "")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def headline_table(metrics: dict, study_score: float | None) -> str:
+    """Base, fine-tuned, their difference and its p-value for every metric family present; the study's score beside
+    the CLIP row of its prompts."""
+    rows = []
+    for row in CLIP_ROWS + BLIP_ROWS + DISTANCE_ROWS:
+        if f"{row.key}_base" not in metrics:
+            continue
+        p_value = metrics.get(f"{row.key}_diff_p")
+        published = f"{study_score}" if row.key == "clip_score" and study_score is not None else ""
+        rows.append([row.label, row.unit, with_ci(metrics, f"{row.key}_base"), with_ci(metrics, f"{row.key}_finetuned"),
+                     with_ci(metrics, f"{row.key}_diff"), "-" if p_value is None else number(p_value), published])
+    return table(["metric", "unit", "base", "fine-tuned", "fine-tuned - base", "p", "study (published)"], rows)
+
+
+def study_line(params: dict) -> tuple[str, float | None]:
+    """Which of the study's experiments this run repeats, and the mean CLIP score the study published for it."""
+    where = (params["generate"]["style_to_generator"], params["clip_eval"]["style_to_clip"])
+    if where not in STUDY_EXPERIMENTS:
+        return ("This run is neither of the study's experiments (the style pre-prompt goes to CLIP in both), so no "
+                "published number stands beside it."), None
+    name, score = STUDY_EXPERIMENTS[where]
+    return (f"This run repeats the study's {name}, for which it published a mean CLIP score of {score} (fine-tuned, "
+            "5 prompts x 6 images, its CLIP model unnamed)."), score
+
+
+def warnings(params: dict, metrics: dict) -> list[str]:
+    """Lines a reader must see before the numbers: random models, small samples, a skipped comparison."""
+    lines = []
+    profile = params["shared"]["profile"]
+    if profile in RANDOM_PROFILES:
+        lines.append(f"**These numbers come from {RANDOM_PROFILES[profile]} (profile `{profile}`): they test the "
+                     "pipeline and mean nothing about style.**")
+    if metrics.get("n_real_sketches", 0) == 0:
+        lines.append("No real test sketches were embedded: the distances to real sketches are skipped.")
+    else:
+        n = min(metrics["n_real_sketches"], metrics["kid_base_n"])
+        if n < STABLE_N:
+            lines.append(f"KID and CMMD rest on {n} images per set (fewer than {STABLE_N}): read their intervals, "
+                         "not the point values; the CMMD paper used 30,000.")
+    return lines
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_table(params: dict, study: dict) -> str:
+    """The settings whose values differ from the study's defaults, with both values."""
+    ran, defaults = flatten(params), flatten(study)
+    rows = [[f"`{key}`", f"`{value}`", f"`{defaults.get(key, '(none)')}`"]
+            for key, value in ran.items() if defaults.get(key) != value]
+    if not rows:
+        return "Every setting is the study's."
+    return table(["setting", "this run", "study default"], rows)

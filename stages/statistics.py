@@ -1,0 +1,208 @@
+"""Statistics for the evaluation stages: KID and CMMD on embeddings, style similarity, bootstrap intervals, paired
+tests. Pure numpy, deterministic given an explicit seed."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("base", "finetuned")
+METRICS = ("kid", "cmmd", "style_similarity")
+CMMD_SCALE = 1000.0  # the google-research reference reports MMD² x 1000
+_TAIL = 2.5  # percent in each tail of a 95% percentile interval
+_CHUNK_ENTRIES = 1 << 20  # signs held at once (8 MB): bounds memory whatever n_permutations and n are
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """Embeddings as a float64 (samples, features) matrix."""
+    rows = np.asarray(x, dtype=np.float64)
+    if rows.ndim != 2:
+        raise ValueError(f"embeddings must be a (samples, features) matrix, got shape {rows.shape}")
+    return rows
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm."""
+    rows = _rows(x)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's cubic kernel (x·y / d + 1)^3 (Binkowski et al. 2018; torchmetrics `poly_kernel`)."""
+    x, y = _rows(x), _rows(y)
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def rbf_kernel(x: np.ndarray, y: np.ndarray, sigma: float = 10.0) -> np.ndarray:
+    """Gaussian kernel exp(-||x-y||² / 2σ²) of CMMD (Jayasumana et al. 2024; google-research `cmmd/distance.py`)."""
+    x, y = _rows(x), _rows(y)
+    squared = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    # Rounding can leave tiny negative squared distances between near-identical rows.
+    return np.exp(-np.maximum(squared, 0.0) / (2.0 * sigma**2))
+
+
+def _within_mean(k: np.ndarray, unbiased: bool) -> float:
+    """Mean kernel value within one set; the U-statistic leaves out each sample paired with itself."""
+    m = k.shape[0]
+    if not unbiased:
+        return float(k.mean())
+    if m < 2:
+        raise ValueError("the unbiased MMD² needs at least 2 samples per set")
+    return float((k.sum() - np.trace(k)) / (m * (m - 1)))
+
+
+def mmd2(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, unbiased: bool) -> float:
+    """Squared MMD from kernel matrices: U-statistic if unbiased, else V-statistic (Gretton et al. 2012, eqs. 3, 5)."""
+    return _within_mean(k_xx, unbiased) + _within_mean(k_yy, unbiased) - 2.0 * float(k_xy.mean())
+
+
+def kid(x: np.ndarray, y: np.ndarray, subsets: int, subset_size: int, seed: int) -> float:
+    """KID: mean unbiased cubic-kernel MMD² over random subsets of both sets (Binkowski et al. 2018; torchmetrics)."""
+    x, y = _rows(x), _rows(y)
+    if not 2 <= subset_size <= min(len(x), len(y)):
+        raise ValueError(f"kid subset_size {subset_size} must be in [2, {min(len(x), len(y))}] (the smaller set)")
+    rng = np.random.default_rng(seed)
+    # One kernel over the full sets; every subset reads its block instead of recomputing products.
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    values = []
+    for _ in range(subsets):
+        i = rng.choice(len(x), subset_size, replace=False)
+        j = rng.choice(len(y), subset_size, replace=False)
+        values.append(mmd2(k_xx[np.ix_(i, i)], k_yy[np.ix_(j, j)], k_xy[np.ix_(i, j)], unbiased=True))
+    return float(np.mean(values))
+
+
+def cmmd(x: np.ndarray, y: np.ndarray) -> float:
+    """CMMD: 1000 x biased RBF MMD² (σ=10) of L2-normalised embeddings (google-research `cmmd/distance.py`)."""
+    x, y = _normalised(x), _normalised(y)
+    return CMMD_SCALE * mmd2(rbf_kernel(x, x), rbf_kernel(y, y), rbf_kernel(x, y), unbiased=False)
+
+
+def resample_counts(rng: np.random.Generator, n: int, replicates: int) -> np.ndarray:
+    """(replicates, n) matrix: how often each of n samples is drawn in each bootstrap resample of size n."""
+    draws = rng.integers(0, n, size=(replicates, n))
+    # Offsetting each row's indices lets one bincount count all replicates at once.
+    offsets = np.arange(replicates)[:, None] * n
+    return np.bincount((draws + offsets).ravel(), minlength=replicates * n).reshape(replicates, n).astype(np.float64)
+
+
+def _within_means(k: np.ndarray, counts: np.ndarray, unbiased: bool) -> np.ndarray:
+    """Within-set kernel mean of each resample given by counts; unbiased leaves out pairs of draws of one sample."""
+    m = counts.sum(1)
+    total = ((counts @ k) * counts).sum(1)
+    if not unbiased:
+        return total / m**2
+    squares = counts**2
+    pairs = m**2 - squares.sum(1)
+    # A resample that drew a single sample m times has no distinct pairs: no value (nan) rather than a division by 0.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, (total - squares @ np.diag(k)) / pairs, np.nan)
+
+
+def bootstrap_mmd2(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, counts_x: np.ndarray,
+                   counts_y: np.ndarray, unbiased: bool) -> np.ndarray:
+    """MMD² of each bootstrap resample from full-set kernels and draw counts, so no kernel is recomputed."""
+    cross = ((counts_x @ k_xy) * counts_y).sum(1) / (counts_x.sum(1) * counts_y.sum(1))
+    return _within_means(k_xx, counts_x, unbiased) + _within_means(k_yy, counts_y, unbiased) - 2.0 * cross
+
+
+def _model_values(gen: np.ndarray, real: np.ndarray, gen_counts: np.ndarray, real_counts: np.ndarray,
+                  kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, tuple[float, np.ndarray]]:
+    """Point value and bootstrap replicates of each metric for one model's generated images."""
+    poly = (polynomial_kernel(gen, gen), polynomial_kernel(real, real), polynomial_kernel(gen, real))
+    gen_unit, real_unit = _normalised(gen), _normalised(real)
+    rbf = (rbf_kernel(gen_unit, gen_unit), rbf_kernel(real_unit, real_unit), rbf_kernel(gen_unit, real_unit))
+    centroid = real_unit.mean(0)
+    style = 100.0 * gen_unit @ (centroid / np.linalg.norm(centroid))
+    return {
+        "kid": (kid(gen, real, kid_subsets, kid_subset_size, seed),
+                bootstrap_mmd2(*poly, gen_counts, real_counts, unbiased=True)),
+        "cmmd": (cmmd(gen, real), CMMD_SCALE * bootstrap_mmd2(*rbf, gen_counts, real_counts, unbiased=False)),
+        "style_similarity": (float(style.mean()), gen_counts @ style / len(style)),
+    }
+
+
+def _flat(name: str, value: float, replicates: np.ndarray, n: int) -> dict[str, float | int]:
+    """Flat metrics for one value: name, name_ci_low, name_ci_high (95% percentile bootstrap), name_n."""
+    low, high = np.nanpercentile(replicates, [_TAIL, 100.0 - _TAIL])
+    return {name: float(value), f"{name}_ci_low": float(low), f"{name}_ci_high": float(high), f"{name}_n": n}
+
+
+def distance_metrics(base: np.ndarray, finetuned: np.ndarray, real: np.ndarray, *, bootstrap_samples: int,
+                     kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, float | int]:
+    """KID, CMMD and style similarity of both models against real sketches, their paired differences and 95% CIs."""
+    base, finetuned, real = _rows(base), _rows(finetuned), _rows(real)
+    if base.shape != finetuned.shape:
+        raise ValueError(f"base {base.shape} and finetuned {finetuned.shape} embeddings must be paired row by row")
+    n, n_real = len(base), len(real)
+    subset_size = min(kid_subset_size, n, n_real)
+    if subset_size < kid_subset_size:
+        logger.info("kid_subset_size %d clamped to %d (%d generated, %d real)", kid_subset_size, subset_size, n, n_real)
+    # One set of resamples for every metric and both models: the diff replicates are then paired by construction.
+    # The stream differs from kid's subset draws (seed alone), which both models share so kid_diff is paired too.
+    rng = np.random.default_rng([seed, 1])
+    gen_counts = resample_counts(rng, n, bootstrap_samples)
+    real_counts = resample_counts(rng, n_real, bootstrap_samples)
+    values = {model: _model_values(gen, real, gen_counts, real_counts, kid_subsets, subset_size, seed)
+              for model, gen in zip(MODELS, (base, finetuned))}
+    metrics: dict[str, float | int] = {}
+    for metric in METRICS:
+        for model in MODELS:
+            metrics.update(_flat(f"{metric}_{model}", *values[model][metric], n))
+        (base_value, base_reps), (tuned_value, tuned_reps) = values["base"][metric], values["finetuned"][metric]
+        metrics.update(_flat(f"{metric}_diff", tuned_value - base_value, tuned_reps - base_reps, n))
+    metrics["n_real_sketches"] = n_real
+    metrics["kid_subset_size"] = subset_size
+    return metrics
+
+
+def _sign_flip_count(differences: np.ndarray, signs: np.ndarray, observed: float, tolerance: float) -> int:
+    """How many sign patterns (rows of ±1) give a |sum| at least the observed one."""
+    return int((np.abs(signs @ differences) >= observed - tolerance).sum())
+
+
+def sign_flip_p(differences: np.ndarray, n_permutations: int, seed: int) -> float:
+    """Two-sided paired sign-flip p-value for mean ≠ 0: exact if 2^n <= n_permutations, else Monte Carlo with +1."""
+    d = np.asarray(differences, dtype=np.float64).ravel()
+    if d.size == 0:
+        raise ValueError("sign_flip_p needs at least one difference")
+    if not d.any():
+        return 1.0
+    # Sums rank patterns exactly as means do (n is fixed); the tolerance keeps float ties such as ±a±b = ±c counted.
+    observed, tolerance = abs(d.sum()), 1e-12 * np.abs(d).sum()
+    bits, chunk = np.arange(d.size), max(1, _CHUNK_ENTRIES // d.size)
+    if d.size < 63 and 2**d.size <= n_permutations:
+        count = 0
+        for start in range(0, 2**d.size, chunk):
+            patterns = np.arange(start, min(start + chunk, 2**d.size))[:, None]
+            count += _sign_flip_count(d, ((patterns >> bits) & 1) * 2.0 - 1.0, observed, tolerance)
+        return count / 2**d.size
+    rng = np.random.default_rng(seed)
+    count = 0
+    for start in range(0, n_permutations, chunk):
+        signs = rng.choice([-1.0, 1.0], size=(min(chunk, n_permutations - start), d.size))
+        count += _sign_flip_count(d, signs, observed, tolerance)
+    return (1 + count) / (1 + n_permutations)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (Wilson 1927); (0, 1) when there are no trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    shrink = 1.0 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / shrink
+    half = z / shrink * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Exact McNemar test: two-sided binomial p of the discordant counts b, c under p = 1/2 (McNemar 1947)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
