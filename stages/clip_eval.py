@@ -73,10 +73,12 @@ def per_prompt(per_image: list[dict], n_samples: int, seed: int) -> list[dict]:
 
 
 def distances(image_features: dict[str, np.ndarray], real: np.ndarray, p: dict, seed: int) -> dict:
-    """KID, CMMD and style similarity of each model's images to the real sketches; none when there are none."""
-    if len(real) == 0:
-        log.warning("clip_eval: no real test sketches were embedded: kid, cmmd and style_similarity are skipped")
-        return {"n_real_sketches": 0}
+    """KID, CMMD and style similarity of each model's images to the real sketches; none (a recorded skip) when either
+    side has fewer than the 2 images an unbiased MMD needs."""
+    if min(len(real), len(image_features["base"])) < 2:
+        log.warning("clip_eval: %d real test sketches and %d images per model: kid, cmmd and style_similarity need "
+                    "2 of each and are skipped", len(real), len(image_features["base"]))
+        return {"n_real_sketches": len(real)}
     return statistics.distance_metrics(
         image_features["base"], image_features["finetuned"], real, bootstrap_samples=p["bootstrap_samples"],
         kid_subsets=p["kid_subsets"], kid_subset_size=p["kid_subset_size"], seed=seed)

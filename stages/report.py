@@ -59,7 +59,7 @@ def write_figures(study_rows: dict[str, list[dict]], reports: Path, examples: li
         prompt_rows = [row | {k: float(row[k]) for k in ("clip_score", "ci_low", "ci_high")}
                        for row in read_csv(reports / "clip_eval" / "per_prompt.csv")]
         figures.clip_per_prompt_chart(prompt_rows, tmp / "clip_per_prompt.png")
-        if metrics.get("n_real_sketches"):
+        if "kid_base" in metrics:
             figures.distance_chart(metrics, tmp / "distances.png")
         for i, prompt in enumerate(prompts):
             images = {m: [data.load_rgb(r["path"]) for r in rows if r["prompt"] == prompt]
@@ -85,7 +85,7 @@ def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str)
              f"bootstrap percentile intervals (BLIP shares: Wilson); p: paired sign-flip permutation test (CLIP), "
              f"McNemar's exact test (BLIP). KID, CMMD and style similarity compare all {scorer['images_per_model']} "
              f"images a model generated with the {scorer['n_real_sketches']} real sketches of the test split."]
-    if metrics.get("n_real_sketches"):
+    if "kid_base" in metrics:
         parts.append(f"![distances to real sketches]({figures_rel}/distances.png)")
     return parts
 

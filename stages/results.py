@@ -85,8 +85,9 @@ def warnings(params: dict, metrics: dict) -> list[str]:
     if profile in RANDOM_PROFILES:
         lines.append(f"**These numbers come from {RANDOM_PROFILES[profile]} (profile `{profile}`): they test the "
                      "pipeline and mean nothing about style.**")
-    if metrics.get("n_real_sketches", 0) == 0:
-        lines.append("No real test sketches were embedded: the distances to real sketches are skipped.")
+    if "kid_base" not in metrics:
+        lines.append(f"The distances to real sketches are skipped: {metrics.get('n_real_sketches', 0)} real test "
+                     "sketches were embedded, fewer than the 2 they need.")
     else:
         n = min(metrics["n_real_sketches"], metrics["kid_base_n"])
         if n < STABLE_N:

@@ -85,8 +85,11 @@ def test_no_test_images_is_a_recorded_skip_and_clip_eval_leaves_the_distances_ou
         info = embed_real.run(tiny_clip, raw, split, tmp_path / "out", {"batch_size": 2})
         real = embeddings.load_real(tmp_path / "out", embeddings.describe_clip(tiny_clip))
         distances = clip_eval.distances({"base": np.ones((3, 32)), "finetuned": np.ones((3, 32))}, real, {}, 0)
+        one = clip_eval.distances({"base": np.ones((3, 32)), "finetuned": np.ones((3, 32))}, np.ones((1, 32)), {}, 0)
     assert info["n_embedded"] == 0 and len(real) == 0 and distances == {"n_real_sketches": 0}
-    assert "holds no usable test images" in caplog.text and "kid, cmmd and style_similarity are skipped" in caplog.text
+    assert one == {"n_real_sketches": 1}  # a single sketch: no unbiased MMD, a recorded skip rather than a traceback
+    assert "holds no usable test images" in caplog.text and "kid, cmmd and style_similarity need 2" in caplog.text
+    assert "fewer than the 2 they need" in " ".join(results.warnings({"shared": {"profile": "study"}}, one))
 
 
 def test_embeddings_from_another_clip_are_refused_with_one_line(tmp_path, tiny_clip):
@@ -141,7 +144,7 @@ def test_the_distance_metrics_rise_when_the_generated_images_move_away_from_the_
 
 
 def clip_and_blip(**overrides) -> dict:
-    metrics = {"n_real_sketches": 8, "kid_base_n": 18}
+    metrics = {"n_real_sketches": 8, "kid_base": 0.01, "kid_base_n": 18}
     for key in ("clip_score", "style_share"):
         for model in ("base", "finetuned", "diff"):
             metrics |= {f"{key}_{model}": 1.5, f"{key}_{model}_ci_low": 1.0, f"{key}_{model}_ci_high": 2.0,
