@@ -6,18 +6,9 @@ import logging
 import math
 from pathlib import Path
 
-from stages import latents, lora, losses, models, training
+from stages import launch, latents, lora, losses, models, training
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(requested: str, cuda: bool, cuda_bf16: bool = True) -> str:
-    """What mixed precision really runs: CPU autocast has no fp16, so fp16 runs as bf16 there; old GPUs lack bf16."""
-    if requested == "fp16" and not cuda:
-        return "bf16"
-    if requested == "bf16" and cuda and not cuda_bf16:
-        return "fp16"
-    return requested
 
 
 def build_accelerator(p: dict, seed: int):
@@ -25,14 +16,17 @@ def build_accelerator(p: dict, seed: int):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    cuda = torch.cuda.is_available()
-    precision = resolve_precision(p["mixed_precision"], cuda, cuda and torch.cuda.is_bf16_supported())
-    if precision != p["mixed_precision"]:
-        log.info("mixed_precision %s runs as %s on this device", p["mixed_precision"], precision)
+    precision = models.precision_that_runs(p["mixed_precision"])
     # The seedable sampler shuffles epoch e with seed + e, whatever came before: a resumed run sees the same order.
     loading = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=p["gradient_accumulation_steps"],
-                       dataloader_config=loading)
+    # cpu: without a CUDA GPU, processes that torchrun started (conf/accelerate/cpu.yaml) join one gloo group instead
+    # of each training alone; a single process runs on the CPU either way.
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=p["gradient_accumulation_steps"],
+                              dataloader_config=loading, cpu=not torch.cuda.is_available())
+    launch.quiet_unless_main(accelerator)
+    if precision != p["mixed_precision"]:
+        log.info("mixed_precision %s runs as %s on this device", p["mixed_precision"], precision)
+    return accelerator
 
 
 def load_components(sd_dir: Path, p: dict, accelerator) -> dict:
@@ -42,9 +36,7 @@ def load_components(sd_dir: Path, p: dict, accelerator) -> dict:
     from diffusers import DDPMScheduler
 
     pipe = models.load_sd_pipeline(sd_dir)
-    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if accelerator.device.type == "cpu":
-        frozen_dtype = torch.float32
+    frozen_dtype = models.frozen_dtype(accelerator.mixed_precision, accelerator.device)
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False)
         frozen.to(accelerator.device, dtype=frozen_dtype)
@@ -83,15 +75,18 @@ def make_optimizer(parameters, p: dict):
     return torch.optim.AdamW(parameters, **kwargs)
 
 
-def make_dataloader(raw: Path, rows: list[dict], parts: dict, p: dict, seed: int):
-    """Shuffled batches, of cached latents or of pixels and token ids; the order depends only on the seed and epoch."""
+def make_dataloader(raw: Path, rows: list[dict], parts: dict, p: dict, seed: int, encoded_dir: Path | None = None,
+                    sd_dir: Path | None = None):
+    """Shuffled batches, of cached latents (from the encode stage's folder, if given) or of pixels and token ids; the
+    order depends only on the seed and epoch."""
     import torch
 
-    items, collate = latents.training_items(raw, rows, parts, p)
-    dataset = training.SeededItems(items, seed)
+    items, collate = latents.training_items(raw, rows, parts, p, encoded_dir, sd_dir)
+    # Numbered: each batch carries its items' indices, so that the loop can tell which items each process trained on.
+    dataset = training.SeededItems(launch.Numbered(items), seed)
     # With its own generator, making an iterator draws the workers' base seed from it, not from the global RNG.
     return torch.utils.data.DataLoader(
-        dataset, batch_size=p["train_batch_size"], shuffle=True, collate_fn=collate,
+        dataset, batch_size=p["train_batch_size"], shuffle=True, collate_fn=launch.NumberedBatch(collate),
         num_workers=p["dataloader_num_workers"], generator=torch.Generator().manual_seed(seed),
     )
 
@@ -121,10 +116,14 @@ def prepare_training(parts: dict, dataloader, p: dict, accelerator) -> dict:
     lr_scheduler = get_scheduler(p["lr_scheduler"], optimizer, num_warmup_steps=p["lr_warmup_steps"] * n,
                                  num_training_steps=max_steps * n)
     ema = EMAModel(trainable, decay=p["ema_decay"], foreach=True) if p["use_ema"] else None
+    if accelerator.distributed_type == "DEEPSPEED":
+        # DeepSpeed sizes its buffers by one process's batch: from a dataloader in this same prepare call, or from here
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = p["train_batch_size"]
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
     # "model": the UNet itself, for validation on one process (a forward through the DDP wrapper would wait for the
     # other processes).
     return {"unet": unet, "model": accelerator.unwrap_model(unet), "trainable": trainable, "optimizer": optimizer,
-            "dataloader": dataloader, "lr_scheduler": lr_scheduler, "ema": ema, "max_steps": max_steps}
+            "dataloader": dataloader, "lr_scheduler": lr_scheduler, "ema": ema, "max_steps": max_steps,
+            "steps_per_epoch": steps_per_epoch}

@@ -96,6 +96,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "clip_loss": {"weight": NON_NEGATIVE_NUMBER, "max_timestep": POSITIVE_INT, "every": POSITIVE_INT},
         "validate_every": NON_NEGATIVE_INT, "validation_prompt": NON_EMPTY_STRING, "validation_images": POSITIVE_INT,
         "validation_steps": POSITIVE_INT,
+        "launch": {"config_file": NON_EMPTY_STRING, "num_processes": POSITIVE_INT},
     },
     "generate": {
         "prompts": non_empty_list_of(NON_EMPTY_STRING), "images_per_prompt": POSITIVE_INT,

@@ -1,7 +1,8 @@
 """finetune: fine-tune the Stable Diffusion UNet on the training split (the study's recipe, and the options past it).
 
 Reads SD_DIR (pipeline folder from fetch), GUIDE_DIR (the guidance CLIP, used by `clip_loss` only), RAW_DIR
-(imagefolder), SPLIT_DIR/{train,val}.jsonl and params `finetune`, `shared` and `generate.style_prompt` (the CLIP loss's
+(imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's cached latents and text embeddings,
+memory-mapped; read with `cache_latents`, refused with one line when made with other settings) and params `finetune`, `shared` and `generate.style_prompt` (the CLIP loss's
 pre-prompt). Writes OUT_DIR, a diffusers pipeline folder whose UNet is the fine-tuned (EMA) one, with
 training_info.json (what made it), a model card README.md and, with `method: lora`, the adapter alone
 (lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same folder, byte for
@@ -18,16 +19,29 @@ line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR
 the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
+Processes: dvc.yaml runs `python -m stages.finetune --preflight ARGS` (params, the accelerate config named by
+`finetune.launch.config_file`, the process count against this machine's GPUs, the inputs and a checkpoint: one line
+each, exit 2, before any process starts; stages/launch.py), then `accelerate launch --config_file ...
+--num_processes ${finetune.launch.num_processes} -m stages.finetune ARGS`. Each process trains on its own shard of
+every epoch (one line an epoch counts the items of each and the distinct ones) with its own noise (seed + process
+index); the effective batch is train_batch_size x processes x gradient_accumulation_steps and steps count optimizer
+steps. The main process alone writes OUT_DIR, LIVE_DIR and the log. README "Scaling out" says which config for which
+card, and how to run on several machines.
+
 Speed: `cache_latents` (stages/latents.py), `optimizer: adamw_fused`, `channels_last`, `compile_unet`; measured by
 bench/finetune_speed.py (bench/FINETUNE.md).
 
-Run: python -m stages.finetune SD_DIR GUIDE_DIR RAW_DIR SPLIT_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
-(multi-GPU: accelerate launch -m stages.finetune ...). params.yaml is validated whole before any work.
-Example: python -m stages.finetune models/pretrained/sd models/pretrained/guide data/raw data/split models/finetuned \
+Run: python -m stages.finetune SD_DIR GUIDE_DIR RAW_DIR SPLIT_DIR LATENTS_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
+(one process; several: accelerate launch [--config_file ...] [--num_processes N] -m stages.finetune ..., with
+finetune.launch.num_processes = N in params.yaml; --preflight: check only). params.yaml is validated whole before any
+work.
+Example: python -m stages.finetune models/pretrained/sd models/pretrained/guide data/raw data/split data/latents \
+    models/finetuned \
     reports/finetune scratch/finetune
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import resource
@@ -39,7 +53,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages import components, data, latents, lora, losses, modelcard, models, training
+from stages import components, data, latents, launch, lora, losses, modelcard, models, training
 from stages.validation import ValidationSet
 from stages.config import UserError, cli, load_params, load_shared, parse_args, require_path
 from stages.outputs import MANIFEST, atomic_dir, library_versions, write_json
@@ -61,6 +75,7 @@ class Folders:
     out: Path
     live: Path
     scratch: Path
+    latents: Path | None = None  # the encode stage's folder; None: cache_latents encodes in memory (tests, benches)
 
 
 def peak_memory_mb(device) -> float:
@@ -81,7 +96,8 @@ def train_batch(batch: dict, parts: dict, loop: dict, p: dict, accelerator, step
         terms = losses.training_loss(batch, parts, unet, p, step)
         accelerator.backward(terms["loss"])
         if accelerator.sync_gradients:
-            grad_norm = float(accelerator.clip_grad_norm_(loop["trainable"], p["max_grad_norm"]))
+            norm = accelerator.clip_grad_norm_(loop["trainable"], p["max_grad_norm"])  # None: DeepSpeed clips, unread
+            grad_norm = float("nan") if norm is None else float(norm)
         optimizer.step()
         loop["lr_scheduler"].step()
         optimizer.zero_grad(set_to_none=True)
@@ -106,10 +122,11 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
     bar = tqdm(total=max_steps, initial=step, desc="finetune", unit="step",
                disable=not accelerator.is_local_main_process)
     started, images = time.perf_counter(), 0
-    live = live if accelerator.is_main_process else None
+    seen: list[int] = []  # the items this process trained on in this epoch
     while step < max_steps:
         for batch in training.epoch_batches(dataloader, epoch, done, accelerator):
             done += 1
+            seen += batch["index"]
             terms, grad_norm = train_batch(batch, parts, loop, p, accelerator, step)
             images += latents.batch_size(batch) * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -124,7 +141,8 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
                 save(training.Position(step, epoch, done))
             if step >= max_steps:
                 break
-        epoch, done = epoch + 1, 0
+        launch.log_epoch_items(accelerator, epoch, seen, len(dataloader.dataset))
+        seen, epoch, done = [], epoch + 1, 0
     bar.close()
     seconds = time.perf_counter() - started
     return {"steps": step, "final_loss": loss, "train_seconds": seconds,
@@ -138,10 +156,18 @@ def log_step(live, values: dict) -> None:
 
 
 def final_unet(loop: dict, accelerator):
-    """The trained UNet with the EMA weights in place: a plain UNet (LoRA fused in), ready for save_pretrained."""
+    """The trained UNet with the EMA weights in place: a plain UNet (LoRA fused in), ready for save_pretrained. Every
+    process calls it: under FSDP they gather the shards, and the other processes get None."""
     import torch
 
-    unet = accelerator.unwrap_model(loop["unet"]).to(memory_format=torch.contiguous_format)  # safetensors needs it
+    unet = accelerator.unwrap_model(loop["unet"])
+    if accelerator.distributed_type == "FSDP":  # the whole UNet, on the main process (no EMA or LoRA there: launch.py)
+        state = accelerator.get_state_dict(loop["unet"])
+        if not accelerator.is_main_process:
+            return None
+        unet = type(unet).from_config(unet.config)
+        unet.load_state_dict(state)
+    unet = unet.to(memory_format=torch.contiguous_format)  # safetensors needs it
     if loop["ema"]:
         loop["ema"].copy_to(lora.trainable_parameters(unet))
     return unet
@@ -173,6 +199,26 @@ def check_inputs(folders: Folders, p: dict) -> tuple[list[dict], list[dict]]:
     return rows, data.read_jsonl(val) if p["validate_every"] and val.is_file() else []
 
 
+def run_fingerprint(folders: Folders, rows: list[dict], p: dict, seed: int, style_prompt: str, processes: int,
+                    device_type: str, precision: str) -> dict:
+    """What a checkpoint must match to be resumed by this run (training.fingerprint)."""
+    inputs = training.inputs_digest([folders.sd, folders.raw] + ([folders.guide] if p["clip_loss"]["weight"] else []),
+                                    rows)
+    return training.fingerprint(p, seed, inputs, processes, device_type, precision) | {
+        "generate.style_prompt": style_prompt}
+
+
+def preflight(folders: Folders, p: dict, seed: int, style_prompt: str) -> None:
+    """What dvc.yaml's command checks before `accelerate launch` starts a process: the launch settings, the inputs and
+    a checkpoint made by another run, each refused with one line (the processes would each print it, amid torchrun's
+    report)."""
+    launch.check(p)
+    rows, _ = check_inputs(folders, p)
+    training.find_resumable(folders.scratch, run_fingerprint(
+        folders, rows, p, seed, style_prompt, p["launch"]["num_processes"], launch.device_type(),
+        models.precision_that_runs(p["mixed_precision"])))
+
+
 def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
     """Fine-tune (resuming from a checkpoint in `scratch` if there is one) and save; return the training summary."""
     from accelerate.utils import set_seed
@@ -180,33 +226,43 @@ def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
 
     rows, val_rows = check_inputs(folders, p)
     accelerator = components.build_accelerator(p, seed)
-    inputs = training.inputs_digest([folders.sd, folders.raw] + ([folders.guide] if p["clip_loss"]["weight"] else []),
-                                    rows)
-    run_id = training.fingerprint(p, seed, inputs, accelerator) | {"generate.style_prompt": style_prompt}
+    launch.check_launched(accelerator, p)
+    run_id = run_fingerprint(folders, rows, p, seed, style_prompt, accelerator.num_processes,
+                             accelerator.device.type, accelerator.mixed_precision)
     found = training.find_resumable(folders.scratch, run_id)  # before the slow part: a refusal comes at once
-    set_seed(seed)
+    set_seed(seed, device_specific=True)  # seed + process index: each process draws its own noise and timesteps
     parts = components.load_components(folders.sd, p, accelerator)
     components.add_guide(parts, folders.guide, style_prompt, p)
     truncated = latents.count_truncated(parts["tokenizer"], [row["text"] for row in rows])
     validating = p["validate_every"] and accelerator.is_main_process  # before the latent cache frees the VAE
     validation = ValidationSet.build(folders.raw, val_rows, parts, p, seed) if validating else None
-    loop = components.prepare_training(parts, components.make_dataloader(folders.raw, rows, parts, p, seed), p,
-                                       accelerator)
+    dataloader = components.make_dataloader(folders.raw, rows, parts, p, seed, folders.latents, folders.sd)
+    loop = components.prepare_training(parts, dataloader, p, accelerator)
     position = training.resume(loop, found, folders.live, accelerator)
-    log.info("finetune (%s) on %d images, %s, mixed precision %s", p["method"], len(rows), accelerator.device,
-             accelerator.mixed_precision)
+    log.info("finetune (%s) on %d images, %d process(es) on %s, mixed precision %s; effective batch %d "
+             "(train_batch_size x processes x gradient_accumulation_steps), %d optimizer steps per epoch, %d in all",
+             p["method"], len(rows), accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision,
+             launch.effective_batch(p, accelerator), loop["steps_per_epoch"], loop["max_steps"])
     save = functools.partial(training.save, accelerator, folders.scratch, run=run_id, live_dir=folders.live)
-    with Live(str(folders.live), dvcyaml=False, save_dvc_exp=False, resume=found is not None) as live:
+    # dvclive on the main process only (None on the others): a Live on each would clear, write and read back the
+    # same files at once
+    logging_to = Live(str(folders.live), dvcyaml=False, save_dvc_exp=False, resume=found is not None) \
+        if accelerator.is_main_process else contextlib.nullcontext()
+    with logging_to as live:
         result = train(parts, loop, position, p, accelerator, live, save, validation)
     summary = result | {"resumed_from_step": position.step or None}
+    unet = final_unet(loop, accelerator)
     if accelerator.is_main_process:
         info = {"steps": result["steps"], "final_loss": result["final_loss"], "params": p, "seed": seed,
                 "style_prompt": style_prompt, "n_train_images": len(rows), "n_captions_truncated": truncated,
                 "device": str(accelerator.device), "mixed_precision_ran": accelerator.mixed_precision,
                 "libraries": library_versions(), "base_model": models_origin(folders.sd),
-                "dataset": models_origin(folders.raw)}
-        save_pipeline(folders, final_unet(loop, accelerator), info, p)
+                "dataset": models_origin(folders.raw), "num_processes": accelerator.num_processes,
+                "distributed_type": accelerator.distributed_type.value,
+                "effective_batch_size": launch.effective_batch(p, accelerator)}
+        save_pipeline(folders, unet, info, p)
         write_json(folders.live / "timing.json", {k: summary[k] for k in TIMING})
+        log.info("wrote %s and %s", folders.out, folders.live)
     training.discard(accelerator, folders.scratch)
     return summary
 
@@ -221,17 +277,25 @@ def models_origin(sd_dir: Path) -> dict:
 
 @cli
 def main() -> None:
+    launch.die_with_launcher()
     args = parse_args(__doc__, {
         "sd": "the pretrained pipeline folder (models/pretrained/sd)",
         "guide": "the guidance CLIP folder, read with finetune.clip_loss.weight > 0 (models/pretrained/guide)",
         "raw": "the imagefolder (data/raw)", "split": "the split folder with train.jsonl and val.jsonl (data/split)",
+        "latents": "the encode stage's latents and text embeddings, read with cache_latents (data/latents)",
         "out": "the fine-tuned pipeline folder to write (models/finetuned)",
         "live": "the dvclive folder to write (reports/finetune)",
         "scratch": "where resumable checkpoints go while training runs (scratch/finetune)",
+        "--preflight": {"action": "store_true", "help": "only check params, the launch settings, the inputs and a "
+                        "checkpoint, as dvc.yaml's command does before `accelerate launch`"},
     })
     p, shared, style_prompt = load_params("finetune"), load_shared(), load_params("generate")["style_prompt"]
     models.require_gpu(shared["profile"])
-    run(Folders(**vars(args)), p, shared["seed"], style_prompt)
+    checking = vars(args).pop("preflight")
+    if checking:
+        preflight(Folders(**vars(args)), p, shared["seed"], style_prompt)
+    else:
+        run(Folders(**vars(args)), p, shared["seed"], style_prompt)
 
 
 if __name__ == "__main__":

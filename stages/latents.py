@@ -1,12 +1,14 @@
 """What the UNet trains on: VAE latents and text embeddings, encoded at every step or once per dataset.
 
 With `cache_latents` the VAE's latent distribution (mean and std) of every training image, for both flips when
-`random_flip` is on, and the text encoder's output for every distinct caption are computed once, before training, and
-kept in memory. Each step still samples its latents from the cached distribution with the global (seeded) RNG, as
-`vae.encode(...).latent_dist.sample()` does, and each item's flip is drawn as torchvision's RandomHorizontalFlip draws
-it (`torch.rand(1) < 0.5`, seeded per item by training.SeededItems): cached and uncached runs train on the same
-flipped images. Random crops differ every epoch and cannot be cached: without `center_crop` the stage encodes every
-step. Every process encodes the whole dataset, and a resumed run encodes it again (the cache is not checkpointed).
+`random_flip` is on, and the text encoder's output for every distinct caption (and the empty one) are computed once:
+by the `encode` stage (stages/encode.py) into safetensors files that `finetune` memory-maps, so that every experiment
+that changes only training settings, a resumed run and every process of a multi-process run reuse them; or in memory
+when no such folder is given (benchmarks and tests). Each step still samples its latents from the cached distribution
+with the global (seeded) RNG, as `vae.encode(...).latent_dist.sample()` does, and each item's flip is drawn as
+torchvision's RandomHorizontalFlip draws it (`torch.rand(1) < 0.5`, seeded per item by training.SeededItems): cached
+and uncached runs train on the same flipped images. Random crops differ every epoch and cannot be cached: without
+`center_crop` the stage encodes every step.
 
 Caption dropout (`caption_dropout` > 0) replaces an item's caption by the empty one, decided after the flip with the
 item's own seeded RNG: a resumed run drops the same captions. Both batch kinds carry each sample's caption text
@@ -14,18 +16,39 @@ item's own seeded RNG: a resumed run drops the same captions. Both batch kinds c
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from stages import data
+from stages.config import UserError, require_path
+from stages.outputs import MANIFEST, sha256_of, write_json
 
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 16  # images or captions encoded at a time while caching
 EMPTY_CAPTION = ""  # what a dropped caption becomes: the unconditional input of classifier-free guidance
+LATENTS_FILE, TEXT_FILE, INDEX_FILE = "latents.safetensors", "text.safetensors", "index.json"
+# The finetune settings an encoding depends on: a cached folder made with other values is refused.
+ENCODING_SETTINGS = ("resolution", "center_crop", "random_flip", "mixed_precision")
+ENCODERS = ("vae/", "text_encoder/", "tokenizer/")  # the pipeline folders the encoding reads
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A training split encoded once: latent mean and std (flips x images x C x h x w, fp32) in the order of
+    file_names, and the text embeddings of the distinct captions (row i embeds captions[i], the empty one included)."""
+
+    mean: Any
+    std: Any
+    text: Any
+    captions: list[str]
+    file_names: list[str]
 
 
 def cacheable(p: dict) -> bool:
@@ -130,47 +153,96 @@ def encode_images(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[An
     return torch.stack([torch.cat(m) for m in means]), torch.stack([torch.cat(s) for s in stds])
 
 
-def encode_captions(rows: list[dict], parts: dict, extra: tuple[str, ...] = ()) -> tuple[Any, list[str], list[int]]:
-    """Text embeddings of the distinct captions and `extra` (compute dtype, CPU), those texts, each row's index."""
+def encode_captions(rows: list[dict], parts: dict) -> tuple[Any, list[str]]:
+    """Text embeddings of the distinct captions and the empty one (compute dtype, CPU), and those texts."""
     import torch
 
-    distinct = list(dict.fromkeys([*(row["text"] for row in rows), *extra]))
+    distinct = list(dict.fromkeys([*(row["text"] for row in rows), EMPTY_CAPTION]))
     tokenizer, out = parts["tokenizer"], []
     with torch.no_grad():
         for start in range(0, len(distinct), ENCODE_BATCH):
             tokens = tokenizer(distinct[start:start + ENCODE_BATCH], padding="max_length", truncation=True,
                                max_length=tokenizer.model_max_length, return_tensors="pt")
             out.append(parts["text_encoder"](tokens.input_ids.to(parts["device"]), return_dict=False)[0].cpu())
-    index = {text: i for i, text in enumerate(distinct)}
-    return torch.cat(out), distinct, [index[row["text"]] for row in rows]
+    return torch.cat(out), distinct
 
 
-def cached_dataset(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[Any, CachedBatch]:
-    """Encode the dataset once, free the text encoder (and the VAE unless the CLIP loss decodes with it), and return
-    the cached items, with caption dropout if asked, and their collate_fn."""
+def encode_dataset(raw: Path, rows: list[dict], parts: dict, p: dict) -> Encoded:
+    """Encode every training image (both flips with random_flip) and every distinct caption once."""
+    mean, std = encode_images(raw, rows, parts, p)
+    text, distinct = encode_captions(rows, parts)
+    return Encoded(mean, std, text, distinct, [row["file_name"] for row in rows])
+
+
+def encoder_digest(sd_dir: Path) -> str:
+    """sha256 over the hashes of the VAE, text encoder and tokenizer files: fetch's manifest, else hashed now."""
+    manifest = sd_dir / MANIFEST
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["files"]
+    else:
+        files = {str(f.relative_to(sd_dir)): sha256_of(f) for f in sorted(sd_dir.rglob("*")) if f.is_file()}
+    listing = sorted((name, digest) for name, digest in files.items() if name.startswith(ENCODERS))
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def save_encoded(folder: Path, encoded: Encoded, settings: dict) -> None:
+    """Write an encoding into `folder` (which the caller creates): two safetensors files and index.json."""
+    from safetensors.torch import save_file
+
+    save_file({"mean": encoded.mean.contiguous(), "std": encoded.std.contiguous()}, str(folder / LATENTS_FILE))
+    save_file({"text": encoded.text.contiguous()}, str(folder / TEXT_FILE))
+    write_json(folder / INDEX_FILE, settings | {"cached": True, "captions": encoded.captions,
+                                                "file_names": encoded.file_names})
+
+
+def load_encoded(folder: Path, rows: list[dict], p: dict, sd_dir: Path) -> Encoded:
+    """The encoding in `folder`, memory-mapped (each process pages in only the items of its shard); one line when it
+    was made from other images, settings or encoders, before any training."""
+    from safetensors.torch import load_file
+
+    index = json.loads(require_path(folder / INDEX_FILE, "run `dvc repro encode` first").read_text())
+    if not index["cached"]:
+        raise UserError(f"{folder}: not an encoding ({index['reason']}); set finetune.cache_latents and "
+                        "finetune.center_crop to true and run `dvc repro encode`, or turn cache_latents off")
+    differ = [f"finetune.{k} {index[k]!r} (now {p[k]!r})" for k in ENCODING_SETTINGS if index[k] != p[k]]
+    if index["encoders"] != encoder_digest(sd_dir):
+        differ.append(f"the VAE or text encoder of another {sd_dir}")
+    if index["file_names"] != [row["file_name"] for row in rows]:
+        differ.append("other training images")
+    if differ:
+        raise UserError(f"{folder} was encoded with {'; '.join(differ)}: run `dvc repro encode`")
+    latents, text = load_file(str(folder / LATENTS_FILE)), load_file(str(folder / TEXT_FILE))
+    return Encoded(latents["mean"], latents["std"], text["text"], index["captions"], index["file_names"])
+
+
+def cached_dataset(encoded: Encoded, rows: list[dict], parts: dict, p: dict) -> tuple[Any, CachedBatch]:
+    """Free the text encoder (and the VAE unless the CLIP loss decodes with it), and return the cached items, with
+    caption dropout if asked, and their collate_fn."""
     import torch
 
-    mean, std = encode_images(raw, rows, parts, p)
-    dropout = p["caption_dropout"] > 0
-    text, distinct, captions = encode_captions(rows, parts, (EMPTY_CAPTION,) if dropout else ())
     parts["text_encoder"] = None  # no longer needed: its memory goes to the UNet's training
     if p["clip_loss"]["weight"] == 0:
         parts["vae"] = None  # the CLIP loss decodes with it
     if parts["device"].type == "cuda":
         torch.cuda.empty_cache()
-    mib = (mean.nbytes + std.nbytes) / 2**20, text.nbytes / 2**20
+    row_of = {text: i for i, text in enumerate(encoded.captions)}
+    mib = (encoded.mean.nbytes + encoded.std.nbytes) / 2**20, encoded.text.nbytes / 2**20
     log.info("cached latents of %d images x %d flips (%.0f MiB) and text embeddings of %d distinct captions "
-             "(%.0f MiB) in memory", len(rows), mean.shape[0], mib[0], text.shape[0], mib[1])
-    items: Any = CachedItems(mean, std, captions)
-    if dropout:
-        items = CaptionDropout(items, p["caption_dropout"], "caption", distinct.index(EMPTY_CAPTION))
-    return items, CachedBatch(text, distinct)
+             "(%.0f MiB)", len(rows), encoded.mean.shape[0], mib[0], encoded.text.shape[0], mib[1])
+    items: Any = CachedItems(encoded.mean, encoded.std, [row_of[row["text"]] for row in rows])
+    if p["caption_dropout"] > 0:
+        items = CaptionDropout(items, p["caption_dropout"], "caption", row_of[EMPTY_CAPTION])
+    return items, CachedBatch(encoded.text, encoded.captions)
 
 
-def training_items(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[Any, Any]:
-    """The training items (cached latents, or images transformed at every step) and their collate_fn."""
+def training_items(raw: Path, rows: list[dict], parts: dict, p: dict, encoded_dir: Path | None = None,
+                   sd_dir: Path | None = None) -> tuple[Any, Any]:
+    """The training items (cached latents: from the encode stage's folder when one is given, else encoded now; or
+    images transformed at every step) and their collate_fn."""
     if cacheable(p):
-        return cached_dataset(raw, rows, parts, p)
+        if encoded_dir is None:
+            return cached_dataset(encode_dataset(raw, rows, parts, p), rows, parts, p)
+        return cached_dataset(load_encoded(encoded_dir, rows, p, sd_dir), rows, parts, p)
     transform = data.train_transforms(p["resolution"], p["center_crop"], p["random_flip"])
     items: Any = data.CaptionedImages(raw, rows, transform)
     if p["caption_dropout"] > 0:

@@ -160,6 +160,32 @@ def inference_device() -> tuple[Any, Any]:
     return device, default_dtype(device)
 
 
+def resolve_precision(requested: str, cuda: bool, cuda_bf16: bool = True) -> str:
+    """What mixed precision really runs: CPU autocast has no fp16, so fp16 runs as bf16 there; old GPUs lack bf16."""
+    if requested == "fp16" and not cuda:
+        return "bf16"
+    if requested == "bf16" and cuda and not cuda_bf16:
+        return "fp16"
+    return requested
+
+
+def precision_that_runs(requested: str) -> str:
+    """finetune.mixed_precision as it runs on this machine's device."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return resolve_precision(requested, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def frozen_dtype(precision: str, device: Any) -> Any:
+    """The dtype of the frozen VAE and text encoder while fine-tuning: the half type on a GPU, fp32 on a CPU."""
+    import torch
+
+    if device.type == "cpu":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
 ALLOW_CPU = "SKETCH_ALLOW_CPU"
 # Images a profile's fine-tune sees with its default sizes (epochs x training images): study 30 x ~9,000, full 1 x 2,700.
 GPU_PROFILE_IMAGES = {"study": 270_000, "full": 2_700}

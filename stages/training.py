@@ -9,9 +9,9 @@ name, flushed to disk and renamed, so a checkpoint cut off mid-write is never fo
 not match its checkpoint.json is skipped with a log line. Only the newest checkpoint is kept.
 
 A checkpoint resumes only the run that made it: same finetune params (all but `RESUME_SAFE`, which do not change the
-numbers), seed, training inputs, number of processes, device type and mixed precision. Otherwise `find_resumable`
-refuses with a one-line UserError naming what differs, rather than starting over: a checkpoint can hold hours of GPU
-time, so a person decides (delete the folder, or set the settings back).
+numbers), seed, training inputs, accelerate config file, number of processes, device type and mixed precision.
+Otherwise `find_resumable` refuses with a one-line UserError naming what differs, rather than starting over: a
+checkpoint can hold hours of GPU time, so a person decides (delete the folder, or set the settings back).
 
 accelerate writes the optimizer, scheduler, RNG and EMA states with torch.save and reads them back with pickle; these
 files are only ever ones this stage wrote into the project's own git-ignored scratch folder.
@@ -94,11 +94,14 @@ def inputs_digest(folders: list[Path], rows: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(p: dict, seed: int, inputs: str, accelerator: Any) -> dict:
-    """What a checkpoint must share with the current run to be resumed, as a flat dict of named values."""
-    run = {f"finetune.{k}": v for k, v in p.items() if k not in RESUME_SAFE}
-    return run | {"shared.seed": seed, "training inputs": inputs, "number of processes": accelerator.num_processes,
-                  "device type": accelerator.device.type, "mixed precision that ran": accelerator.mixed_precision}
+def fingerprint(p: dict, seed: int, inputs: str, processes: int, device_type: str, precision: str) -> dict:
+    """What a checkpoint must share with the current run to be resumed, as a flat dict of named values: the processes,
+    device type and mixed precision that run (or will run: the preflight asks before accelerate starts them)."""
+    run = {f"finetune.{k}": v for k, v in p.items() if k not in (*RESUME_SAFE, "launch")}
+    # Each process's RNG and data shard is in the checkpoint: another process count is refused by its own name.
+    run["finetune.launch.config_file"] = p["launch"]["config_file"]
+    return run | {"shared.seed": seed, "training inputs": inputs, "number of processes": processes,
+                  "device type": device_type, "mixed precision that ran": precision}
 
 
 def _step_of(folder: Path) -> int:

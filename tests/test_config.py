@@ -97,7 +97,7 @@ def stage_command(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_stage_prints_one_line_and_exits_2(tmp_path):
     params_file(tmp_path, changed("finetune", "epochs", -1))
-    result = stage_command(tmp_path, "stages.finetune", "a", "b", "c", "d", "e", "f", "g")
+    result = stage_command(tmp_path, "stages.finetune", "a", "b", "c", "d", "e", "f", "g", "h")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: finetune.epochs must be a positive integer, got -1; "
@@ -113,7 +113,7 @@ def test_a_guidance_clip_folder_of_the_wrong_kind_is_one_line(tmp_path):
     params_file(tmp_path, params)
     (tmp_path / "split").mkdir()
     (tmp_path / "split/train.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
-    result = stage_command(tmp_path, "stages.finetune", "sd", "sd", "sd", "split", "out", "live", "scratch")
+    result = stage_command(tmp_path, "stages.finetune", "sd", "sd", "sd", "split", "latents", "out", "live", "scratch")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: sd: no open_clip_config.json; expected an open_clip folder (config + open_clip_model.safetensors)")

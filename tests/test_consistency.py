@@ -67,7 +67,7 @@ def test_stage_reads_the_params_sections_it_declares(name):
 def test_every_stage_module_is_a_stage_or_a_shared_module():
     shared = {"config", "outputs", "data", "models", "evaluation", "sketches", "training", "builders", "latents",
               "hub", "imagefolder", "components", "lora", "losses", "modelcard", "validation", "embeddings",
-              "statistics", "figures", "results"}
+              "statistics", "figures", "results", "launch"}
     modules = {p.stem for p in (REPO / "stages").glob("*.py")} - {"__init__"}
     assert modules == set(STAGES) | shared
 

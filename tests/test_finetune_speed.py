@@ -25,6 +25,7 @@ class TwoProcesses:
     """What accelerate does with two processes: each one gets half of the batches."""
 
     num_processes = 2
+    distributed_type = "MULTI_GPU"
 
     def prepare(self, *objects):
         prepared = [obj[: len(obj) // 2] if isinstance(obj, list) else obj for obj in objects]

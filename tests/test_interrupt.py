@@ -91,6 +91,7 @@ def test_killed_finetune_resumes_under_dvc(repo):
 
     printed = sh(repo, "dvc", "repro", "finetune")
     assert re.search(r"resuming from checkpoint scratch/finetune/step-\d+ at step (10|20) ", printed), printed[-3000:]
+    assert "Running stage 'encode'" not in printed and "cache latents" not in printed  # memory-mapped, not re-encoded
     assert (out / "unet/diffusion_pytorch_model.safetensors").is_file()
     assert not scratch.exists()
     assert "up to date" in sh(repo, "dvc", "status", "finetune")

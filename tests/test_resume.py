@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import builders, data, sketches, training
+from stages import builders, data, encode, sketches, training
 from stages.config import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +46,7 @@ def inputs(tmp_path_factory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["finetune"] |= SETTINGS
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    encode.run(root / "sd", root / "raw", root / "split", root / "latents", params["finetune"])  # as the DAG does
     return root
 
 
@@ -61,8 +62,8 @@ def workdir(inputs: Path, name: str, options: dict | None = None) -> Path:
 
 def start(cwd: Path, inputs: Path) -> subprocess.Popen:
     """finetune in a subprocess, its output going to cwd/log.txt (a pipe could fill up and stall it)."""
-    args = [str(inputs / "sd"), str(inputs / "guide"), str(inputs / "raw"), str(inputs / "split"), "out", "live",
-            "scratch"]
+    args = [str(inputs / "sd"), str(inputs / "guide"), str(inputs / "raw"), str(inputs / "split"),
+            str(inputs / "latents"), "out", "live", "scratch"]
     with (cwd / "log.txt").open("a") as log:
         return subprocess.Popen([sys.executable, "-m", "stages.finetune", *args], cwd=cwd, env=ENV, stdout=log,
                                 stderr=subprocess.STDOUT)

@@ -1,0 +1,76 @@
+"""The encode stage: what finetune memory-maps is what it would have encoded itself, bit for bit; an encoding made with
+other settings, images or encoders is refused with one line; random crops are not cached, and say so."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import builders, data, encode, latents, sketches, training
+from stages.config import UserError
+from tests.conftest import composed
+from tests.test_losses import build_parts
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, list[dict], dict]:
+    root = tmp_path_factory.mktemp("inputs")
+    builders.save_random_sd(root / "sd", 0, "tiny")
+    builders.save_random_clip(root / "guide", 11, "tiny")
+    sketches.make_synthetic_sketches(root / "raw", 8, 32, 0)
+    rows = [{"file_name": r["file_name"], "text": r["text"]} for r in data.read_metadata(root / "raw")]
+    (root / "split").mkdir()
+    data.write_jsonl(root / "split" / "train.jsonl", rows)
+    return root / "sd", root / "guide", root / "raw", rows, composed("profile=smoke")["finetune"]
+
+
+@pytest.fixture(scope="module")
+def encoded_dir(inputs, tmp_path_factory, one_thread) -> Path:
+    out = tmp_path_factory.mktemp("encoded") / "latents"
+    encode.run(inputs[0], inputs[2], inputs[2].parent / "split", out, inputs[4])
+    return out
+
+
+def items_of(inputs: tuple, p: dict, encoded: Path | None) -> list[dict]:
+    """Every training item of epoch 0 as training.SeededItems draws them, collated one by one."""
+    items, collate = latents.training_items(inputs[2], inputs[3], build_parts(inputs), p, encoded, inputs[0])
+    dataset = training.SeededItems(items, 0)
+    return [collate([dataset[i]]) for i in range(len(dataset))]
+
+
+def test_the_stage_s_files_train_on_exactly_what_encoding_in_memory_gives(inputs, encoded_dir, one_thread):
+    p = inputs[4] | {"caption_dropout": 0.5}
+    from_files, in_memory = items_of(inputs, p, encoded_dir), items_of(inputs, p, None)
+    for a, b in zip(from_files, in_memory):
+        assert torch.equal(a["latent_mean"], b["latent_mean"]) and torch.equal(a["latent_std"], b["latent_std"])
+        assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"]) and a["captions"] == b["captions"]
+    assert any(item["captions"] == [latents.EMPTY_CAPTION] for item in from_files)  # dropout needs no re-encoding
+    files = latents.load_encoded(encoded_dir, inputs[3], inputs[4], inputs[0])
+    assert files.mean.shape[:2] == (2, 8)  # both flips of every image
+
+
+def test_an_encoding_made_with_other_settings_images_or_encoders_is_refused_with_one_line(inputs, encoded_dir,
+                                                                                         tmp_path):
+    rows, p, sd = inputs[3], inputs[4], inputs[0]
+    with pytest.raises(UserError, match=r"encoded with finetune.resolution 32 \(now 64\).*run `dvc repro encode`"):
+        latents.load_encoded(encoded_dir, rows, p | {"resolution": 64}, sd)
+    with pytest.raises(UserError, match="other training images"):
+        latents.load_encoded(encoded_dir, rows[:-1], p, sd)
+    other_sd = tmp_path / "sd"
+    builders.save_random_sd(other_sd, 1, "tiny")
+    with pytest.raises(UserError, match="the VAE or text encoder of another"):
+        latents.load_encoded(encoded_dir, rows, p, other_sd)
+
+
+def test_random_crops_are_not_cached_and_the_fine_tune_encodes_every_step(inputs, tmp_path, caplog):
+    p = inputs[4] | {"center_crop": False}
+    with caplog.at_level(logging.INFO):
+        encode.run(inputs[0], inputs[2], inputs[2].parent / "split", tmp_path / "latents", p)
+    assert "nothing cached (random crops (center_crop off))" in caplog.text
+    assert sorted(f.name for f in (tmp_path / "latents").iterdir()) == [latents.INDEX_FILE]
+    item = items_of(inputs, p, tmp_path / "latents")[0]
+    assert "pixel_values" in item and "latent_mean" not in item
+    with pytest.raises(UserError, match="not an encoding .*random crops"):
+        latents.load_encoded(tmp_path / "latents", inputs[3], inputs[4], inputs[0])
