@@ -14,6 +14,10 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.results import flatten  # noqa: E402  (run as a script: the repository root is not on the path)
 
 HEADLINE = ("clip_score_base", "clip_score_finetuned", "clip_score_diff", "style_share_base", "style_share_finetuned",
             "loss")
@@ -23,16 +27,6 @@ ARMS = ("base", "finetuned", "diff")
 MARKDOWN_METRICS = (*(f"{family}_{arm}" for family in ("clip_score", "test_clip_score", "kid", "cmmd",
                                                          "style_similarity", "style_share", "test_style_share")
                       for arm in ARMS), "loss", "val_loss")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def experiments(shown: list[dict]) -> list[dict]:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SPEED = ("compile", "channels_last", "fuse_qkv", "vae_batch_size")  # change pixels by float rounding at most
 
 
-def test_captions(split: Path, wanted: int, seed: int) -> list[dict]:
+def held_out_captions(split: Path, wanted: int, seed: int) -> list[dict]:
     """`wanted` rows of the test split (file_name, text), drawn with the seed; all of them when it holds fewer."""
     if wanted == 0:
         return []
@@ -156,7 +156,7 @@ def render(pipe: StableDiffusionPipeline, rows: list[dict], p: dict, out: Path) 
 def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int) -> list[dict]:
     """Render all images of one model into `out`; return the manifest rows."""
     models.check_sd_folder(model_dir)
-    held_out = test_captions(split, p["test_captions"], seed)
+    held_out = held_out_captions(split, p["test_captions"], seed)
     pipe = load_pipeline(model_dir, p)
     # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.
     rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": str(pipe.unet.dtype).split(".")[-1]}

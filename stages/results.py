@@ -97,6 +97,7 @@ def warnings(params: dict, metrics: dict) -> list[str]:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested params as flat dotted keys: {"finetune": {"epochs": 2}} -> {"finetune.epochs": 2}."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):

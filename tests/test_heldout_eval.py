@@ -18,9 +18,9 @@ GENERATE = {"prompts": ["a", "b"], "images_per_prompt": 3, "style_prompt": "S", 
 
 def test_held_out_captions_get_their_own_seeds_after_the_study_s_and_the_same_for_both_models(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in range(20)])
-    held_out = generate.test_captions(tmp_path, 5, seed=7)
-    assert held_out == generate.test_captions(tmp_path, 5, seed=7) and len(held_out) == 5
-    assert held_out != generate.test_captions(tmp_path, 5, seed=8)  # drawn with the seed, not the first five
+    held_out = generate.held_out_captions(tmp_path, 5, seed=7)
+    assert held_out == generate.held_out_captions(tmp_path, 5, seed=7) and len(held_out) == 5
+    assert held_out != generate.held_out_captions(tmp_path, 5, seed=8)  # drawn with the seed, not the first five
     base, tuned = generate.plan("base", GENERATE, 100, held_out), generate.plan("finetuned", GENERATE, 100, held_out)
     test_rows = [row for row in base if row["set"] == "test"]
     assert [row["seed"] for row in base] == list(range(100, 111)) == [row["seed"] for row in tuned]
@@ -32,12 +32,12 @@ def test_held_out_captions_get_their_own_seeds_after_the_study_s_and_the_same_fo
 def test_a_test_split_smaller_than_asked_gives_one_line_and_all_it_has(tmp_path, caplog):
     write_jsonl(tmp_path / "test.jsonl", [{"file_name": "0.png", "text": "only one"}])
     with caplog.at_level(logging.WARNING):
-        assert len(generate.test_captions(tmp_path, 10, seed=0)) == 1
+        assert len(generate.held_out_captions(tmp_path, 10, seed=0)) == 1
     assert "generate.test_captions is 10 but" in caplog.text and "holds 1 test captions" in caplog.text
     write_jsonl(tmp_path / "test.jsonl", [])
-    assert generate.test_captions(tmp_path, 10, seed=0) == []
+    assert generate.held_out_captions(tmp_path, 10, seed=0) == []
     assert "held-out set is skipped" in caplog.text
-    assert generate.test_captions(tmp_path / "nowhere", 0, seed=0) == []  # off: the split is not even read
+    assert generate.held_out_captions(tmp_path / "nowhere", 0, seed=0) == []  # off: the split is not even read
 
 
 @pytest.fixture(scope="module")
