@@ -195,6 +195,8 @@ def check_inputs(folders: Folders, p: dict) -> tuple[list[dict], list[dict]]:
     rows = data.read_jsonl(require_path(folders.split / "train.jsonl", "run the split stage first"))
     if not rows:
         raise UserError(f"{folders.split}/train.jsonl is empty; raise split.fractions.train or add data")
+    if folders.latents is not None and latents.cacheable(p):
+        latents.check_encoded(folders.latents, rows, p, folders.sd)  # another resolution: one line, not per process
     val = folders.split / "val.jsonl"
     return rows, data.read_jsonl(val) if p["validate_every"] and val.is_file() else []
 

@@ -195,11 +195,9 @@ def save_encoded(folder: Path, encoded: Encoded, settings: dict) -> None:
                                                 "file_names": encoded.file_names})
 
 
-def load_encoded(folder: Path, rows: list[dict], p: dict, sd_dir: Path) -> Encoded:
-    """The encoding in `folder`, memory-mapped (each process pages in only the items of its shard); one line when it
-    was made from other images, settings or encoders, before any training."""
-    from safetensors.torch import load_file
-
+def check_encoded(folder: Path, rows: list[dict], p: dict, sd_dir: Path) -> dict:
+    """index.json of the encoding in `folder`; one line when it was made from other images, settings or encoders
+    (finetune's preflight asks before any process starts)."""
     index = json.loads(require_path(folder / INDEX_FILE, "run `dvc repro encode` first").read_text())
     if not index["cached"]:
         raise UserError(f"{folder}: not an encoding ({index['reason']}); set finetune.cache_latents and "
@@ -211,6 +209,14 @@ def load_encoded(folder: Path, rows: list[dict], p: dict, sd_dir: Path) -> Encod
         differ.append("other training images")
     if differ:
         raise UserError(f"{folder} was encoded with {'; '.join(differ)}: run `dvc repro encode`")
+    return index
+
+
+def load_encoded(folder: Path, rows: list[dict], p: dict, sd_dir: Path) -> Encoded:
+    """The encoding in `folder`, checked, memory-mapped: each process pages in only the items of its shard."""
+    from safetensors.torch import load_file
+
+    index = check_encoded(folder, rows, p, sd_dir)
     latents, text = load_file(str(folder / LATENTS_FILE)), load_file(str(folder / TEXT_FILE))
     return Encoded(latents["mean"], latents["std"], text["text"], index["captions"], index["file_names"])
 

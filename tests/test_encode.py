@@ -74,3 +74,26 @@ def test_random_crops_are_not_cached_and_the_fine_tune_encodes_every_step(inputs
     assert "pixel_values" in item and "latent_mean" not in item
     with pytest.raises(UserError, match="not an encoding .*random crops"):
         latents.load_encoded(tmp_path / "latents", inputs[3], inputs[4], inputs[0])
+
+
+def test_the_fine_tune_s_preflight_refuses_an_encoding_of_another_resolution_in_one_line(inputs, encoded_dir,
+                                                                                        tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    params = composed("profile=smoke")
+    params["finetune"]["resolution"] = 64
+    config = Path(__file__).parents[1] / params["finetune"]["launch"]["config_file"]  # run outside the repository
+    params["finetune"]["launch"]["config_file"] = str(config)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sd, guide, raw = inputs[0], inputs[1], inputs[2]
+    args = [str(sd), str(guide), str(raw), str(raw.parent / "split"), str(encoded_dir), "out", "live", "scratch"]
+    result = subprocess.run([sys.executable, "-m", "stages.finetune", "--preflight", *args], cwd=tmp_path,
+                            capture_output=True, text=True, env={**__import__("os").environ,
+                                                                 "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "finetune.resolution 32 (now 64)" in lines[-1]
+    assert "Traceback" not in result.stderr
