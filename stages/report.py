@@ -99,9 +99,10 @@ def captions_section(reports: Path, p: dict) -> list[str]:
     return parts
 
 
-def markdown(params: dict, reports: Path, study_rows: dict, figures_rel: str, p: dict, examples: bool) -> str:
+def markdown(params: dict, reports: Path, study_rows: dict, figures_rel: str, p: dict, examples: bool,
+             clip_metrics: dict) -> str:
     """The report text: results first, settings last."""
-    metrics = load_metrics(reports, "clip_eval.json") | load_metrics(reports, "blip_check.json")
+    metrics = clip_metrics | load_metrics(reports, "blip_check.json")
     scorer = json.loads((reports / "clip_eval" / "scorer.json").read_text())
     prompts = list(dict.fromkeys(r["prompt"] for r in study_rows[MODELS[0]]))
     training = load_metrics(reports, "finetune/metrics.json")
@@ -140,7 +141,8 @@ def run(samples: Path, reports: Path, raw: Path, split: Path, out_md: Path, figu
     examples = train[:p["training_examples"]]
     metrics = load_metrics(reports, "clip_eval.json")
     write_figures(study_rows, reports, examples, raw, figures_dir, metrics)
-    text = markdown(params, reports, study_rows, os.path.relpath(figures_dir, out_md.parent), p, bool(examples))
+    text = markdown(params, reports, study_rows, os.path.relpath(figures_dir, out_md.parent), p, bool(examples),
+                    metrics)
     with atomic_file(out_md) as tmp:
         tmp.write_text(text)
     log.info("report written to %s", out_md)
