@@ -39,8 +39,8 @@ test: setup
 	  || echo "chromium not installed: the offline plots-page test will be skipped"; }
 	python -m pytest -q tests
 
-bench: setup
-	python bench/smoke_dag.py
+bench: setup  # make bench AGAINST=<rev>: that commit's DAG too, side by side
+	python bench/smoke_dag.py $(if $(AGAINST),--against $(AGAINST))
 
 compare: setup
 	@python scripts/compare.py

@@ -1,12 +1,13 @@
-"""Time the smoke DAG stage by stage on a fresh clone of this repository, then the re-run after a training-only
-change (what an experiment with another learning rate costs: the encode and embed_real stages are reused), and print
-the figures.
+"""Time the smoke DAG as a user runs it, one `dvc repro` on a fresh clone, stage by stage; then the re-run after a
+training-only change (what an experiment with another learning rate costs: encode and embed_real are reused).
+With --against REV, the same for another commit (a branch, a tag, HEAD~1) in the same run, side by side.
 
-Run: python bench/smoke_dag.py   (or `make bench`). Needs the project's virtual environment on PATH.
-Each stage runs through `dvc repro --single-item`, so a figure includes DVC's own start-up (printed separately).
+Run: python bench/smoke_dag.py [--against REV]   (or `make bench`). Needs the project's virtual environment on PATH.
+A stage's figure runs from DVC's "Running stage" line to the next one: its process, and DVC hashing its outputs.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,47 +23,80 @@ sys.path.insert(0, str(REPO))
 
 from stages.config import compose_params  # noqa: E402
 
+TARGET_SECONDS = 90  # the whole smoke DAG on the reference machine (2 CPU cores)
 
-def run(cwd: Path, *args: str) -> tuple[float, str]:
-    """Seconds a command took, and what it printed."""
+
+@dataclass
+class Timing:
+    stages: dict[str, float]  # seconds, in the order they ran
+    total: float  # the whole `dvc repro`, DVC's start-up included
+    rerun: float  # after a training-only change
+    rerun_stages: list[str]
+
+
+def timed_repro(clone: Path) -> tuple[float, dict[str, float]]:
+    """Seconds of `dvc repro`, and of each stage it ran (read off the time each "Running stage" line came)."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    return time.perf_counter() - started, result.stdout + result.stderr
+    marks: list[tuple[str, float]] = []
+    printed: list[str] = []
+    with subprocess.Popen(["dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        for line in proc.stdout:
+            printed.append(line)
+            if found := re.search(r"Running stage '([^']+)'", line):
+                marks.append((found.group(1), time.perf_counter()))
+    total = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"dvc repro failed in {clone}:\n{''.join(printed)[-3000:]}")
+    ends = [at for _, at in marks[1:]] + [started + total]
+    return total, {name: end - at for (name, at), end in zip(marks, ends)}
 
 
-def training_only_change(clone: Path) -> tuple[float, list[str]]:
-    """Re-run the DAG after changing the learning rate: seconds and the stages that ran."""
+def measure(rev: str, workdir: Path) -> Timing:
+    """The DAG of commit `rev` on a fresh clone, composed for the smoke profile, and its training-only re-run."""
+    clone = workdir / rev.replace("/", "_")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", rev], cwd=clone, check=True)
+    compose_params(clone / "params.yaml", clone, ["profile=smoke"])
+    total, stages = timed_repro(clone)
     compose_params(clone / "params.yaml", clone, ["profile=smoke", "finetune.learning_rate=3e-4"])
-    seconds, printed = run(clone, "dvc", "repro")
-    return seconds, re.findall(r"Running stage '([^']+)'", printed)
+    rerun, rerun_stages = timed_repro(clone)
+    return Timing(stages, total, rerun, list(rerun_stages))
 
 
-def smoke_clone(target: Path) -> Path:
-    """A clone of the committed repository with params.yaml composed for the smoke profile."""
-    subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True)
-    compose_params(target / "params.yaml", target, ["profile=smoke"])
-    return target
+def print_table(timings: dict[str, Timing]) -> None:
+    names = list(dict.fromkeys(name for timing in timings.values() for name in timing.stages))
+    revs = list(timings)
+    print(f"smoke DAG on {os.cpu_count()} CPU cores, Python {platform.python_version()}, {platform.machine()}; "
+          "seconds, one `dvc repro` on a fresh clone")
+    header = "".join(f"{rev[:12]:>14}" for rev in revs) + ("   ratio" if len(revs) == 2 else "")
+    print(f"{'stage':<22}{header}")
+
+    def row(label: str, values: list[float | None]) -> None:
+        cells = "".join(f"{v:>14.1f}" if v is not None else f"{'-':>14}" for v in values)
+        ratio = f"{values[0] / values[1]:>8.2f}" if len(values) == 2 and all(values) else ""
+        print(f"{label:<22}{cells}{ratio}")
+
+    for name in names:
+        row(name, [timings[rev].stages.get(name) for rev in revs])
+    row("total", [timings[rev].total for rev in revs])
+    row("training-only re-run", [timings[rev].rerun for rev in revs])
+    for rev in revs:
+        timing = timings[rev]
+        verdict = "within" if timing.total < TARGET_SECONDS else "over"
+        print(f"{rev}: {verdict} the {TARGET_SECONDS} s target; re-run = {timing.rerun / timing.total:.2f} x the DAG, "
+              f"stages run: {', '.join(timing.rerun_stages)}")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", metavar="REV", help="another commit to time in the same run, after HEAD")
+    args = parser.parse_args()
+    revs = ["HEAD"] + ([args.against] if args.against else [])
     with tempfile.TemporaryDirectory(prefix="smoke-bench-") as tmp:
-        clone = smoke_clone(Path(tmp) / "repo")
-        stages = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=clone, capture_output=True, text=True,
-                                check=True).stdout.split()
-        dvc_overhead = run(clone, "dvc", "status")[0]
-        figures = [(stage, run(clone, "dvc", "repro", "--single-item", stage)[0]) for stage in stages]
-        rerun, rerun_stages = training_only_change(clone)
-    total = sum(seconds for _, seconds in figures)
-    print(f"smoke DAG on {os.cpu_count()} CPU cores, Python {platform.python_version()}, {platform.machine()}")
-    print(f"{'stage':<22}{'seconds':>9}")
-    for stage, seconds in figures:
-        print(f"{stage:<22}{seconds:>9.1f}")
-    print(f"{'total':<22}{total:>9.1f}")
-    print(f"(each figure includes DVC start-up: `dvc status` alone takes {dvc_overhead:.1f} s)")
-    print(f"re-run after a training-only change (finetune.learning_rate): {rerun:.1f} s = {rerun / total:.2f} x the "
-          f"whole DAG; stages run: {', '.join(rerun_stages)}")
+        timings = {rev: measure(rev, Path(tmp)) for rev in revs}
+    print_table(timings)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ mistyped setting stops the first stage that runs, with one line naming the key a
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
 import functools
+import gc
 import logging
 import os
 import sys
@@ -190,6 +192,7 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quick_start_and_exit()
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         for ours in ("__main__", "stages"):  # libraries' INFO chatter (open_clip logs to root) stays hidden
             logging.getLogger(ours).setLevel(logging.INFO)
@@ -202,6 +205,15 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def quick_start_and_exit() -> None:
+    """Spare a stage process the garbage collector's passes over the millions of long-lived objects that importing
+    torch, diffusers and open_clip creates: about 1.5 s while importing (collections run 14x less often) and 1.5 s at
+    exit (the last collection skips them), out of 5 to 10 s per stage on the smoke DAG. Reference cycles made while
+    training or generating are still collected."""
+    gc.set_threshold(10_000, 10, 10)
+    atexit.register(gc.freeze)
 
 
 def require_path(path: Path, what: str) -> Path:

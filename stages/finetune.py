@@ -19,10 +19,11 @@ line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR
 the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
-Processes: dvc.yaml runs `python -m stages.finetune --preflight ARGS` (params, the accelerate config named by
-`finetune.launch.config_file`, the process count against this machine's GPUs, the inputs and a checkpoint: one line
-each, exit 2, before any process starts; stages/launch.py), then `accelerate launch --config_file ...
---num_processes ${finetune.launch.num_processes} -m stages.finetune ARGS`. Each process trains on its own shard of
+Processes: `python -m stages.finetune ARGS` first checks params, the accelerate config named by
+`finetune.launch.config_file`, the process count against this machine's GPUs, the inputs and a checkpoint (one line
+each, exit 2, before any process starts; stages/launch.py). One plain process then trains right there; several (or
+DeepSpeed, FSDP) run as `accelerate launch --config_file ... --num_processes ${finetune.launch.num_processes}
+-m stages.finetune ARGS`, which this process becomes. Each process trains on its own shard of
 every epoch (one line an epoch counts the items of each and the distinct ones) with its own noise (seed + process
 index); the effective batch is train_batch_size x processes x gradient_accumulation_steps and steps count optimizer
 steps. The main process alone writes OUT_DIR, LIVE_DIR and the log. README "Scaling out" says which config for which
@@ -32,9 +33,9 @@ Speed: `cache_latents` (stages/latents.py), `optimizer: adamw_fused`, `channels_
 bench/finetune_speed.py (bench/FINETUNE.md).
 
 Run: python -m stages.finetune SD_DIR GUIDE_DIR RAW_DIR SPLIT_DIR LATENTS_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
-(one process; several: accelerate launch [--config_file ...] [--num_processes N] -m stages.finetune ..., with
-finetune.launch.num_processes = N in params.yaml; --preflight: check only). params.yaml is validated whole before any
-work.
+(--preflight: check only; by hand on several machines: accelerate launch [--config_file ...] [--num_processes N]
+-m stages.finetune ..., with finetune.launch.num_processes = N in params.yaml). params.yaml is validated whole before
+any work.
 Example: python -m stages.finetune models/pretrained/sd models/pretrained/guide data/raw data/split data/latents \
     models/finetuned \
     reports/finetune scratch/finetune
@@ -46,6 +47,7 @@ import functools
 import logging
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,15 +212,16 @@ def run_fingerprint(folders: Folders, rows: list[dict], p: dict, seed: int, styl
         "generate.style_prompt": style_prompt}
 
 
-def preflight(folders: Folders, p: dict, seed: int, style_prompt: str) -> None:
-    """What dvc.yaml's command checks before `accelerate launch` starts a process: the launch settings, the inputs and
-    a checkpoint made by another run, each refused with one line (the processes would each print it, amid torchrun's
-    report)."""
-    launch.check(p)
+def preflight(folders: Folders, p: dict, seed: int, style_prompt: str) -> bool:
+    """What the stage checks before it trains or `accelerate launch` starts a process: the launch settings, the inputs
+    and a checkpoint made by another run, each refused with one line (the processes would each print it, amid
+    torchrun's report). Returns whether the run needs the launcher."""
+    config = launch.check(p)
     rows, _ = check_inputs(folders, p)
     training.find_resumable(folders.scratch, run_fingerprint(
         folders, rows, p, seed, style_prompt, p["launch"]["num_processes"], launch.device_type(),
         models.precision_that_runs(p["mixed_precision"])))
+    return launch.needs_launcher(config, p["launch"]["num_processes"])
 
 
 def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
@@ -289,15 +292,19 @@ def main() -> None:
         "live": "the dvclive folder to write (reports/finetune)",
         "scratch": "where resumable checkpoints go while training runs (scratch/finetune)",
         "--preflight": {"action": "store_true", "help": "only check params, the launch settings, the inputs and a "
-                        "checkpoint, as dvc.yaml's command does before `accelerate launch`"},
+                        "checkpoint, as the stage does before it trains or starts `accelerate launch`"},
     })
     p, shared, style_prompt = load_params("finetune"), load_shared(), load_params("generate")["style_prompt"]
     models.require_gpu(shared["profile"])
     checking = vars(args).pop("preflight")
-    if checking:
-        preflight(Folders(**vars(args)), p, shared["seed"], style_prompt)
-    else:
-        run(Folders(**vars(args)), p, shared["seed"], style_prompt)
+    folders = Folders(**vars(args))
+    if not launch.started_by_launcher():
+        launching = preflight(folders, p, shared["seed"], style_prompt)
+        if checking:
+            return
+        if launching:
+            launch.relaunch(p, sys.argv[1:])
+    run(folders, p, shared["seed"], style_prompt)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """How finetune runs on one or several processes: the accelerate config that `finetune.launch` names, checked before
 `accelerate launch` starts anything, and what the processes of one run do about each other.
 
-The stage command is `python -m stages.finetune --preflight ARGS && accelerate launch --config_file CONFIG
---num_processes N -m stages.finetune ARGS`. The preflight (`check`) stops with one line on a config file that is
-missing or not an accelerate config, more processes than the machine has GPUs, and settings the config cannot run.
+The stage command is `python -m stages.finetune ARGS`. Its preflight (`check`) stops with one line on a config file
+that is missing or not an accelerate config, more processes than the machine has GPUs, and settings the config cannot
+run. One plain process then trains in that same process; anything else (several processes, DeepSpeed, FSDP, a choice
+of GPUs) becomes `accelerate launch --config_file CONFIG --num_processes N -m stages.finetune ARGS` in its place
+(`relaunch`), whose processes skip the preflight.
 
 Multi-process configs run their processes through torchrun, the CPU one (conf/accelerate/cpu.yaml) included:
 accelerate's own MULTI_CPU type starts one process unless mpirun starts the others, so the CPU config is a MULTI_GPU
@@ -16,7 +18,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stages.config import UserError
 
@@ -97,13 +99,39 @@ def check_settings(config: Any, path: Path, p: dict) -> None:
                             f"finetune.max_grad_norm is {p['max_grad_norm']}; make them equal")
 
 
-def check(p: dict) -> None:
+def check(p: dict) -> Any:
     """Everything `accelerate launch` would need, checked before it starts: the config, the process count, the
-    settings."""
+    settings. Returns the config."""
     path, n = Path(p["launch"]["config_file"]), p["launch"]["num_processes"]
     config = read_config(path)
     check_processes(config, path, n, cuda_devices())
     check_settings(config, path, p)
+    return config
+
+
+def started_by_launcher() -> bool:
+    """Whether `accelerate launch` started this process: each of its launchers passes the mixed precision on."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def needs_launcher(config: Any, n: int) -> bool:
+    """Whether the run needs `accelerate launch`: not for one process that neither shards nor picks GPUs nor
+    compiles through accelerate, which trains in the stage's own process (launching it would only start Python and
+    import torch a second time, some 5 s)."""
+    kind = str(config.distributed_type).split(".")[-1]
+    return n > 1 or kind not in ("NO", "MULTI_GPU") or config.gpu_ids not in (None, "all") or bool(config.dynamo_config)
+
+
+def relaunch(p: dict, args: list[str]) -> NoReturn:
+    """Replace this process by `accelerate launch` of stages.finetune with `args`: DVC, a kill and the exit code see
+    the launcher as they saw the stage."""
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+               p["launch"]["config_file"], "--num_processes", str(p["launch"]["num_processes"]),
+               "-m", "stages.finetune", *args]
+    log.info("starting %d process(es): accelerate launch %s", p["launch"]["num_processes"], " ".join(command[5:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 def check_launched(accelerator: Any, p: dict) -> None:

@@ -195,9 +195,11 @@ CPU_TFLOPS_PER_CORE = 0.05  # an assumption, not a measurement: sustained fp32 t
 
 def require_gpu(profile: str) -> None:
     """Stop a study-sized profile on a machine without CUDA, with an estimate of the time it would take instead."""
+    if profile not in GPU_PROFILE_IMAGES or os.environ.get(ALLOW_CPU) == "1":
+        return  # before importing torch: fetching the dataset needs none
     import torch
 
-    if profile not in GPU_PROFILE_IMAGES or torch.cuda.is_available() or os.environ.get(ALLOW_CPU) == "1":
+    if torch.cuda.is_available():
         return
     cores = os.cpu_count() or 1
     days = GPU_PROFILE_IMAGES[profile] * TFLOP_PER_IMAGE / (cores * CPU_TFLOPS_PER_CORE) / 86_400

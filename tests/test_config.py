@@ -1,6 +1,7 @@
 """Parameter validation: every bad value or unknown key stops with one line naming the key, before any work."""
 import copy
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,7 @@ def test_a_guidance_clip_folder_of_the_wrong_kind_is_one_line(tmp_path):
     params_file(tmp_path, params)
     (tmp_path / "split").mkdir()
     (tmp_path / "split/train.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    shutil.copytree(REPO / "conf/accelerate", tmp_path / "conf/accelerate")  # the launch settings pass the preflight
     result = stage_command(tmp_path, "stages.finetune", "sd", "sd", "sd", "split", "latents", "out", "live", "scratch")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

@@ -1,5 +1,5 @@
-"""finetune on 2 CPU processes (gloo over localhost), through dvc.yaml's own command (preflight, then `accelerate
-launch`), on a fresh copy of the repository in the smoke setting, shrunk to 64 training images.
+"""finetune on 2 CPU processes (gloo over localhost), through dvc.yaml's own command (the preflight, then the stage
+becomes `accelerate launch`), on a fresh copy of the repository in the smoke setting, shrunk to 64 training images.
 
 With 4 images a batch on each of 2 processes and gradient accumulation 2, README "Scaling out" says: an effective
 batch of 16, 64 / (4 x 2) = 8 batches per process per epoch, 4 optimizer steps per epoch, 8 in 2 epochs, and an LR
@@ -76,7 +76,8 @@ def logged_steps(root: Path) -> int:
 
 
 def wait_for_checkpoint(root: Path, proc: subprocess.Popen, step: int):
-    """The launcher and its processes, once checkpoint `step` is written and a later step logged."""
+    """The stage's process and the processes that train, once checkpoint `step` is written and a later step logged:
+    the launcher it became and the launcher's processes, or (one plain process) the stage's process alone."""
     import psutil
 
     deadline = time.monotonic() + 300
@@ -84,9 +85,9 @@ def wait_for_checkpoint(root: Path, proc: subprocess.Popen, step: int):
         assert proc.poll() is None, "finetune ended before it was killed:\n" + (root / "killed.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
         time.sleep(0.05)
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    launcher = next(p for p in tree if "launch" in p.cmdline() and any("accelerate" in a for a in p.cmdline()))
-    return launcher, launcher.children(recursive=True)
+    stage = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "stages.finetune" in p.cmdline())
+    launched = "launch" in stage.cmdline() and any("accelerate" in a for a in stage.cmdline())
+    return stage, stage.children(recursive=True) if launched else [stage]
 
 
 def kill(root: Path, proc: subprocess.Popen, launcher, processes: list, launcher_only: bool) -> None:
@@ -119,7 +120,7 @@ def test_checkpoint_of_one_process_is_refused_by_two(repo):
     use(repo, 1)
     proc = start(repo)
     launcher, processes = wait_for_checkpoint(repo, proc, 2)
-    assert len(processes) == 1
+    assert processes == [launcher] and "launch" not in launcher.cmdline()  # one plain process: no accelerate launch
     kill(repo, proc, launcher, processes, launcher_only=False)
 
     use(repo, PROCESSES)
@@ -141,7 +142,7 @@ def resumed(repo) -> tuple[dict, str]:
     shutil.rmtree(repo / SCRATCH, ignore_errors=True)
     proc = start(repo)
     launcher, processes = wait_for_checkpoint(repo, proc, 2)
-    assert len(processes) == PROCESSES
+    assert len(processes) == PROCESSES and "launch" in launcher.cmdline()
     kill(repo, proc, launcher, processes, launcher_only=True)
     printed = finetune(repo)
     return snapshot(repo), printed
@@ -251,6 +252,18 @@ def test_more_processes_than_gpus_is_refused():
     launch.check_processes(config("cpu.yaml"), Path("cpu.yaml"), 3, 0)  # CPU processes: any number
     with pytest.raises(UserError, match=r"one_gpu\.yaml runs one process; set it to 1"):
         launch.check_processes(config("one_gpu.yaml"), Path("one_gpu.yaml"), 2, 2)
+
+
+def test_only_what_one_plain_process_cannot_do_is_launched(tmp_path):
+    assert not launch.needs_launcher(config("one_gpu.yaml"), 1)
+    assert not launch.needs_launcher(config("cpu.yaml"), 1)
+    assert launch.needs_launcher(config("cpu.yaml"), 2)
+    assert launch.needs_launcher(config("ddp.yaml"), 2)
+    assert launch.needs_launcher(config("fsdp.yaml"), 1)  # sharding, even on one GPU (e.g. to offload)
+    assert launch.needs_launcher(config("deepspeed_zero2.yaml"), 1)
+    chosen = tmp_path / "gpu_1.yaml"
+    chosen.write_text((CONFIGS / "one_gpu.yaml").read_text() + "gpu_ids: '1'\n")
+    assert launch.needs_launcher(launch.read_config(chosen), 1)  # the launcher sets CUDA_VISIBLE_DEVICES
 
 
 def test_processes_of_several_machines_are_counted_per_machine(tmp_path):

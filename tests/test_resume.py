@@ -57,6 +57,7 @@ def workdir(inputs: Path, name: str, options: dict | None = None) -> Path:
     params = yaml.safe_load((inputs / "params.yaml").read_text())
     params["finetune"] |= options or {}
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(REPO / "conf/accelerate", cwd / "conf/accelerate")  # finetune.launch.config_file
     return cwd
 
 
