@@ -1,12 +1,12 @@
 """finetune: fine-tune the Stable Diffusion UNet on the training split (the study's recipe, and the options past it).
 
 Reads SD_DIR (pipeline folder from fetch), GUIDE_DIR (the guidance CLIP, used by `clip_loss` only), RAW_DIR
-(imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's cached latents and text embeddings,
-memory-mapped; read with `cache_latents`, refused with one line when made with other settings) and params `finetune`, `shared` and `generate.style_prompt` (the CLIP loss's
-pre-prompt). Writes OUT_DIR, a diffusers pipeline folder whose UNet is the fine-tuned (EMA) one, with
-training_info.json (what made it), a model card README.md and, with `method: lora`, the adapter alone
-(lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same folder, byte for
-byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation images every
+(imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's latents and text embeddings, memory-mapped
+with `cache_latents`; refused in one line when made with other settings) and params `finetune`, `shared` and
+`generate.style_prompt` (the CLIP loss's pre-prompt). Writes OUT_DIR, a diffusers pipeline folder whose UNet is the
+fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the adapter alone
+(lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same folder, byte
+for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation images every
 `validate_every` steps) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every run, so they stay
 out of the model folder and the metrics).
 
@@ -19,26 +19,21 @@ line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR
 the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
-Processes: `python -m stages.finetune ARGS` first checks params, the accelerate config named by
-`finetune.launch.config_file`, the process count against this machine's GPUs, the inputs and a checkpoint (one line
-each, exit 2, before any process starts; stages/launch.py). One plain process then trains right there; several (or
-DeepSpeed, FSDP) run as `accelerate launch --config_file ... --num_processes ${finetune.launch.num_processes}
--m stages.finetune ARGS`, which this process becomes. Each process trains on its own shard of
-every epoch (one line an epoch counts the items of each and the distinct ones) with its own noise (seed + process
-index); the effective batch is train_batch_size x processes x gradient_accumulation_steps and steps count optimizer
-steps. The main process alone writes OUT_DIR, LIVE_DIR and the log. README "Scaling out" says which config for which
-card, and how to run on several machines.
+Processes: the stage first checks params, the accelerate config named by `finetune.launch.config_file`, the process
+count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stages/launch.py). One plain
+process then trains right there; more (or DeepSpeed, FSDP) run as `accelerate launch ... -m stages.finetune ARGS`,
+which this process becomes. Each process trains on its own shard of every epoch with its own noise (seed + process
+index); the effective batch is train_batch_size x processes x gradient_accumulation_steps, steps count optimizer
+steps, and the main process alone writes OUT_DIR, LIVE_DIR and the log (README "Scaling out").
 
 Speed: `cache_latents` (stages/latents.py), `optimizer: adamw_fused`, `channels_last`, `compile_unet`; measured by
 bench/finetune_speed.py (bench/FINETUNE.md).
 
 Run: python -m stages.finetune SD_DIR GUIDE_DIR RAW_DIR SPLIT_DIR LATENTS_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
-(--preflight: check only; by hand on several machines: accelerate launch [--config_file ...] [--num_processes N]
--m stages.finetune ..., with finetune.launch.num_processes = N in params.yaml). params.yaml is validated whole before
-any work.
+(--preflight: check only; on several machines: accelerate launch ... -m stages.finetune ARGS by hand). params.yaml is
+validated whole before any work.
 Example: python -m stages.finetune models/pretrained/sd models/pretrained/guide data/raw data/split data/latents \
-    models/finetuned \
-    reports/finetune scratch/finetune
+    models/finetuned reports/finetune scratch/finetune
 """
 from __future__ import annotations
 
