@@ -65,11 +65,18 @@ def measure(rev: str, workdir: Path) -> Timing:
     return Timing(stages, total, rerun, list(rerun_stages))
 
 
-def print_table(timings: dict[str, Timing]) -> None:
+def torch_import_seconds() -> float:
+    """How fast the machine is right now: most of a stage's time is importing torch and the libraries above it."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def print_table(timings: dict[str, Timing], torch_seconds: float) -> None:
     names = list(dict.fromkeys(name for timing in timings.values() for name in timing.stages))
     revs = list(timings)
     print(f"smoke DAG on {os.cpu_count()} CPU cores, Python {platform.python_version()}, {platform.machine()}; "
-          "seconds, one `dvc repro` on a fresh clone")
+          f"seconds, one `dvc repro` on a fresh clone; `import torch` alone took {torch_seconds:.1f} s")
     header = "".join(f"{rev[:12]:>14}" for rev in revs) + ("   ratio" if len(revs) == 2 else "")
     print(f"{'stage':<22}{header}")
 
@@ -94,9 +101,10 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="another commit to time in the same run, after HEAD")
     args = parser.parse_args()
     revs = ["HEAD"] + ([args.against] if args.against else [])
+    torch_seconds = torch_import_seconds()
     with tempfile.TemporaryDirectory(prefix="smoke-bench-") as tmp:
         timings = {rev: measure(rev, Path(tmp)) for rev in revs}
-    print_table(timings)
+    print_table(timings, torch_seconds)
 
 
 if __name__ == "__main__":
