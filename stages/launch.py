@@ -128,7 +128,7 @@ def relaunch(p: dict, args: list[str]) -> NoReturn:
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
                p["launch"]["config_file"], "--num_processes", str(p["launch"]["num_processes"]),
                "-m", "stages.finetune", *args]
-    log.info("starting %d process(es): accelerate launch %s", p["launch"]["num_processes"], " ".join(command[5:]))
+    log.info("starting %d process(es): accelerate launch %s", p["launch"]["num_processes"], " ".join(command[4:]))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
