@@ -53,7 +53,7 @@ from tqdm import tqdm
 from stages import components, data, latents, launch, lora, losses, modelcard, models, training
 from stages.validation import ValidationSet
 from stages.config import UserError, cli, load_params, load_shared, parse_args, require_path
-from stages.outputs import MANIFEST, atomic_dir, library_versions, write_json
+from stages.outputs import MANIFEST, atomic_dir, fetch_origin, library_versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,8 @@ def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
         info = {"steps": result["steps"], "final_loss": result["final_loss"], "params": p, "seed": seed,
                 "style_prompt": style_prompt, "n_train_images": len(rows), "n_captions_truncated": truncated,
                 "device": str(accelerator.device), "mixed_precision_ran": accelerator.mixed_precision,
-                "libraries": library_versions(), "base_model": models_origin(folders.sd),
-                "dataset": models_origin(folders.raw), "num_processes": accelerator.num_processes,
+                "libraries": library_versions(), "base_model": fetch_origin(folders.sd),
+                "dataset": fetch_origin(folders.raw), "num_processes": accelerator.num_processes,
                 "distributed_type": accelerator.distributed_type.value,
                 "effective_batch_size": launch.effective_batch(p, accelerator)}
         save_pipeline(folders, unet, info, p)
@@ -265,14 +265,6 @@ def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
         log.info("wrote %s and %s", folders.out, folders.live)
     training.discard(accelerator, folders.scratch)
     return summary
-
-
-def models_origin(sd_dir: Path) -> dict:
-    """What fetch recorded about the pretrained pipeline (source, revision), without its file list."""
-    import json
-
-    manifest = sd_dir / MANIFEST
-    return {k: v for k, v in json.loads(manifest.read_text()).items() if k != "files"} if manifest.is_file() else {}
 
 
 @cli

@@ -90,6 +90,12 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
+def fetch_origin(folder: Path) -> dict:
+    """What fetch recorded about a folder it materialised (source, revision), without its file list; {} if none."""
+    manifest = folder / MANIFEST
+    return {k: v for k, v in json.loads(manifest.read_text()).items() if k != "files"} if manifest.is_file() else {}
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape our outputs, recorded beside every model folder."""
     return {name: metadata.version(name) for name in LIBRARIES}
