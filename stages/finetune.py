@@ -207,16 +207,13 @@ def run_fingerprint(folders: Folders, rows: list[dict], p: dict, seed: int, styl
         "generate.style_prompt": style_prompt}
 
 
-def preflight(folders: Folders, p: dict, seed: int, style_prompt: str) -> bool:
-    """What the stage checks before it trains or `accelerate launch` starts a process: the launch settings, the inputs
-    and a checkpoint made by another run, each refused with one line (the processes would each print it, amid
-    torchrun's report). Returns whether the run needs the launcher."""
-    config = launch.check(p)
+def preflight(folders: Folders, p: dict, seed: int, style_prompt: str) -> None:
+    """What run() checks before the slow part, checked before `accelerate launch` starts processes that would each
+    print a refusal amid torchrun's report: the inputs and a checkpoint made by another run, one line each."""
     rows, _ = check_inputs(folders, p)
     training.find_resumable(folders.scratch, run_fingerprint(
         folders, rows, p, seed, style_prompt, p["launch"]["num_processes"], launch.device_type(),
         models.precision_that_runs(p["mixed_precision"])))
-    return launch.needs_launcher(config, p["launch"]["num_processes"])
 
 
 def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
@@ -286,10 +283,12 @@ def main() -> None:
     checking = vars(args).pop("preflight")
     folders = Folders(**vars(args))
     if not launch.started_by_launcher():
-        launching = preflight(folders, p, shared["seed"], style_prompt)
-        if checking:
-            return
-        if launching:
+        config = launch.check(p)
+        # one plain process trains right here, and run() checks the inputs and a checkpoint itself
+        if checking or launch.needs_launcher(config, p["launch"]["num_processes"]):
+            preflight(folders, p, shared["seed"], style_prompt)
+            if checking:
+                return
             launch.relaunch(p, sys.argv[1:])
     run(folders, p, shared["seed"], style_prompt)
 
