@@ -8,22 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import builders, data, encode, latents, sketches, training
+from stages import builders, data, encode, latents, training
 from stages.config import UserError
 from tests.conftest import composed
-from tests.test_losses import build_parts
+from tests.test_losses import build_parts, make_inputs
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, list[dict], dict]:
+    """test_losses' inputs, with their rows as the split stage writes them in split/train.jsonl."""
     root = tmp_path_factory.mktemp("inputs")
-    builders.save_random_sd(root / "sd", 0, "tiny")
-    builders.save_random_clip(root / "guide", 11, "tiny")
-    sketches.make_synthetic_sketches(root / "raw", 8, 32, 0)
-    rows = [{"file_name": r["file_name"], "text": r["text"]} for r in data.read_metadata(root / "raw")]
+    sd, guide, raw, metadata, p = make_inputs(root)
+    rows = [{"file_name": r["file_name"], "text": r["text"]} for r in metadata]
     (root / "split").mkdir()
     data.write_jsonl(root / "split" / "train.jsonl", rows)
-    return root / "sd", root / "guide", root / "raw", rows, composed("profile=smoke")["finetune"]
+    return sd, guide, raw, rows, p
 
 
 @pytest.fixture(scope="module")

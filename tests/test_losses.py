@@ -16,15 +16,18 @@ SEED = 5
 N_ITEMS = 1000  # items in the caption dropout test
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, list[dict], dict]:
+def make_inputs(root: Path) -> tuple[Path, Path, Path, list[dict], dict]:
     """A tiny pipeline, a tiny guide CLIP (not the scoring CLIP's seed), 8 synthetic sketches, smoke finetune params."""
-    root = tmp_path_factory.mktemp("inputs")
     builders.save_random_sd(root / "sd", 0, "tiny")
     builders.save_random_clip(root / "guide", 11, "tiny")
     sketches.make_synthetic_sketches(root / "raw", 8, 32, 0)
     p = composed("profile=smoke")["finetune"]
     return root / "sd", root / "guide", root / "raw", data.read_metadata(root / "raw"), p
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, list[dict], dict]:
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def build_parts(inputs: tuple, prediction_type: str = "epsilon") -> dict:
