@@ -4,11 +4,11 @@ Side by side in one run, each configuration in its own process (so its peak memo
   (a) straightforward  what diffusers' train_text_to_image example does: VAE- and text-encode every step, fp16
                        autocast (bf16 on a CPU), bitsandbytes 8-bit AdamW, EMA on the device without foreach,
                        gradient checkpointing
-  (b) ours             latents and text embeddings cached once (stages/latents.py), bf16 where supported, SDPA,
+  (b) ours             latents and text embeddings cached once (stylestudy/data/latents.py), bf16 where supported, SDPA,
                        channels_last, fused AdamW (foreach on a CPU), foreach EMA, torch.compile with --compile
-  (c) LoRA             (b) with `method: lora`, rank 4 on the attention projections (stages/lora.py)
+  (c) LoRA             (b) with `method: lora`, rank 4 on the attention projections (stylestudy/train/lora.py)
   (d) CLIP loss        (b) with `clip_loss` on every step and every sample (one-step x0, VAE decode, guidance CLIP)
-Both build the models, data, optimizer and EMA with stages.components and step with finetune.train_batch. Reported:
+Both build the models, data, optimizer and EMA with stylestudy.train.build and step with finetune.train_batch. Reported:
 images/s over the steady-state steps (warm-up steps, compilation included, timed apart), peak memory
 (torch.cuda.max_memory_allocated on CUDA; the process's peak RSS on a CPU, which never goes down, so batch sizes run
 in increasing order) and, on CUDA, MFU: UNet model FLOPs (forward+backward per image, counted with
@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import data  # noqa: E402
+from stylestudy.data import dataset  # noqa: E402
 
 CONFIGURATIONS = {
     "a": ("(a) straightforward", {"cache_latents": False, "mixed_precision": "fp16", "optimizer": "adamw8bit",
@@ -72,7 +72,8 @@ def parse_args() -> argparse.Namespace:
 
 def make_inputs(args: argparse.Namespace, root: Path) -> Path:
     """A pipeline folder (given or random) and synthetic sketches, one per image of the largest batch."""
-    from stages import builders, sketches
+    from stylestudy.models import builders
+    from stylestudy.data import sketches
 
     sd = args.sd or root / "sd"
     if not args.sd:
@@ -86,7 +87,7 @@ def make_inputs(args: argparse.Namespace, root: Path) -> Path:
 
 def settings(key: str, args: argparse.Namespace, batch: int) -> dict:
     """params.yaml's finetune section with the configuration's settings and the bench's sizes."""
-    from stages.config import load_params
+    from stylestudy.core.config import load_params
 
     p = dict(load_params("finetune", REPO / "params.yaml"))
     ours = {"compile_unet": args.compile, "gradient_checkpointing": args.ours_checkpointing} if key != "a" else {}
@@ -99,14 +100,14 @@ def build(inputs: Path, p: dict) -> tuple:
     """Accelerator, model parts and prepared training objects, made by the stage's functions."""
     from diffusers.training_utils import EMAModel
 
-    from stages import components
+    from stylestudy.train import build
 
     sd, raw = Path((inputs / "sd_path").read_text()), inputs / "raw"
-    rows = data.read_metadata(raw)
-    accelerator = components.build_accelerator(p, 0)
-    parts = components.load_components(sd, p, accelerator)
-    components.add_guide(parts, inputs / "guide", STYLE_PROMPT, p)
-    loop = components.prepare_training(parts, components.make_dataloader(raw, rows, parts, p, 0), p, accelerator)
+    rows = dataset.read_metadata(raw)
+    accelerator = build.build_accelerator(p, 0)
+    parts = build.load_components(sd, p, accelerator)
+    build.add_guide(parts, inputs / "guide", STYLE_PROMPT, p)
+    loop = build.prepare_training(parts, build.make_dataloader(raw, rows, parts, p, 0), p, accelerator)
     if not p["cache_latents"]:  # (a): the example's EMAModel, one kernel per tensor
         loop["ema"] = EMAModel(accelerator.unwrap_model(loop["unet"]).parameters(), decay=p["ema_decay"])
     loop["ema"].to(accelerator.device)
@@ -115,11 +116,11 @@ def build(inputs: Path, p: dict) -> tuple:
 
 def batches(loop: dict, accelerator):
     """Batches without end, epoch after epoch."""
-    from stages import training
+    from stylestudy.train import checkpoints
 
     epoch = 0
     while True:
-        yield from training.epoch_batches(loop["dataloader"], epoch, 0, accelerator)
+        yield from checkpoints.epoch_batches(loop["dataloader"], epoch, 0, accelerator)
         epoch += 1
 
 

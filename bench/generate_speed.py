@@ -30,9 +30,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import blip_check, builders, clip_eval, generate, models  # noqa: E402
-from stages.config import load_params  # noqa: E402
-from stages.evaluation import styled  # noqa: E402
+from stages import blip_check, clip_eval, generate
+from stylestudy.models import builders, loading  # noqa: E402
+from stylestudy.core.config import load_params  # noqa: E402
+from stylestudy.evaluate.samples import styled  # noqa: E402
 
 
 def parse_args(cuda: bool) -> argparse.Namespace:
@@ -100,8 +101,8 @@ def peak_memory_mib() -> float | None:
 
 def plain_pipeline(sd_dir: Path, scheduler: str):
     """A plain diffusers pipeline as the usual recipe loads it: fp16 on a GPU, nothing else changed."""
-    device, dtype = models.inference_device()
-    pipe = models.load_sd_pipeline(sd_dir).to(device, dtype=dtype)
+    device, dtype = loading.inference_device()
+    pipe = loading.load_sd_pipeline(sd_dir).to(device, dtype=dtype)
     generate.set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -170,9 +171,9 @@ def run_evaluation(pipe, model_dirs: Path, p: dict, texts: list[str], seeds: lis
     """The study's evaluation from loaded models: two models' images, then CLIP scores and BLIP captions of all."""
     import torch
 
-    device, dtype = models.inference_device()
-    clip = models.load_clip(model_dirs / "clip", device, half=dtype == torch.float16)
-    blip = models.load_blip(model_dirs / "blip", device, dtype)
+    device, dtype = loading.inference_device()
+    clip = loading.load_clip(model_dirs / "clip", device, half=dtype == torch.float16)
+    blip = loading.load_blip(model_dirs / "blip", device, dtype)
     max_new_tokens = load_params("blip_check", REPO / "params.yaml")["max_new_tokens"]
     clip_texts = [styled(prompt, p["style_prompt"], True) for prompt in p["prompts"]
                   for _ in range(p["images_per_prompt"])] * 2

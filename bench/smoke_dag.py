@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.config import compose_params  # noqa: E402
+from stylestudy.core.config import compose_params  # noqa: E402
 
 TARGET_SECONDS = 90  # the whole smoke DAG on the reference machine (2 CPU cores)
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.results import flatten  # noqa: E402  (run as a script: the repository root is not on the path)
+from stylestudy.report.results import flatten  # noqa: E402  (run as a script: the repository root is not on the path)
 
 HEADLINE = ("clip_score_base", "clip_score_finetuned", "clip_score_diff", "style_share_base", "style_share_finetuned",
             "loss")

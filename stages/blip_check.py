@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from stages import models, statistics
-from stages.config import cli, load_params, parse_args
-from stages.evaluation import MODELS, SET_PREFIXES, of_set, read_samples
-from stages.outputs import atomic_dir, write_csv, write_json
+from stylestudy.models import loading
+from stylestudy.evaluate import statistics
+from stylestudy.core.config import cli, load_params, parse_args
+from stylestudy.evaluate.samples import MODELS, SET_PREFIXES, of_set, read_samples
+from stylestudy.core.outputs import atomic_dir, write_csv, write_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 def captions(blip_dir: Path, paths: list[Path], p: dict) -> list[str]:
     """Greedy BLIP captions of the sample images, on the GPU in fp16 when there is one."""
-    device, dtype = models.inference_device()
-    model, processor = models.load_blip(blip_dir, device, dtype)
+    device, dtype = loading.inference_device()
+    model, processor = loading.load_blip(blip_dir, device, dtype)
     return caption_images(model, processor, paths, p["batch_size"], p["max_new_tokens"])
 
 
@@ -84,7 +85,7 @@ def share_summary(table: list[dict], prefix: str) -> dict:
 
 def run(blip_dir: Path, samples: Path, metrics_path: Path, detail: Path, p: dict) -> dict:
     """Caption all samples and write the style shares; return the metrics."""
-    models.check_blip_folder(blip_dir)
+    loading.check_blip_folder(blip_dir)
     rows = read_samples(samples)
     all_rows = rows["base"] + rows["finetuned"]
     texts = captions(blip_dir, [r["path"] for r in all_rows], p)

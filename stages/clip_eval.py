@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from stages import embeddings, models, statistics
-from stages.config import cli, load_params, load_shared, parse_args
-from stages.evaluation import MODELS, SET_PREFIXES, bootstrap_ci, mean_with_ci, of_set, read_samples, styled
-from stages.outputs import atomic_dir, write_csv, write_json
+from stylestudy.evaluate import embeddings, statistics
+from stylestudy.models import loading
+from stylestudy.core.config import cli, load_params, load_shared, parse_args
+from stylestudy.evaluate.samples import MODELS, SET_PREFIXES, bootstrap_ci, mean_with_ci, of_set, read_samples, styled
+from stylestudy.core.outputs import atomic_dir, write_csv, write_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -88,15 +89,15 @@ def embed_samples(clip_dir: Path, rows: list[dict], texts: list[str], batch_size
     """Image and text embeddings of every sample, on the GPU in fp16 when there is one."""
     import torch
 
-    device, dtype = models.inference_device()
-    model, preprocess, tokenizer = models.load_clip(clip_dir, device, half=dtype == torch.float16)
+    device, dtype = loading.inference_device()
+    model, preprocess, tokenizer = loading.load_clip(clip_dir, device, half=dtype == torch.float16)
     return (embeddings.embed_images(model, preprocess, [r["path"] for r in rows], batch_size),
             embeddings.embed_texts(model, tokenizer, texts, batch_size))
 
 
 def run(clip_dir: Path, samples: Path, real_dir: Path, metrics_path: Path, detail: Path, p: dict, seed: int) -> dict:
     """Score all samples and write metrics and detail tables; return the metrics."""
-    models.check_clip_folder(clip_dir)
+    loading.check_clip_folder(clip_dir)
     clip = embeddings.describe_clip(clip_dir)
     real = embeddings.load_real(real_dir, clip)
     rows = read_samples(samples)

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages import data, embeddings, models
-from stages.config import cli, load_params, parse_args, require_path
-from stages.outputs import atomic_dir, write_csv
+from stylestudy.data import dataset
+from stylestudy.evaluate import embeddings
+from stylestudy.models import loading
+from stylestudy.core.config import cli, load_params, parse_args, require_path
+from stylestudy.core.outputs import atomic_dir, write_csv
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,7 +35,7 @@ def decodable(raw: Path, rows: list[dict]) -> tuple[list[tuple[str, Image.Image]
     images, skipped = [], []
     for row in rows:
         try:
-            images.append((row["file_name"], data.load_rgb(raw / row["file_name"])))
+            images.append((row["file_name"], dataset.load_rgb(raw / row["file_name"])))
         except (OSError, ValueError, SyntaxError) as error:  # what PIL raises on a missing, torn or corrupt file
             skipped.append({"file_name": row["file_name"], "reason": f"not decodable: {type(error).__name__}: {error}"})
     return images, skipped
@@ -45,8 +47,8 @@ def embed_split(clip_dir: Path, raw: Path, rows: list[dict],
     memory), with the names embedded and the rows skipped."""
     import torch
 
-    device, dtype = models.inference_device()
-    model, preprocess, _ = models.load_clip(clip_dir, device, half=dtype == torch.float16)
+    device, dtype = loading.inference_device()
+    model, preprocess, _ = loading.load_clip(clip_dir, device, half=dtype == torch.float16)
     vectors, names, skipped = [], [], []
     for batch in embeddings.batches(rows, batch_size, "embed real sketches"):
         images, bad = decodable(raw, batch)
@@ -59,8 +61,8 @@ def embed_split(clip_dir: Path, raw: Path, rows: list[dict],
 
 def run(clip_dir: Path, raw: Path, split: Path, out: Path, p: dict) -> dict:
     """Embed the test split's images into `out`; return the info written beside them."""
-    models.check_clip_folder(clip_dir)
-    rows = data.read_jsonl(require_path(split / "test.jsonl", "run the split stage first"))
+    loading.check_clip_folder(clip_dir)
+    rows = dataset.read_jsonl(require_path(split / "test.jsonl", "run the split stage first"))
     vectors, names, skipped = embed_split(clip_dir, raw, rows, p["batch_size"])
     if skipped:
         log.warning("embed_real: %d of %d test images do not decode and are skipped (first: %s); see %s",

@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages import data, latents, models
-from stages.config import UserError, cli, load_params, parse_args, require_path
-from stages.outputs import atomic_dir, write_json
+from stylestudy.data import dataset, latents
+from stylestudy.models import loading
+from stylestudy.core.config import UserError, cli, load_params, parse_args, require_path
+from stylestudy.core.outputs import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ def load_encoders(sd_dir: Path, mixed_precision: str) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    models.check_sd_folder(sd_dir)
-    models.quiet_libraries()
+    loading.check_sd_folder(sd_dir)
+    loading.quiet_libraries()
     device = PartialState().device
-    dtype = models.frozen_dtype(models.precision_that_runs(mixed_precision), device)
+    dtype = loading.frozen_dtype(loading.precision_that_runs(mixed_precision), device)
     vae = AutoencoderKL.from_pretrained(sd_dir, subfolder="vae", use_safetensors=True)
     text_encoder = CLIPTextModel.from_pretrained(sd_dir, subfolder="text_encoder", use_safetensors=True)
     for frozen in (vae, text_encoder):
@@ -47,7 +48,7 @@ def load_encoders(sd_dir: Path, mixed_precision: str) -> dict:
 
 def run(sd_dir: Path, raw: Path, split: Path, out: Path, p: dict) -> dict:
     """Encode the training split into `out` (or record why it is not cached); return index.json's settings."""
-    rows = data.read_jsonl(require_path(split / "train.jsonl", "run the split stage first"))
+    rows = dataset.read_jsonl(require_path(split / "train.jsonl", "run the split stage first"))
     if not rows:
         raise UserError(f"{split}/train.jsonl is empty; raise split.fractions.train or add data")
     settings = {k: p[k] for k in latents.ENCODING_SETTINGS} | {"encoders": latents.encoder_digest(sd_dir)}

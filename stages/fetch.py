@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages import builders, hub, imagefolder, models, sketches
-from stages.config import (
+from stylestudy.models import builders, hub, loading
+from stylestudy.data import imagefolder, sketches
+from stylestudy.core.config import (
     FETCH_KINDS, NON_EMPTY_STRING, RANDOM_SOURCES, UserError, cli, load_params, load_shared, parse_args,
 )
-from stages.outputs import MANIFEST, atomic_dir, file_hashes, library_versions, write_json
+from stylestudy.core.outputs import MANIFEST, atomic_dir, file_hashes, library_versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def check_source(kind: str, p: dict) -> None:
             raise UserError(f"fetch.{kind}.path: {p['path']} does not exist; point it at a local {kind} folder")
 
 
-COPIERS = {"sd": models.copy_sd, "clip": models.copy_clip, "blip": models.copy_blip, "guide": models.copy_clip,
+COPIERS = {"sd": loading.copy_sd, "clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
            "data": imagefolder.copy_dataset}
 BUILDERS = {"sd": builders.save_random_sd, "clip": builders.save_random_clip, "blip": builders.save_random_blip,
             "guide": builders.save_random_guide}
@@ -98,7 +99,7 @@ def main() -> None:
         "out": "the folder to materialise it in (models/pretrained/<kind> or data/raw)",
     })
     p, shared = load_params("fetch")[args.kind], load_shared()
-    models.require_gpu(shared["profile"])
+    loading.require_gpu(shared["profile"])
     run(args.kind, p, shared["seed"], args.out)
 
 

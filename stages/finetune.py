@@ -10,23 +10,23 @@ for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; 
 `validate_every` steps) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every run, so they stay
 out of the model folder and the metrics).
 
-Options past the study, each off in its defaults: `method: lora` (stages/lora.py), `snr_gamma`, `noise_offset`,
-`caption_dropout` and `clip_loss` (stages/losses.py), validation (stages/validation.py).
+Options past the study, each off in its defaults: `method: lora` (stylestudy/train/lora.py), `snr_gamma`, `noise_offset`,
+`caption_dropout` and `clip_loss` (stylestudy/train/losses.py), validation (stylestudy/train/validation.py).
 
 Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
-see stages/training.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses, with one
+see stylestudy/train/checkpoints.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses, with one
 line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run ends with
 the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
 Processes: the stage first checks params, the accelerate config named by `finetune.launch.config_file`, the process
-count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stages/launch.py). One plain
+count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stylestudy/train/launch.py). One plain
 process then trains right there; more (or DeepSpeed, FSDP) run as `accelerate launch ... -m stages.finetune ARGS`,
 which this process becomes. Each process trains on its own shard of every epoch with its own noise (seed + process
 index); the effective batch is train_batch_size x processes x gradient_accumulation_steps, steps count optimizer
 steps, and the main process alone writes OUT_DIR, LIVE_DIR and the log (README "Scaling out").
 
-Speed: `cache_latents` (stages/latents.py), `optimizer: adamw_fused`, `channels_last`, `compile_unet`; measured by
+Speed: `cache_latents` (stylestudy/data/latents.py), `optimizer: adamw_fused`, `channels_last`, `compile_unet`; measured by
 bench/finetune_speed.py (bench/FINETUNE.md).
 
 Run: python -m stages.finetune SD_DIR GUIDE_DIR RAW_DIR SPLIT_DIR LATENTS_DIR OUT_DIR LIVE_DIR SCRATCH_DIR
@@ -50,10 +50,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages import components, data, latents, launch, lora, losses, modelcard, models, training
-from stages.validation import ValidationSet
-from stages.config import UserError, cli, load_params, load_shared, parse_args, require_path
-from stages.outputs import MANIFEST, atomic_dir, fetch_origin, library_versions, write_json
+from stylestudy.train import build, checkpoints, launch, lora, losses, modelcard
+from stylestudy.data import dataset, latents
+from stylestudy.models import loading
+from stylestudy.train.validation import ValidationSet
+from stylestudy.core.config import UserError, cli, load_params, load_shared, parse_args, require_path
+from stylestudy.core.outputs import MANIFEST, atomic_dir, fetch_origin, library_versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def after_step(step: int, terms: dict, grad_norm: float, loop: dict, p: dict, li
     return values["loss"]
 
 
-def train(parts: dict, loop: dict, position: training.Position, p: dict, accelerator, live, save: Callable,
+def train(parts: dict, loop: dict, position: checkpoints.Position, p: dict, accelerator, live, save: Callable,
           validation: ValidationSet | None) -> dict:
     """The training loop from `position`, calling save(position) every checkpoint_every steps; returns the summary."""
     dataloader, ema, max_steps = loop["dataloader"], loop["ema"], loop["max_steps"]
@@ -121,7 +123,7 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
     started, images = time.perf_counter(), 0
     seen: list[int] = []  # the items this process trained on in this epoch
     while step < max_steps:
-        for batch in training.epoch_batches(dataloader, epoch, done, accelerator):
+        for batch in checkpoints.epoch_batches(dataloader, epoch, done, accelerator):
             done += 1
             seen += batch["index"]
             terms, grad_norm = train_batch(batch, parts, loop, p, accelerator, step)
@@ -135,7 +137,7 @@ def train(parts: dict, loop: dict, position: training.Position, p: dict, acceler
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if p["checkpoint_every"] and step % p["checkpoint_every"] == 0 and step < max_steps:
-                save(training.Position(step, epoch, done))
+                save(checkpoints.Position(step, epoch, done))
             if step >= max_steps:
                 break
         launch.log_epoch_items(accelerator, epoch, seen, len(dataloader.dataset))
@@ -185,25 +187,25 @@ def save_pipeline(folders: Folders, unet, info: dict, p: dict) -> None:
 
 def check_inputs(folders: Folders, p: dict) -> tuple[list[dict], list[dict]]:
     """The training and val rows, after cheap checks of every input folder."""
-    models.check_sd_folder(folders.sd)
+    loading.check_sd_folder(folders.sd)
     if p["clip_loss"]["weight"] > 0:
-        models.check_clip_folder(folders.guide)
+        loading.check_clip_folder(folders.guide)
     require_path(folders.raw, "run the fetch stage first")
-    rows = data.read_jsonl(require_path(folders.split / "train.jsonl", "run the split stage first"))
+    rows = dataset.read_jsonl(require_path(folders.split / "train.jsonl", "run the split stage first"))
     if not rows:
         raise UserError(f"{folders.split}/train.jsonl is empty; raise split.fractions.train or add data")
     if folders.latents is not None and latents.cacheable(p):
         latents.check_encoded(folders.latents, rows, p, folders.sd)  # another resolution: one line, not per process
     val = folders.split / "val.jsonl"
-    return rows, data.read_jsonl(val) if p["validate_every"] and val.is_file() else []
+    return rows, dataset.read_jsonl(val) if p["validate_every"] and val.is_file() else []
 
 
 def run_fingerprint(folders: Folders, rows: list[dict], p: dict, seed: int, style_prompt: str, processes: int,
                     device_type: str, precision: str) -> dict:
-    """What a checkpoint must match to be resumed by this run (training.fingerprint)."""
-    inputs = training.inputs_digest([folders.sd, folders.raw] + ([folders.guide] if p["clip_loss"]["weight"] else []),
+    """What a checkpoint must match to be resumed by this run (checkpoints.fingerprint)."""
+    inputs = checkpoints.inputs_digest([folders.sd, folders.raw] + ([folders.guide] if p["clip_loss"]["weight"] else []),
                                     rows)
-    return training.fingerprint(p, seed, inputs, processes, device_type, precision) | {
+    return checkpoints.fingerprint(p, seed, inputs, processes, device_type, precision) | {
         "generate.style_prompt": style_prompt}
 
 
@@ -211,9 +213,9 @@ def preflight(folders: Folders, p: dict, seed: int, style_prompt: str) -> None:
     """What run() checks before the slow part, checked before `accelerate launch` starts processes that would each
     print a refusal amid torchrun's report: the inputs and a checkpoint made by another run, one line each."""
     rows, _ = check_inputs(folders, p)
-    training.find_resumable(folders.scratch, run_fingerprint(
+    checkpoints.find_resumable(folders.scratch, run_fingerprint(
         folders, rows, p, seed, style_prompt, p["launch"]["num_processes"], launch.device_type(),
-        models.precision_that_runs(p["mixed_precision"])))
+        loading.precision_that_runs(p["mixed_precision"])))
 
 
 def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
@@ -222,25 +224,25 @@ def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
     from dvclive import Live
 
     rows, val_rows = check_inputs(folders, p)
-    accelerator = components.build_accelerator(p, seed)
+    accelerator = build.build_accelerator(p, seed)
     launch.check_launched(accelerator, p)
     run_id = run_fingerprint(folders, rows, p, seed, style_prompt, accelerator.num_processes,
                              accelerator.device.type, accelerator.mixed_precision)
-    found = training.find_resumable(folders.scratch, run_id)  # before the slow part: a refusal comes at once
+    found = checkpoints.find_resumable(folders.scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed, device_specific=True)  # seed + process index: each process draws its own noise and timesteps
-    parts = components.load_components(folders.sd, p, accelerator)
-    components.add_guide(parts, folders.guide, style_prompt, p)
+    parts = build.load_components(folders.sd, p, accelerator)
+    build.add_guide(parts, folders.guide, style_prompt, p)
     truncated = latents.count_truncated(parts["tokenizer"], [row["text"] for row in rows])
     validating = p["validate_every"] and accelerator.is_main_process  # before the latent cache frees the VAE
     validation = ValidationSet.build(folders.raw, val_rows, parts, p, seed) if validating else None
-    dataloader = components.make_dataloader(folders.raw, rows, parts, p, seed, folders.latents, folders.sd)
-    loop = components.prepare_training(parts, dataloader, p, accelerator)
-    position = training.resume(loop, found, folders.live, accelerator)
+    dataloader = build.make_dataloader(folders.raw, rows, parts, p, seed, folders.latents, folders.sd)
+    loop = build.prepare_training(parts, dataloader, p, accelerator)
+    position = checkpoints.resume(loop, found, folders.live, accelerator)
     log.info("finetune (%s) on %d images, %d process(es) on %s, mixed precision %s; effective batch %d "
              "(train_batch_size x processes x gradient_accumulation_steps), %d optimizer steps per epoch, %d in all",
              p["method"], len(rows), accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision,
              launch.effective_batch(p, accelerator), loop["steps_per_epoch"], loop["max_steps"])
-    save = functools.partial(training.save, accelerator, folders.scratch, run=run_id, live_dir=folders.live)
+    save = functools.partial(checkpoints.save, accelerator, folders.scratch, run=run_id, live_dir=folders.live)
     # dvclive on the main process only (None on the others): a Live on each would clear, write and read back the
     # same files at once
     logging_to = Live(str(folders.live), dvcyaml=False, save_dvc_exp=False, resume=found is not None) \
@@ -260,7 +262,7 @@ def run(folders: Folders, p: dict, seed: int, style_prompt: str) -> dict:
         save_pipeline(folders, unet, info, p)
         write_json(folders.live / "timing.json", {k: summary[k] for k in TIMING})
         log.info("wrote %s and %s", folders.out, folders.live)
-    training.discard(accelerator, folders.scratch)
+    checkpoints.discard(accelerator, folders.scratch)
     return summary
 
 
@@ -279,7 +281,7 @@ def main() -> None:
                         "checkpoint, as the stage does before it trains or starts `accelerate launch`"},
     })
     p, shared, style_prompt = load_params("finetune"), load_shared(), load_params("generate")["style_prompt"]
-    models.require_gpu(shared["profile"])
+    loading.require_gpu(shared["profile"])
     checking = vars(args).pop("preflight")
     folders = Folders(**vars(args))
     if not launch.started_by_launcher():

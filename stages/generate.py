@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from stages import data, models
-from stages.config import cli, load_params, load_shared, parse_args, require_path
-from stages.evaluation import image_seed, styled
-from stages.outputs import atomic_dir
+from stylestudy.data import dataset
+from stylestudy.models import loading
+from stylestudy.core.config import cli, load_params, load_shared, parse_args, require_path
+from stylestudy.evaluate.samples import image_seed, styled
+from stylestudy.core.outputs import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,7 @@ def held_out_captions(split: Path, wanted: int, seed: int) -> list[dict]:
     """`wanted` rows of the test split (file_name, text), drawn with the seed; all of them when it holds fewer."""
     if wanted == 0:
         return []
-    rows = data.read_jsonl(require_path(split / "test.jsonl", "run the split stage first"))
+    rows = dataset.read_jsonl(require_path(split / "test.jsonl", "run the split stage first"))
     if len(rows) < wanted:
         log.warning("generate.test_captions is %d but %s holds %d test captions: using %s", wanted,
                     split / "test.jsonl", len(rows), "all of them" if rows else "none (the held-out set is skipped)")
@@ -86,7 +87,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     import torch
 
     if name == "auto":
-        return models.default_dtype(device)
+        return loading.default_dtype(device)
     if name == "fp16" and device.type != "cuda":
         log.warning("generate.dtype fp16 runs as bf16 on %s", device.type)
         return torch.bfloat16
@@ -111,8 +112,8 @@ def speed_up(pipe: StableDiffusionPipeline, p: dict) -> None:
 
 def load_pipeline(model_dir: Path, p: dict) -> StableDiffusionPipeline:
     """The pipeline on the device accelerate picks, in generate.dtype, with the scheduler and speed-ups asked for."""
-    device, _ = models.inference_device()
-    pipe = models.load_sd_pipeline(model_dir)
+    device, _ = loading.inference_device()
+    pipe = loading.load_sd_pipeline(model_dir)
     pipe.to(device, dtype=resolve_dtype(p["dtype"], device))
     set_scheduler(pipe, p["scheduler"])
     speed_up(pipe, p)
@@ -155,7 +156,7 @@ def render(pipe: StableDiffusionPipeline, rows: list[dict], p: dict, out: Path) 
 
 def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int) -> list[dict]:
     """Render all images of one model into `out`; return the manifest rows."""
-    models.check_sd_folder(model_dir)
+    loading.check_sd_folder(model_dir)
     held_out = held_out_captions(split, p["test_captions"], seed)
     pipe = load_pipeline(model_dir, p)
     # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.
@@ -164,7 +165,7 @@ def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int)
     log.info("generate %d images with %s (%s) on %s", len(rows), model, model_dir, pipe.device)
     with atomic_dir(out) as tmp:
         render(pipe, rows, p, tmp)
-        data.write_jsonl(tmp / "manifest.jsonl", rows)
+        dataset.write_jsonl(tmp / "manifest.jsonl", rows)
     return rows
 
 
@@ -177,7 +178,7 @@ def main() -> None:
         "out": "the folder to write the PNGs and manifest.jsonl into (reports/samples/<model>)",
     })
     p, shared = load_params("generate"), load_shared()
-    models.require_gpu(shared["profile"])
+    loading.require_gpu(shared["profile"])
     run(args.model, args.model_dir, args.split, args.out, p, shared["seed"])
 
 

@@ -1,14 +1,16 @@
 """report: the study's results as a page a reader can use: headline numbers first, then charts, grids and settings.
 
 Reads params.yaml (the settings that ran) and conf/config.yaml (the study's defaults, to show what differs),
-SAMPLES_DIR, the metrics and detail tables of split, finetune, clip_eval and blip_check (REPORTS_DIR), a few training
-sketches (RAW_DIR, SPLIT_DIR/train.jsonl) and params `report`. Writes OUT_MD (Markdown) and FIGURES_DIR (matplotlib
+SAMPLES_DIR, the metrics and detail tables of split, finetune (its dvclive folder), clip_eval and blip_check, a few
+training sketches (RAW_DIR, SPLIT_DIR/train.jsonl) and params `report`; dvc.yaml passes every path. Writes OUT_MD (Markdown) and FIGURES_DIR (matplotlib
 charts: loss and validation loss, CLIP score per prompt, distances to real sketches; a grid per study prompt, base row
 above fine-tuned row, the prompt written above; training examples), declared in dvc.yaml as image plots.
 
-Run: python -m stages.report SAMPLES_DIR REPORTS_DIR RAW_DIR SPLIT_DIR OUT_MD FIGURES_DIR (params.yaml is validated
-     whole first)
-Example: python -m stages.report reports/samples reports data/raw data/split reports/report.md reports/figures
+Run: python -m stages.report SAMPLES_DIR SPLIT_JSON FINETUNE_DIR CLIP_JSON CLIP_DIR BLIP_JSON BLIP_DIR RAW_DIR SPLIT_DIR
+     STUDY_CONF OUT_MD FIGURES_DIR (params.yaml is validated whole first)
+Example: python -m stages.report reports/samples reports/split.json reports/finetune reports/clip_eval.json \
+    reports/clip_eval reports/blip_check.json reports/blip_check data/raw data/split conf/config.yaml \
+    reports/report.md reports/figures
 """
 from __future__ import annotations
 
@@ -17,23 +19,40 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from stages import data, figures, results
-from stages.config import PARAMS_FILE, cli, load_params, parse_args, require_path
-from stages.evaluation import MODELS, of_set, read_samples
-from stages.outputs import atomic_dir, atomic_file, read_csv
+from stylestudy.data import dataset
+from stylestudy.report import figures, results
+from stylestudy.core.config import PARAMS_FILE, cli, load_params, parse_args, require_path
+from stylestudy.evaluate.samples import MODELS, of_set, read_samples
+from stylestudy.core.outputs import atomic_dir, atomic_file, read_csv
 
 log = logging.getLogger(__name__)
 
-STUDY_DEFAULTS = Path("conf/config.yaml")
 
 
-def read_curve(reports: Path, name: str) -> list[tuple[int, float]]:
+@dataclass(frozen=True)
+class Inputs:
+    """What the report reads, as dvc.yaml passes it."""
+
+    samples: Path
+    split_metrics: Path
+    finetune: Path  # the dvclive folder: metrics.json and plots/metrics/<name>.tsv
+    clip_metrics: Path
+    clip_tables: Path
+    blip_metrics: Path
+    blip_tables: Path
+    raw: Path
+    split: Path
+    study_config: Path
+
+
+def read_curve(finetune: Path, name: str) -> list[tuple[int, float]]:
     """(step, value) of one dvclive metric; empty when it was never logged (validation off)."""
-    path = reports / "finetune" / "plots" / "metrics" / f"{name}.tsv"
+    path = finetune / "plots" / "metrics" / f"{name}.tsv"
     if name == "loss":
         require_path(path, "run the finetune stage first")
     if not path.is_file():
@@ -50,28 +69,29 @@ def grid_name(index: int, prompt: str) -> str:
     return f"grid_{index + 1}_{slug(prompt)}.png"
 
 
-def write_figures(study_rows: dict[str, list[dict]], reports: Path, examples: list[dict], raw: Path,
-                  figures_dir: Path, metrics: dict) -> None:
+def write_figures(study_rows: dict[str, list[dict]], inputs: Inputs, examples: list[dict], figures_dir: Path,
+                  metrics: dict) -> None:
     """Every chart and grid the report shows, written whole into figures_dir."""
     prompts = list(dict.fromkeys(r["prompt"] for r in study_rows[MODELS[0]]))
     with atomic_dir(figures_dir) as tmp:
-        figures.loss_chart(read_curve(reports, "loss"), read_curve(reports, "val_loss"), tmp / "loss.png")
+        figures.loss_chart(read_curve(inputs.finetune, "loss"), read_curve(inputs.finetune, "val_loss"),
+                           tmp / "loss.png")
         prompt_rows = [row | {k: float(row[k]) for k in ("clip_score", "ci_low", "ci_high")}
-                       for row in read_csv(reports / "clip_eval" / "per_prompt.csv")]
+                       for row in read_csv(inputs.clip_tables / "per_prompt.csv")]
         figures.clip_per_prompt_chart(prompt_rows, tmp / "clip_per_prompt.png")
         if "kid_base" in metrics:
             figures.distance_chart(metrics, tmp / "distances.png")
         for i, prompt in enumerate(prompts):
-            images = {m: [data.load_rgb(r["path"]) for r in rows if r["prompt"] == prompt]
+            images = {m: [dataset.load_rgb(r["path"]) for r in rows if r["prompt"] == prompt]
                       for m, rows in study_rows.items()}
             figures.prompt_grid(images, prompt).save(tmp / grid_name(i, prompt))
         if examples:
-            sketches = [data.load_rgb(raw / row["file_name"]) for row in examples]
+            sketches = [dataset.load_rgb(inputs.raw / row["file_name"]) for row in examples]
             figures.training_examples(sketches, [row["text"] for row in examples]).save(tmp / "training_examples.png")
 
 
-def load_metrics(reports: Path, name: str) -> dict:
-    return json.loads(require_path(reports / name, f"run the stage that writes {name}").read_text())
+def load_metrics(path: Path) -> dict:
+    return json.loads(require_path(path, f"run the stage that writes {path.name}").read_text())
 
 
 def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str) -> list[str]:
@@ -90,8 +110,8 @@ def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str)
     return parts
 
 
-def captions_section(reports: Path, p: dict) -> list[str]:
-    captions = read_csv(require_path(reports / "blip_check" / "captions.csv", "run blip_check first"))
+def captions_section(blip_tables: Path, p: dict) -> list[str]:
+    captions = read_csv(require_path(blip_tables / "captions.csv", "run blip_check first"))
     parts = ["## Sample BLIP captions (study prompts)"]
     for model in MODELS:
         sample = [row for row in captions if row["model"] == model and row["set"] == "study"][: p["captions_per_model"]]
@@ -99,14 +119,14 @@ def captions_section(reports: Path, p: dict) -> list[str]:
     return parts
 
 
-def markdown(params: dict, reports: Path, study_rows: dict, figures_rel: str, p: dict, examples: bool,
+def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p: dict, examples: bool,
              clip_metrics: dict) -> str:
     """The report text: results first, settings last."""
-    metrics = clip_metrics | load_metrics(reports, "blip_check.json")
-    scorer = json.loads((reports / "clip_eval" / "scorer.json").read_text())
+    metrics = clip_metrics | load_metrics(inputs.blip_metrics)
+    scorer = json.loads((inputs.clip_tables / "scorer.json").read_text())
     prompts = list(dict.fromkeys(r["prompt"] for r in study_rows[MODELS[0]]))
-    training = load_metrics(reports, "finetune/metrics.json")
-    split = load_metrics(reports, "split.json")
+    training = load_metrics(inputs.finetune / "metrics.json")
+    split = load_metrics(inputs.split_metrics)
     parts = [f"# Sketch-style fine-tune of Stable Diffusion: results ({params['shared']['profile']} profile)",
              *results_section(params, metrics, scorer, figures_rel),
              "## CLIP score per prompt (study prompts)", f"![CLIP score per prompt]({figures_rel}/clip_per_prompt.png)",
@@ -120,28 +140,28 @@ def markdown(params: dict, reports: Path, study_rows: dict, figures_rel: str, p:
                               results.number(training["val_loss"]) if "val_loss" in training else "-"]]),
               f"Data: {split['n_train']} training, {split['n_val']} validation and {split['n_test']} test sketches; "
               f"{split['n_skipped']} of {split['n_examples']} examples skipped (data/split/skipped.csv).",
-              *captions_section(reports, p),
+              *captions_section(inputs.blip_tables, p),
               "## Settings that differ from the study's",
-              results.settings_table(params, study_defaults()) + "\n\nEvery setting: [params.yaml](../params.yaml)."]
+              results.settings_table(params, study_defaults(inputs.study_config)) + "\n\nEvery setting: [params.yaml](../params.yaml)."]
     return "\n\n".join(parts) + "\n"
 
 
-def study_defaults() -> dict:
+def study_defaults(study_config: Path) -> dict:
     """The study's settings: conf/config.yaml without Hydra's defaults list (the study profile changes nothing)."""
-    defaults = yaml.safe_load(STUDY_DEFAULTS.read_text())
+    defaults = yaml.safe_load(study_config.read_text())
     defaults.pop("defaults", None)
     return defaults
 
 
-def run(samples: Path, reports: Path, raw: Path, split: Path, out_md: Path, figures_dir: Path, p: dict) -> None:
+def run(inputs: Inputs, out_md: Path, figures_dir: Path, p: dict) -> None:
     """Write the figures and the Markdown report."""
     params = yaml.safe_load(PARAMS_FILE.read_text())
-    study_rows = {m: of_set(rows, "study") for m, rows in read_samples(samples).items()}
-    train = data.read_jsonl(require_path(split / "train.jsonl", "run the split stage first"))
+    study_rows = {m: of_set(rows, "study") for m, rows in read_samples(inputs.samples).items()}
+    train = dataset.read_jsonl(require_path(inputs.split / "train.jsonl", "run the split stage first"))
     examples = train[:p["training_examples"]]
-    metrics = load_metrics(reports, "clip_eval.json")
-    write_figures(study_rows, reports, examples, raw, figures_dir, metrics)
-    text = markdown(params, reports, study_rows, os.path.relpath(figures_dir, out_md.parent), p, bool(examples),
+    metrics = load_metrics(inputs.clip_metrics)
+    write_figures(study_rows, inputs, examples, figures_dir, metrics)
+    text = markdown(params, inputs, study_rows, os.path.relpath(figures_dir, out_md.parent), p, bool(examples),
                     metrics)
     with atomic_file(out_md) as tmp:
         tmp.write_text(text)
@@ -152,13 +172,21 @@ def run(samples: Path, reports: Path, raw: Path, split: Path, out_md: Path, figu
 def main() -> None:
     args = parse_args(__doc__, {
         "samples": "the folder holding base/ and finetuned/ samples (reports/samples)",
-        "reports": "the folder holding the other stages' metrics and tables (reports)",
+        "split_metrics": "the split stage's counts (reports/split.json)",
+        "finetune": "the fine-tune's dvclive folder (reports/finetune)",
+        "clip_metrics": "clip_eval's metrics (reports/clip_eval.json)",
+        "clip_tables": "clip_eval's tables (reports/clip_eval)",
+        "blip_metrics": "blip_check's metrics (reports/blip_check.json)",
+        "blip_tables": "blip_check's captions (reports/blip_check)",
         "raw": "the imagefolder fetched, for a few training sketches (data/raw)",
         "split": "the split folder whose train.jsonl names them (data/split)",
+        "study_config": "the study's settings, to show what differs (conf/config.yaml)",
         "out_md": "the Markdown report to write (reports/report.md)",
         "figures": "the folder for the report's figures (reports/figures)",
     })
-    run(args.samples, args.reports, args.raw, args.split, args.out_md, args.figures, load_params("report"))
+    paths = vars(args)
+    out_md, figures_dir = paths.pop("out_md"), paths.pop("figures")
+    run(Inputs(**paths), out_md, figures_dir, load_params("report"))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from stages import data
-from stages.config import UserError, cli, load_params, parse_args, require_path
-from stages.outputs import atomic_dir, write_csv, write_json
+from stylestudy.data import dataset
+from stylestudy.core.config import UserError, cli, load_params, parse_args, require_path
+from stylestudy.core.outputs import atomic_dir, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ def check_rows(raw: Path, rows: list[dict], left_out: dict[str, str], min_size: 
     """Split rows into usable ones and skipped ones with a reason."""
     good, skipped, seen = [], [], set()
     for row in tqdm(rows, desc="check images", unit="img"):
-        name, key = row["file_name"], data.name_key(row["file_name"])
+        name, key = row["file_name"], dataset.name_key(row["file_name"])
         reason = "listed twice in metadata.jsonl" if key in seen else (
-            fetch_reason(left_out, name) or data.check_example(raw, row, min_size))
+            fetch_reason(left_out, name) or dataset.check_example(raw, row, min_size))
         seen.add(key)
         if reason:
             skipped.append({"file_name": name, "reason": reason})
@@ -51,10 +51,10 @@ def unlisted(raw: Path, rows: list[dict], left_out: dict[str, str]) -> list[dict
 
     Never trained on, reported, not counted against split.max_bad_fraction.
     """
-    listed = {data.name_key(row["file_name"]) for row in rows}
+    listed = {dataset.name_key(row["file_name"]) for row in rows}
     on_disk = [path.relative_to(raw).as_posix() for path in sorted(raw.rglob("*")) if path.is_file()]
     return [{"file_name": name, "reason": "not in metadata.jsonl"} for name in on_disk
-            if PurePosixPath(name).suffix.lower() in data.IMAGE_SUFFIXES and name not in listed] + [
+            if PurePosixPath(name).suffix.lower() in dataset.IMAGE_SUFFIXES and name not in listed] + [
         {"file_name": name, "reason": reason} for name, reason in left_out.items() if name not in listed]
 
 
@@ -68,16 +68,16 @@ def write_splits(out: Path, splits: dict[str, list[dict]], skipped: list[dict]) 
     """Replace `out` with the split files and skipped.csv, whole."""
     with atomic_dir(out) as tmp:
         for name, split_rows in splits.items():
-            data.write_jsonl(tmp / f"{name}.jsonl", split_rows)
+            dataset.write_jsonl(tmp / f"{name}.jsonl", split_rows)
         write_csv(tmp / "skipped.csv", skipped, HEADER)
 
 
 def run(raw: Path, out: Path, metrics_path: Path, p: dict) -> dict:
     """Check, split and write; return the metrics."""
-    rows = data.read_metadata(require_path(raw, "run the fetch stage first"))
+    rows = dataset.read_metadata(require_path(raw, "run the fetch stage first"))
     if not rows:
         raise UserError(f"{raw}/metadata.jsonl lists no examples; fetch a dataset with images")
-    left_out = data.fetch_skipped(raw)
+    left_out = dataset.fetch_skipped(raw)
     good, skipped = check_rows(raw, rows, left_out, p["min_image_size"])
     report = skipped + unlisted(raw, rows, left_out)
     if len(skipped) / len(rows) > p["max_bad_fraction"]:
@@ -86,7 +86,7 @@ def run(raw: Path, out: Path, metrics_path: Path, p: dict) -> dict:
                         f"listed in {out / 'skipped.csv'}); fix the data or raise split.max_bad_fraction")
     splits: dict[str, list[dict]] = {name: [] for name in p["fractions"]}
     for row in good:
-        splits[data.split_of(row["file_name"], p["fractions"])].append(row)
+        splits[dataset.split_of(row["file_name"], p["fractions"])].append(row)
     write_splits(out, splits, report)
     metrics = {"n_examples": len(rows), "n_skipped": len(skipped)} | {f"n_{k}": len(v) for k, v in splits.items()}
     write_json(metrics_path, metrics)

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def composed(*overrides: str) -> dict:
     """params.yaml as `dvc exp run -S ...` composes it from conf/: never the working copy, which the last
     `dvc exp run` (e.g. `make demo`) rewrote."""
-    from stages.config import compose_params
+    from stylestudy.core.config import compose_params
 
     path = Path(tempfile.mkdtemp(dir=_HOME)) / "params.yaml"
     compose_params(path, REPO, list(overrides))
@@ -72,7 +72,7 @@ def fresh_copy(target: Path) -> Path:
     import shutil
     import subprocess
 
-    from stages.config import compose_params
+    from stylestudy.core.config import compose_params
 
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")

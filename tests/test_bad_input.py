@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import builders
-from stages.config import compose_params
-from stages.data import read_metadata, write_jsonl
-from stages.sketches import make_synthetic_sketches
+from stylestudy.models import builders
+from stylestudy.core.config import compose_params
+from stylestudy.data.dataset import read_metadata, write_jsonl
+from stylestudy.data.sketches import make_synthetic_sketches
 
 REPO = Path(__file__).resolve().parents[1]
 OK_ODDITIES = {"rgba.png", "palette.png", "cmyk.jpg", "gray16.png"}

@@ -1,9 +1,10 @@
 """Captions longer than the text encoder's 77 tokens are truncated and counted, not refused."""
-from stages import builders, latents
+from stylestudy.models import builders
+from stylestudy.data import latents
 
 
 def test_long_captions_are_counted(caplog):
-    caplog.set_level("INFO", logger="stages.latents")
+    caplog.set_level("INFO", logger="stylestudy.data.latents")
     tokenizer = builders.sd_tokenizer_from_open_clip()
     short = "a man standing next to a tree"
     fits = " ".join(["tree"] * 75)  # 75 words + start + end = 77 tokens: fits exactly

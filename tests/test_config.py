@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, composed
 
-from stages.config import SCHEMAS, UserError, closest_key, load_params
+from stylestudy.core.config import SCHEMAS, UserError, closest_key, load_params
 
 STUDY = composed()
 STAGES = [name for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]]
@@ -107,7 +107,7 @@ def test_stage_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_a_guidance_clip_folder_of_the_wrong_kind_is_one_line(tmp_path):
-    from stages import builders
+    from stylestudy.models import builders
 
     builders.save_tiny_sd(tmp_path / "sd", 0)
     params = composed("profile=smoke", "finetune.clip_loss.weight=0.1")

@@ -1,4 +1,4 @@
-"""Tests of stages/data.py and stages/imagefolder.py: synthetic sketches, split hashing, transforms, metadata errors,
+"""Tests of stylestudy/data/dataset.py and stylestudy/data/imagefolder.py: synthetic sketches, split hashing, transforms, metadata errors,
 image checks, parquet."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.config import UserError
-from stages.data import (
+from stylestudy.core.config import UserError
+from stylestudy.data.dataset import (
     CaptionedImages,
     check_example,
     fetch_skipped,
@@ -25,8 +25,8 @@ from stages.data import (
     train_transforms,
     write_jsonl,
 )
-from stages.imagefolder import parquet_to_imagefolder
-from stages.sketches import make_synthetic_sketches
+from stylestudy.data.imagefolder import parquet_to_imagefolder
+from stylestudy.data.sketches import make_synthetic_sketches
 
 FRACTIONS = {"train": 0.9, "val": 0.05, "test": 0.05}
 
@@ -105,7 +105,7 @@ def test_split_does_not_depend_on_order_or_process() -> None:
     assert [split_of(n, FRACTIONS) for n in reversed(NAMES[:300])] == here[::-1]
     assert [split_of(n, dict(reversed(FRACTIONS.items()))) for n in NAMES[:300]] == here
     code = (
-        "import json, sys; from stages.data import split_of; "
+        "import json, sys; from stylestudy.data.dataset import split_of; "
         f"print(json.dumps([split_of(n, {FRACTIONS!r}) for n in {NAMES[:300]!r}]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -18,11 +18,12 @@ import pytest
 import yaml
 from PIL import Image, PngImagePlugin
 
-from stages import imagefolder, split
-from stages.config import UserError, compose_params
-from stages.data import FETCH_SKIPPED, read_metadata, write_jsonl
-from stages.imagefolder import OUTSIDE, copy_dataset
-from stages.sketches import make_synthetic_sketches
+from stages import split
+from stylestudy.data import imagefolder
+from stylestudy.core.config import UserError, compose_params
+from stylestudy.data.dataset import FETCH_SKIPPED, read_metadata, write_jsonl
+from stylestudy.data.imagefolder import OUTSIDE, copy_dataset
+from stylestudy.data.sketches import make_synthetic_sketches
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "secret-" + uuid.uuid4().hex  # made at run time, so that no source file holds it

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import builders, data, encode, latents, training
-from stages.config import UserError
+from stages import encode
+from stylestudy.models import builders
+from stylestudy.data import dataset, latents
+from stylestudy.train import checkpoints
+from stylestudy.core.config import UserError
 from tests.conftest import composed
 from tests.test_losses import build_parts, make_inputs
 
@@ -21,7 +24,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, 
     sd, guide, raw, metadata, p = make_inputs(root)
     rows = [{"file_name": r["file_name"], "text": r["text"]} for r in metadata]
     (root / "split").mkdir()
-    data.write_jsonl(root / "split" / "train.jsonl", rows)
+    dataset.write_jsonl(root / "split" / "train.jsonl", rows)
     return sd, guide, raw, rows, p
 
 
@@ -33,9 +36,9 @@ def encoded_dir(inputs, tmp_path_factory, one_thread) -> Path:
 
 
 def items_of(inputs: tuple, p: dict, encoded: Path | None) -> list[dict]:
-    """Every training item of epoch 0 as training.SeededItems draws them, collated one by one."""
+    """Every training item of epoch 0 as checkpoints.SeededItems draws them, collated one by one."""
     items, collate = latents.training_items(inputs[2], inputs[3], build_parts(inputs), p, encoded, inputs[0])
-    dataset = training.SeededItems(items, 0)
+    dataset = checkpoints.SeededItems(items, 0)
     return [collate([dataset[i]]) for i in range(len(dataset))]
 
 

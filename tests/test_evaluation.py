@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from stages.evaluation import bootstrap_ci, image_seed, mean_with_ci, styled
+from stylestudy.evaluate.samples import bootstrap_ci, image_seed, mean_with_ci, styled
 from stages.generate import plan
 
 

@@ -13,9 +13,10 @@ import pytest
 import yaml
 from conftest import composed
 
-from stages import builders, data, models
-from stages.outputs import MANIFEST
-from stages.sketches import make_synthetic_sketches
+from stylestudy.models import builders, loading
+from stylestudy.data import dataset
+from stylestudy.core.outputs import MANIFEST
+from stylestudy.data.sketches import make_synthetic_sketches
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = composed()
@@ -37,7 +38,7 @@ def write_parquet_dataset(folder: Path, n_images: int) -> list[dict]:
     """The layout of the Hub's parquet datasets: data/train-*.parquet with image {bytes, path} and text."""
     sketches = folder.parent / "sketches"
     make_synthetic_sketches(sketches, n_images, 48, seed=3)
-    rows = data.read_metadata(sketches)
+    rows = dataset.read_metadata(sketches)
     images = [{"bytes": (sketches / r["file_name"]).read_bytes(), "path": r["file_name"]} for r in rows]
     table = pa.table({"image": images, "text": [r["text"] for r in rows]})
     (folder / "data").mkdir()
@@ -65,7 +66,7 @@ def fetch(workdir: Path, kind: str, cache: Path, params: dict = STUDY) -> subpro
 
 
 @pytest.mark.parametrize("kind, check", [
-    ("sd", models.check_sd_folder), ("clip", models.check_clip_folder), ("blip", models.check_blip_folder),
+    ("sd", loading.check_sd_folder), ("clip", loading.check_clip_folder), ("blip", loading.check_blip_folder),
 ])
 def test_study_models_come_from_the_hub_cache(tmp_path, hub_cache, kind, check):
     result = fetch(tmp_path, kind, hub_cache)
@@ -82,15 +83,15 @@ def test_study_models_come_from_the_hub_cache(tmp_path, hub_cache, kind, check):
 def test_study_dataset_comes_from_the_hub_cache_as_an_imagefolder(tmp_path, hub_cache):
     result = fetch(tmp_path, "data", hub_cache)
     assert result.returncode == 0, result.stderr
-    rows = data.read_metadata(tmp_path / "out")
-    assert len(rows) == 12 and all(data.check_example(tmp_path / "out", row) is None for row in rows)
+    rows = dataset.read_metadata(tmp_path / "out")
+    assert len(rows) == 12 and all(dataset.check_example(tmp_path / "out", row) is None for row in rows)
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["revision"] == "main" and manifest["resolved_commit"] == DATA_COMMIT
 
 
 def test_the_sd_pipeline_from_the_hub_loads_and_generates(tmp_path, hub_cache):
     assert fetch(tmp_path, "sd", hub_cache).returncode == 0
-    pipe = models.load_sd_pipeline(tmp_path / "out")
+    pipe = loading.load_sd_pipeline(tmp_path / "out")
     image = pipe("a sketch", num_inference_steps=1, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
 

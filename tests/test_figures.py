@@ -1,4 +1,4 @@
-"""stages/figures.py: every chart writes a readable PNG whose bytes depend only on its inputs; the image grids keep
+"""stylestudy/report/figures.py: every chart writes a readable PNG whose bytes depend only on its inputs; the image grids keep
 every cell at full size, in its place, under a title band with real text."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.figures import (MODEL_COLORS, TREND_COLOR, clip_per_prompt_chart, distance_chart, loss_chart, prompt_grid,
+from stylestudy.report.figures import (MODEL_COLORS, TREND_COLOR, clip_per_prompt_chart, distance_chart, loss_chart, prompt_grid,
                             training_examples)
 
 LOSS = [(step, 0.15 + 0.05 * math.exp(-step / 30) + 0.02 * math.sin(step)) for step in range(1, 121)]
@@ -183,8 +183,8 @@ def test_figures_import_matplotlib_lazily_and_leave_its_state_alone(tmp_path: Pa
     # A fresh interpreter: this process may have imported matplotlib already for the tests above.
     script = f"""
 import sys
-import stages.figures as figures
-assert "matplotlib" not in sys.modules, "importing stages.figures must not import matplotlib"
+import stylestudy.report.figures as figures
+assert "matplotlib" not in sys.modules, "importing stylestudy.report.figures must not import matplotlib"
 import matplotlib
 rc = matplotlib.rcParams.copy()  # copy(), not get_backend() or dict(): those resolve the backend through pyplot
 figures.loss_chart([(1, 0.3), (2, 0.2)], [(2, 0.25)], __import__("pathlib").Path({str(tmp_path / "loss.png")!r}))

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import builders, components, data, latents, losses, sketches, training
-from stages.config import load_params
+from stylestudy.models import builders
+from stylestudy.train import build, checkpoints, losses
+from stylestudy.data import dataset, latents, sketches
+from stylestudy.core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ class TwoProcesses:
 
 def test_steps_come_from_the_shard_each_process_sees():
     parts = {"unet": torch.nn.Linear(2, 2)}
-    loop = components.prepare_training(parts, list(range(20)), P, TwoProcesses())
+    loop = build.prepare_training(parts, list(range(20)), P, TwoProcesses())
     assert len(loop["dataloader"]) == 10
     assert loop["max_steps"] == 3 * 5  # 10 batches per process, accumulation 2, 3 epochs
     assert loop["lr_scheduler"].lr_lambdas[0](15 * 2) == 0.0  # the schedule ends after two scheduler steps a step
@@ -53,7 +55,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[d
     sketches.make_synthetic_sketches(root / "raw", 12, 32, 0)
     compose_and_dump(root / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
     p = load_params("finetune", root / "params.yaml") | {"train_batch_size": 4}
-    return root / "sd", root / "raw", data.read_metadata(root / "raw"), p
+    return root / "sd", root / "raw", dataset.read_metadata(root / "raw"), p
 
 
 def first_batch(inputs: tuple, **settings) -> tuple[dict, dict]:
@@ -62,11 +64,11 @@ def first_batch(inputs: tuple, **settings) -> tuple[dict, dict]:
 
     sd_dir, raw, rows, p = inputs
     p = p | settings | {"mixed_precision": "no"}
-    accelerator = components.build_accelerator(p, 0)
+    accelerator = build.build_accelerator(p, 0)
     set_seed(0)
-    parts = components.load_components(sd_dir, p, accelerator)
-    dataloader = accelerator.prepare(components.make_dataloader(raw, rows, parts, p, 0))
-    return next(iter(training.epoch_batches(dataloader, 0, 0, accelerator))), parts
+    parts = build.load_components(sd_dir, p, accelerator)
+    dataloader = accelerator.prepare(build.make_dataloader(raw, rows, parts, p, 0))
+    return next(iter(checkpoints.epoch_batches(dataloader, 0, 0, accelerator))), parts
 
 
 def test_cached_latents_are_those_of_the_same_flipped_images(inputs: tuple) -> None:
@@ -84,14 +86,14 @@ def test_cached_latents_are_those_of_the_same_flipped_images(inputs: tuple) -> N
 
 
 def test_cache_falls_back_without_center_crop(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="stages.latents")
+    caplog.set_level("INFO", logger="stylestudy.data.latents")
     assert not latents.cacheable({"cache_latents": True, "center_crop": False})
     assert "cache_latents needs center_crop" in caplog.text
     assert latents.cacheable({"cache_latents": True, "center_crop": True})
 
 
 def test_fused_adamw_is_foreach_on_a_cpu() -> None:
-    optimizer = components.make_optimizer(torch.nn.Linear(2, 2).parameters(), P | {"optimizer": "adamw_fused"})
+    optimizer = build.make_optimizer(torch.nn.Linear(2, 2).parameters(), P | {"optimizer": "adamw_fused"})
     assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
 
 

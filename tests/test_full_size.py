@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import builders, fetch
-from stages.config import compose_params
+from stages import fetch
+from stylestudy.models import builders
+from stylestudy.core.config import compose_params
 
 REPO = Path(__file__).resolve().parents[1]
 M = 1_000_000
@@ -65,7 +66,7 @@ def test_blip_base_parameter_count_and_vocabulary() -> None:
 
 
 def test_full_profile_composes_valid_params(tmp_path: Path) -> None:
-    from stages.config import load_params, load_shared
+    from stylestudy.core.config import load_params, load_shared
 
     path = tmp_path / "params.yaml"
     compose_params(path, REPO, ["profile=full"])

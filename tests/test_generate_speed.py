@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages import builders, generate
+from stages import generate
+from stylestudy.models import builders
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = {"dtype": "auto", "compile": False, "channels_last": False, "fuse_qkv": False, "vae_batch_size": 8,

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import blip_check, clip_eval, embed_real, embeddings, fetch, generate, results, statistics
-from stages.config import UserError
-from stages.data import write_jsonl
+from stages import blip_check, clip_eval, embed_real, fetch, generate
+from stylestudy.evaluate import embeddings, statistics
+from stylestudy.report import results
+from stylestudy.core.config import UserError
+from stylestudy.data.dataset import write_jsonl
 
 GENERATE = {"prompts": ["a", "b"], "images_per_prompt": 3, "style_prompt": "S", "style_to_generator": True,
             "scheduler": "pndm", "num_inference_steps": 2, "guidance_scale": 7.5, "resolution": 32}
@@ -72,9 +74,9 @@ def test_real_sketches_are_embedded_once_with_an_undecodable_one_skipped_and_cou
 
     import torch
 
-    from stages import models
+    from stylestudy.models import loading
 
-    model, preprocess, _ = models.load_clip(tiny_clip)  # one image alone gives the row the batch gave
+    model, preprocess, _ = loading.load_clip(tiny_clip)  # one image alone gives the row the batch gave
     alone = embeddings.embed_images(model, preprocess, [Image.open(raw / "3.png")], 1)
     assert torch.allclose(torch.from_numpy(alone[0]), torch.from_numpy(vectors[2]), atol=1e-5)
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import fresh_copy, sh
 
-from stages.config import compose_params
+from stylestudy.core.config import compose_params
 
 pytestmark = pytest.mark.slow
 # Slower than smoke, so that there is time to kill each stage between its first file and its last; finetune shorter.

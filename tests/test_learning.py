@@ -35,7 +35,8 @@ import torch
 from conftest import composed
 from PIL import Image
 
-from stages import builders, data, models, sketches
+from stylestudy.models import builders, loading
+from stylestudy.data import dataset, sketches
 from stages.finetune import Folders, run
 
 SEED = 0
@@ -56,7 +57,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def pixels(raw: Path, row: dict) -> torch.Tensor:
     """The image as training sees it: resized, center-cropped, not flipped, in [-1, 1], with a batch axis."""
-    return data.train_transforms(RESOLUTION, True, False)(Image.open(raw / row["file_name"]))[None]
+    return dataset.train_transforms(RESOLUTION, True, False)(Image.open(raw / row["file_name"]))[None]
 
 
 def make_memorisable(sd: Path, image: torch.Tensor) -> None:
@@ -80,10 +81,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The prepared tiny pipeline, two synthetic sketches, their splits, and the smoke finetune params."""
     root = tmp_path_factory.mktemp("learning")
     sketches.make_synthetic_sketches(root / "raw", 2, RESOLUTION, SEED)
-    rows = data.read_metadata(root / "raw")
+    rows = dataset.read_metadata(root / "raw")
     splits = {"first": rows[:1], "both": rows, "swap": [rows[1] | {"text": rows[0]["text"]}]}
     for name, split in splits.items():
-        data.write_jsonl(root / f"split-{name}" / "train.jsonl", split)
+        dataset.write_jsonl(root / f"split-{name}" / "train.jsonl", split)
     builders.save_tiny_sd(root / "sd", SEED)
     make_memorisable(root / "sd", pixels(root / "raw", rows[0]))
     return SimpleNamespace(root=root, sd=root / "sd", raw=root / "raw", rows=rows,
@@ -102,7 +103,7 @@ def finetune(inputs: SimpleNamespace, start: Path, split: str, name: str, option
 def distance(folder: Path, inputs: SimpleNamespace, image: int, caption: int) -> tuple[float, float]:
     """RMS distance between what `folder` generates from a caption and an image's latent; the latent's RMS (the
     distance of the zero latent)."""
-    pipe = models.load_sd_pipeline(folder)
+    pipe = loading.load_sd_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         latent = pipe.vae.encode(pixels(inputs.raw, inputs.rows[image])).latent_dist.mean

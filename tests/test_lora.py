@@ -1,4 +1,4 @@
-"""LoRA (stages/lora.py) on the tiny pipeline: only the adapter trains; its saved file and its fused UNet give the same
+"""LoRA (stylestudy/train/lora.py) on the tiny pipeline: only the adapter trains; its saved file and its fused UNet give the same
 images; the fused folder is a plain UNet; EMA and accelerate checkpoints work on the adapter's parameters."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages import builders, lora, models
+from stylestudy.models import builders, loading
+from stylestudy.train import lora
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: an adapter file that lost its alpha would load with the wrong scale
 LR, STEPS = 5e-2, 5  # large enough for the LoRA to change the images clearly (base vs fused about 25 dB)
@@ -24,7 +25,7 @@ def sd_dir(tmp_path_factory) -> Path:
 
 
 def load_unet(sd_dir: Path):
-    return models.load_sd_pipeline(sd_dir).unet
+    return loading.load_sd_pipeline(sd_dir).unet
 
 
 def base_weights(unet) -> dict[str, torch.Tensor]:
@@ -101,11 +102,11 @@ def test_saved_adapter_gives_the_fused_unet_images(trained: dict, sd_dir: Path, 
     assert adapter_file == tmp_path / "adapter" / "pytorch_lora_weights.safetensors" and adapter_file.is_file()
     lora.fused_copy(unet).save_pretrained(tmp_path / "fused", safe_serialization=True)
 
-    with_adapter = models.load_sd_pipeline(sd_dir)
+    with_adapter = loading.load_sd_pipeline(sd_dir)
     with_adapter.load_lora_weights(tmp_path / "adapter")
-    with_fused = models.load_sd_pipeline(sd_dir)
+    with_fused = loading.load_sd_pipeline(sd_dir)
     with_fused.unet = UNet2DConditionModel.from_pretrained(tmp_path / "fused")
-    base, adapted, fused = images(models.load_sd_pipeline(sd_dir)), images(with_adapter), images(with_fused)
+    base, adapted, fused = images(loading.load_sd_pipeline(sd_dir)), images(with_adapter), images(with_fused)
     print(f"PSNR adapter vs fused {psnr(adapted, fused):.1f} dB, base vs fused {psnr(base, fused):.1f} dB")
     assert psnr(adapted, fused) >= 40
     assert psnr(base, fused) < 35, "the LoRA did not change the images: the comparison above proves nothing"
@@ -139,7 +140,7 @@ def test_fused_folder_is_a_plain_unet(trained: dict, sd_dir: Path, tmp_path: Pat
     assert weights.keys() == base.keys()
     merged = [name for name in weights if not torch.equal(weights[name], base[name])]
     assert merged and all(name.rsplit(".", 1)[0].endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in merged)
-    assert models.load_sd_pipeline(pipeline).unet.state_dict().keys() == base.keys()
+    assert loading.load_sd_pipeline(pipeline).unet.state_dict().keys() == base.keys()
 
 
 def test_keep_trainable_in_fp32_under_half_weights(sd_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""stages/losses.py and caption dropout on tiny random models: each option against its formula, the defaults against
+"""stylestudy/train/losses.py and caption dropout on tiny random models: each option against its formula, the defaults against
 the loss as it was before them (bit for bit), and the CLIP loss's gradient against autograd of 1 - cos done by hand."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages import builders, data, latents, losses, models, sketches, training
+from stylestudy.models import builders, loading
+from stylestudy.data import dataset, latents, sketches
+from stylestudy.train import checkpoints, losses
 from tests.conftest import composed
 
 STYLE = "A black and white sketch of"
@@ -22,7 +24,7 @@ def make_inputs(root: Path) -> tuple[Path, Path, Path, list[dict], dict]:
     builders.save_random_clip(root / "guide", 11, "tiny")
     sketches.make_synthetic_sketches(root / "raw", 8, 32, 0)
     p = composed("profile=smoke")["finetune"]
-    return root / "sd", root / "guide", root / "raw", data.read_metadata(root / "raw"), p
+    return root / "sd", root / "guide", root / "raw", dataset.read_metadata(root / "raw"), p
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def build_parts(inputs: tuple, prediction_type: str = "epsilon") -> dict:
     from diffusers import DDPMScheduler
 
     sd_dir, guide_dir = inputs[0], inputs[1]
-    pipe = models.load_sd_pipeline(sd_dir)
+    pipe = loading.load_sd_pipeline(sd_dir)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler", prediction_type=prediction_type)
@@ -46,9 +48,9 @@ def build_parts(inputs: tuple, prediction_type: str = "epsilon") -> dict:
 
 
 def first_batch(inputs: tuple, parts: dict, p: dict, epoch: int = 0, n: int = 4) -> dict:
-    """The first n items of `epoch`, drawn as training.SeededItems draws them, collated."""
+    """The first n items of `epoch`, drawn as checkpoints.SeededItems draws them, collated."""
     items, collate = latents.training_items(inputs[2], inputs[3], parts, p)
-    dataset = training.SeededItems(items, 0)
+    dataset = checkpoints.SeededItems(items, 0)
     dataset.set_epoch(epoch)
     return collate([dataset[i] for i in range(n)])
 
@@ -141,20 +143,20 @@ class Flipped:
         return {"flip": bool(torch.rand(1) < 0.5), "text": f"caption {index}"}
 
 
-def dropped(dataset: training.SeededItems, order: range) -> dict[int, tuple[bool, bool]]:
+def dropped(dataset: checkpoints.SeededItems, order: range) -> dict[int, tuple[bool, bool]]:
     """index -> (caption dropped, flipped)."""
     items = {i: dataset[i] for i in order}
     return {i: (item["text"] == "", item["flip"]) for i, item in items.items()}
 
 
 def test_caption_dropout_rate_and_determinism() -> None:
-    dataset = training.SeededItems(latents.CaptionDropout(Flipped(), 0.25, "text", ""), 0)
+    dataset = checkpoints.SeededItems(latents.CaptionDropout(Flipped(), 0.25, "text", ""), 0)
     first = dropped(dataset, range(N_ITEMS))
     share = sum(drop for drop, _ in first.values()) / N_ITEMS
     assert 0.2 < share < 0.3  # 3.6 standard deviations of a binomial share either side
-    again = training.SeededItems(latents.CaptionDropout(Flipped(), 0.25, "text", ""), 0)
+    again = checkpoints.SeededItems(latents.CaptionDropout(Flipped(), 0.25, "text", ""), 0)
     assert dropped(again, range(N_ITEMS - 1, -1, -1)) == first  # per (seed, epoch, index), whatever came before
-    plain = training.SeededItems(Flipped(), 0)
+    plain = checkpoints.SeededItems(Flipped(), 0)
     assert [plain[i]["flip"] for i in range(N_ITEMS)] == [flip for _, flip in first.values()]  # flips drawn first
     dataset.set_epoch(1)
     assert [drop for drop, _ in dropped(dataset, range(N_ITEMS)).values()] != [drop for drop, _ in first.values()]
@@ -207,7 +209,7 @@ def test_x0_is_the_schedulers_pred_original_sample(kind: str) -> None:
 
 
 def reference_clip_loss(old: dict, applied: torch.Tensor, captions: list[str], parts: dict) -> torch.Tensor:
-    """1 - cos written out from the formulas, not from stages/losses.py (epsilon prediction)."""
+    """1 - cos written out from the formulas, not from stylestudy/train/losses.py (epsilon prediction)."""
     import open_clip
 
     a = parts["noise_scheduler"].alphas_cumprod[old["timesteps"][applied]].view(-1, 1, 1, 1)
@@ -287,7 +289,7 @@ def test_guide_pixels_match_open_clip_preprocess(inputs: tuple, kind: str, max_e
     from torchvision.transforms.functional import to_tensor
 
     guide_dir = inputs[1]
-    _, preprocess, _ = models.load_clip(guide_dir)
+    _, preprocess, _ = loading.load_clip(guide_dir)
     image = sample_image(kind)
     expected = preprocess(image).unsqueeze(0)
     got = losses.guide_pixels(to_tensor(image).unsqueeze(0) * 2 - 1, losses.load_guide(guide_dir, "cpu"))

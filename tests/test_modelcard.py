@@ -1,4 +1,4 @@
-"""stages/modelcard.py: a Hugging Face model card whose front matter parses, whose body says what was trained under
+"""stylestudy/train/modelcard.py: a Hugging Face model card whose front matter parses, whose body says what was trained under
 which licences and how to load it, and whose bytes depend only on the inputs."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import composed
 
-from stages.modelcard import write_model_card
+from stylestudy.train.modelcard import write_model_card
 
 STUDY = composed()
 SMOKE = composed("profile=smoke")

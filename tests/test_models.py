@@ -1,4 +1,4 @@
-"""Tiny model builders, loaders, folder checks and copies of stages/models.py (CPU, offline)."""
+"""Tiny model builders, loaders, folder checks and copies of stylestudy/models/loading.py (CPU, offline)."""
 from __future__ import annotations
 
 import shutil
@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from stages import builders, models
-from stages.config import UserError
+from stylestudy.models import builders, loading
+from stylestudy.core.config import UserError
 
 SEED = 0
 SENTENCES = ["a pencil sketch of a horse", "A black and white drawing of a boy riding a bicycle, 2 dogs."]
@@ -51,13 +51,13 @@ def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sd_pipe(sd_dir: Path):
-    pipe = models.load_sd_pipeline(sd_dir)
+    pipe = loading.load_sd_pipeline(sd_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 BUILDERS = {"sd": builders.save_tiny_sd, "clip": builders.save_tiny_clip, "blip": builders.save_tiny_blip}
-LOADERS = {"sd": models.load_sd_pipeline, "clip": models.load_clip, "blip": models.load_blip}
+LOADERS = {"sd": loading.load_sd_pipeline, "clip": loading.load_clip, "blip": loading.load_blip}
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
@@ -108,7 +108,7 @@ def test_tiny_clip_loads_and_encodes(clip_dir: Path) -> None:
     import open_clip
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
-    ours, our_preprocess, tokenizer = models.load_clip(clip_dir)
+    ours, our_preprocess, tokenizer = loading.load_clip(clip_dir)
     assert not ours.training
     assert type(tokenizer).__name__ == "SimpleTokenizer"
     image = our_preprocess(Image.new("RGB", (50, 40), "white")).unsqueeze(0)
@@ -126,7 +126,7 @@ def test_tiny_blip_loads_and_captions(blip_dir: Path) -> None:
 
     BlipForConditionalGeneration.from_pretrained(blip_dir, use_safetensors=True)
     BlipProcessor.from_pretrained(blip_dir)
-    model, processor = models.load_blip(blip_dir)
+    model, processor = loading.load_blip(blip_dir)
     assert not model.training
     tokenizer = processor.tokenizer
     assert tokenizer.bos_token == "[DEC]" and model.config.text_config.bos_token_id == tokenizer.bos_token_id
@@ -141,29 +141,29 @@ def test_tiny_blip_loads_and_captions(blip_dir: Path) -> None:
 
 
 def test_missing_path_is_refused(tmp_path: Path) -> None:
-    for check in (models.check_sd_folder, models.check_clip_folder, models.check_blip_folder):
+    for check in (loading.check_sd_folder, loading.check_clip_folder, loading.check_blip_folder):
         with pytest.raises(UserError, match="does not exist"):
             check(tmp_path / "nope")
 
 
 def test_wrong_kind_of_folder_is_refused(sd_dir: Path, clip_dir: Path, blip_dir: Path) -> None:
     with pytest.raises(UserError, match="model_index.json"):
-        models.check_sd_folder(clip_dir)
+        loading.check_sd_folder(clip_dir)
     with pytest.raises(UserError, match="open_clip_config.json"):
-        models.check_clip_folder(sd_dir)
+        loading.check_clip_folder(sd_dir)
     with pytest.raises(UserError, match="config.json"):
-        models.check_blip_folder(clip_dir)
+        loading.check_blip_folder(clip_dir)
     with pytest.raises(UserError, match="model_type"):
-        models.check_blip_folder(sd_dir / "text_encoder")
+        loading.check_blip_folder(sd_dir / "text_encoder")
     with pytest.raises(UserError, match="model_index.json"):
-        models.load_sd_pipeline(clip_dir)
+        loading.load_sd_pipeline(clip_dir)
 
 
 def test_sd_folder_without_unet_is_refused(sd_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "sd"
     shutil.copytree(sd_dir, broken, ignore=shutil.ignore_patterns("unet"))
     with pytest.raises(UserError, match="unet"):
-        models.check_sd_folder(broken)
+        loading.check_sd_folder(broken)
 
 
 @pytest.mark.parametrize("kind, weights", [
@@ -171,7 +171,7 @@ def test_sd_folder_without_unet_is_refused(sd_dir: Path, tmp_path: Path) -> None
 def test_pickle_only_weights_are_refused(kind: str, weights: str, tmp_path: Path, request) -> None:
     folder = tmp_path / kind
     shutil.copytree(request.getfixturevalue(f"{kind}_dir"), folder)
-    check = getattr(models, f"check_{kind}_folder")
+    check = getattr(loading, f"check_{kind}_folder")
     check(folder)
     (folder / f"{weights}.safetensors").rename(folder / f"{weights}.bin")
     with pytest.raises(UserError, match="safetensors only"):
@@ -181,7 +181,7 @@ def test_pickle_only_weights_are_refused(kind: str, weights: str, tmp_path: Path
 @pytest.mark.parametrize("kind", ["sd", "clip", "blip"])
 def test_copy_round_trip(kind: str, tmp_path: Path, request) -> None:
     src = request.getfixturevalue(f"{kind}_dir")
-    getattr(models, f"copy_{kind}")(src, tmp_path / "copy")
-    getattr(models, f"check_{kind}_folder")(tmp_path / "copy")
+    getattr(loading, f"copy_{kind}")(src, tmp_path / "copy")
+    getattr(loading, f"check_{kind}_folder")(tmp_path / "copy")
     assert _same_weights(src, tmp_path / "copy")
     LOADERS[kind](tmp_path / "copy")

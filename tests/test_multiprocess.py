@@ -23,8 +23,8 @@ import pytest
 import yaml
 from conftest import GIT_IDENTITY, composed, fresh_copy, sh
 
-from stages import launch
-from stages.config import UserError, compose_params
+from stylestudy.train import launch
+from stylestudy.core.config import UserError, compose_params
 
 IMAGES, BATCH, PROCESSES, ACCUMULATION, EPOCHS, WARMUP = 64, 4, 2, 2, 2, 2
 SETTINGS = ["profile=smoke", f"fetch.data.n_images={IMAGES}", "split.fractions.train=1.0", "split.fractions.val=0.0",
@@ -167,9 +167,9 @@ def test_killed_launcher_resumes_to_the_same_weights(resumed, uninterrupted):
 def test_each_process_trains_on_its_own_half_of_every_epoch(uninterrupted):
     printed = uninterrupted[1]
     half = BATCHES * BATCH  # 32 + 32 items and 64 distinct: no item trained on by both processes, none left out
-    assert len(lines(printed, "stages.launch: epoch ")) == EPOCHS
+    assert len(lines(printed, "stylestudy.train.launch: epoch ")) == EPOCHS
     for epoch in range(EPOCHS):
-        assert len(lines(printed, f"stages.launch: epoch {epoch}: {PROCESSES} process(es) trained on {half} + {half} "
+        assert len(lines(printed, f"stylestudy.train.launch: epoch {epoch}: {PROCESSES} process(es) trained on {half} + {half} "
                                   f"items, {IMAGES} distinct of {IMAGES}")) == 1, printed[-3000:]
 
 

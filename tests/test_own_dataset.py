@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import fresh_copy, sh
 
-from stages.data import read_jsonl, write_jsonl
-from stages.sketches import make_synthetic_sketches
+from stylestudy.data.dataset import read_jsonl, write_jsonl
+from stylestudy.data.sketches import make_synthetic_sketches
 
 MARKER = ("outside-the-dataset-" + uuid.uuid4().hex).encode()  # made at run time: no source file holds it
 pytestmark = pytest.mark.slow

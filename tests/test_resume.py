@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import builders, data, encode, sketches, training
-from stages.config import UserError
+from stages import encode
+from stylestudy.models import builders
+from stylestudy.data import dataset, sketches
+from stylestudy.train import checkpoints
+from stylestudy.core.config import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 42
@@ -40,8 +43,8 @@ def inputs(tmp_path_factory) -> Path:
     builders.save_tiny_sd(root / "sd", SEED)
     builders.save_random_guide(root / "guide", SEED, "tiny")
     sketches.make_synthetic_sketches(root / "raw", 60, 32, SEED)
-    data.write_jsonl(root / "split" / "train.jsonl", data.read_metadata(root / "raw"))
-    data.write_jsonl(root / "split" / "val.jsonl", data.read_metadata(root / "raw")[:6])  # for the val loss
+    dataset.write_jsonl(root / "split" / "train.jsonl", dataset.read_metadata(root / "raw"))
+    dataset.write_jsonl(root / "split" / "val.jsonl", dataset.read_metadata(root / "raw")[:6])  # for the val loss
     compose_and_dump(root / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["finetune"] |= SETTINGS
@@ -107,7 +110,7 @@ def kill_after_checkpoint(cwd: Path, inputs: Path, step: int) -> None:
 def plant_incomplete_checkpoints(scratch: Path, whole: Path) -> None:
     """Newer-looking checkpoints as a kill mid-write could leave them: no checkpoint.json, a truncated weights file."""
     shutil.copytree(whole, scratch / "step-00000098")
-    (scratch / "step-00000098" / training.INFO).unlink()
+    (scratch / "step-00000098" / checkpoints.INFO).unlink()
     shutil.copytree(whole, scratch / "step-00000099")
     weights = scratch / "step-00000099" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -186,7 +189,7 @@ def test_checkpoint_from_other_settings_is_refused(inputs):
     assert printed.strip().splitlines()[-1] == (
         "error: scratch/step-00000004 was made with other finetune.learning_rate; to resume it set them back, "
         "to start over delete scratch")
-    assert (cwd / "scratch/step-00000004" / training.INFO).is_file()
+    assert (cwd / "scratch/step-00000004" / checkpoints.INFO).is_file()
 
 
 def fake_checkpoint(scratch: Path, step: int, run: dict) -> Path:
@@ -194,7 +197,7 @@ def fake_checkpoint(scratch: Path, step: int, run: dict) -> Path:
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"x" * 10)
     position = {"step": step, "epoch": 0, "batch": step}
-    (folder / training.INFO).write_text(json.dumps({"position": position, "fingerprint": run,
+    (folder / checkpoints.INFO).write_text(json.dumps({"position": position, "fingerprint": run,
                                                     "files": {"model.safetensors": 10}}))
     return folder
 
@@ -204,17 +207,17 @@ def test_newest_whole_checkpoint_is_found_and_torn_ones_skipped(tmp_path):
     fake_checkpoint(tmp_path, 3, run)
     whole = fake_checkpoint(tmp_path, 20, run)
     (fake_checkpoint(tmp_path, 30, run) / "model.safetensors").write_bytes(b"x" * 4)
-    (fake_checkpoint(tmp_path, 40, run) / training.INFO).write_text('{"position": {"st')
+    (fake_checkpoint(tmp_path, 40, run) / checkpoints.INFO).write_text('{"position": {"st')
     fake_checkpoint(tmp_path, 50, run).joinpath("model.safetensors").unlink()
-    folder, info = training.find_resumable(tmp_path, run)
-    assert folder == whole and info["position"] == training.Position(20, 0, 20)
-    assert training.find_resumable(tmp_path / "missing", run) is None
+    folder, info = checkpoints.find_resumable(tmp_path, run)
+    assert folder == whole and info["position"] == checkpoints.Position(20, 0, 20)
+    assert checkpoints.find_resumable(tmp_path / "missing", run) is None
 
 
 def test_other_settings_name_what_differs(tmp_path):
     fake_checkpoint(tmp_path, 5, {"finetune.learning_rate": 1e-4, "shared.seed": 1})
     with pytest.raises(UserError, match=r"other finetune\.learning_rate, shared\.seed; .* delete"):
-        training.find_resumable(tmp_path, {"finetune.learning_rate": 2e-4, "shared.seed": 2})
+        checkpoints.find_resumable(tmp_path, {"finetune.learning_rate": 2e-4, "shared.seed": 2})
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index():
@@ -227,7 +230,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
         def __getitem__(self, index: int):
             return torch.rand(3)
 
-    items = training.SeededItems(Noise(), SEED)
+    items = checkpoints.SeededItems(Noise(), SEED)
     first = items[2]
     torch.rand(5)  # the global RNG moves on; the item does not change, and taking it does not move the global RNG
     state = torch.get_rng_state()

@@ -1,10 +1,10 @@
-"""KID, CMMD, style similarity, the index-count bootstrap and the paired tests of stages/statistics.py."""
+"""KID, CMMD, style similarity, the index-count bootstrap and the paired tests of stylestudy/evaluate/statistics.py."""
 import logging
 
 import numpy as np
 import pytest
 
-from stages.statistics import (bootstrap_mmd2, cmmd, distance_metrics, kid, mcnemar_exact_p, mmd2, polynomial_kernel,
+from stylestudy.evaluate.statistics import (bootstrap_mmd2, cmmd, distance_metrics, kid, mcnemar_exact_p, mmd2, polynomial_kernel,
                                resample_counts, sign_flip_p, wilson_interval)
 
 SETTINGS = {"bootstrap_samples": 1000, "kid_subsets": 20, "kid_subset_size": 100, "seed": 0}
@@ -124,7 +124,7 @@ def test_same_distribution_is_near_zero_and_a_shift_is_clearly_far():
 def test_distance_metrics_keys_diffs_and_clamped_subset(caplog):
     base, real = _gaussian(30, 20), _gaussian(45, 21)
     tuned = base + np.random.default_rng(22).normal(0.0, 0.3, size=base.shape)
-    caplog.set_level(logging.INFO, logger="stages.statistics")
+    caplog.set_level(logging.INFO, logger="stylestudy.evaluate.statistics")
     m = distance_metrics(base, tuned, real, **{**SETTINGS, "kid_subset_size": 1000})
     expected = {f"{metric}_{model}{suffix}" for metric in ("kid", "cmmd", "style_similarity")
                 for model in ("base", "finetuned", "diff") for suffix in ("", "_ci_low", "_ci_high", "_n")}

@@ -1,4 +1,4 @@
-"""stages/validation.py on a tiny pipeline: deterministic, leaves no trace (RNG, mode, grads), outlives the VAE."""
+"""stylestudy/train/validation.py on a tiny pipeline: deterministic, leaves no trace (RNG, mode, grads), outlives the VAE."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages import builders, data, models, sketches
-from stages.validation import ValidationSet
+from stylestudy.models import builders, loading
+from stylestudy.data import dataset, sketches
+from stylestudy.train.validation import ValidationSet
 
 P = {"resolution": 32, "validation_prompt": "a horse next to a tree", "validation_images": 2, "validation_steps": 3}
 SEED = 7
@@ -20,7 +21,7 @@ def make_parts(sd_dir: Path) -> dict:
     """The parts finetune.load_components builds, on the CPU in fp32."""
     from diffusers import DDPMScheduler
 
-    pipe = models.load_sd_pipeline(sd_dir)
+    pipe = loading.load_sd_pipeline(sd_dir)
     pipe.unet.train()
     return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae, "unet": pipe.unet,
             "noise_scheduler": DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler"),
@@ -36,7 +37,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[d
     root = tmp_path_factory.mktemp("validation")
     builders.save_random_sd(root / "sd", 0, "tiny")
     sketches.make_synthetic_sketches(root / "raw", 6, 40, 0)
-    return root / "sd", root / "raw", data.read_metadata(root / "raw")
+    return root / "sd", root / "raw", dataset.read_metadata(root / "raw")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from PIL import Image, ImageOps
 
-from stages.config import EDIT_HINT, UserError
-from stages.outputs import MANIFEST, atomic_file, read_csv
+from stylestudy.core.config import EDIT_HINT, UserError
+from stylestudy.core.outputs import MANIFEST, atomic_file, read_csv
 
 METADATA = "metadata.jsonl"
 FETCH_SKIPPED = "fetch_skipped.csv"  # file_name, reason: what fetch did not copy into the imagefolder
@@ -219,7 +219,7 @@ class CaptionedImages:
     """Items: {"pixel_values": tensor, "text": caption} from an imagefolder and a list of rows."""
 
     # A map-style dataset needs only __len__ and __getitem__; not subclassing torch's Dataset keeps torch out of
-    # `import stages.data` while instances still pickle for DataLoader workers.
+    # `import stylestudy.data.dataset` while instances still pickle for DataLoader workers.
     def __init__(self, folder: Path, rows: list[dict], transform: Callable[[Image.Image], Any]) -> None:
         self.folder, self.rows, self.transform = Path(folder), list(rows), transform
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import data
-from stages.config import UserError, require_path
+from stylestudy.data import dataset
+from stylestudy.core.config import UserError, require_path
 
 MODELS = ("base", "finetuned")
 # The prompt sets of generate's manifest and the prefix of their metric keys: the study's keys keep meaning its prompts.
@@ -45,7 +45,7 @@ def read_samples(samples: Path) -> dict[str, list[dict]]:
     for model in MODELS:
         folder = samples / model
         manifest = require_path(folder / "manifest.jsonl", f"run `dvc repro generate@{model}` first")
-        rows[model] = [row | {"path": folder / row["file_name"]} for row in data.read_jsonl(manifest)]
+        rows[model] = [row | {"path": folder / row["file_name"]} for row in dataset.read_jsonl(manifest)]
     pairs = {m: [(r["set"], r["prompt_index"], r["image_index"], r["seed"]) for r in rows[m]] for m in MODELS}
     if pairs["base"] != pairs["finetuned"]:
         raise UserError(f"{samples}: base and finetuned samples differ in prompts, seeds or counts; rerun generate")

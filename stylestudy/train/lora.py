@@ -15,7 +15,7 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.outputs import sort_safetensors_metadata
+from stylestudy.core.outputs import sort_safetensors_metadata
 
 if TYPE_CHECKING:
     import torch

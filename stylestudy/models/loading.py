@@ -2,7 +2,7 @@
 
 Folders are canonical library formats, safetensors only: a diffusers `StableDiffusionPipeline` folder, an open_clip
 `local-dir:` folder (`open_clip_config.json` + `open_clip_model.safetensors`) and a transformers BLIP captioner
-folder (`stages/builders.py` makes random ones from configs). Heavy libraries are imported inside the functions so
+folder (`stylestudy/models/builders.py` makes random ones from configs). Heavy libraries are imported inside the functions so
 that importing this module stays fast.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from stages.config import UserError
+from stylestudy.core.config import UserError
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from stages.config import UserError
+from stylestudy.core.config import OUR_LOGGERS, UserError
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def quiet_unless_main(accelerator: Any) -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    for name in ("__main__", "stages"):
+    for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

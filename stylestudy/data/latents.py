@@ -12,7 +12,7 @@ and uncached runs train on the same flipped images. Random crops differ every ep
 
 Caption dropout (`caption_dropout` > 0) replaces an item's caption by the empty one, decided after the flip with the
 item's own seeded RNG: a resumed run drops the same captions. Both batch kinds carry each sample's caption text
-("captions", "" where dropped) for the CLIP loss (stages/losses.py), which also keeps the VAE after caching.
+("captions", "" where dropped) for the CLIP loss (stylestudy/train/losses.py), which also keeps the VAE after caching.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from stages import data
-from stages.config import UserError, require_path
-from stages.outputs import MANIFEST, sha256_of, write_json
+from stylestudy.data import dataset
+from stylestudy.core.config import UserError, require_path
+from stylestudy.core.outputs import MANIFEST, sha256_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class CachedBatch:
 
 
 class TokenBatch:
-    """collate_fn for data.CaptionedImages: stacked pixel values and caption token ids."""
+    """collate_fn for dataset.CaptionedImages: stacked pixel values and caption token ids."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -137,8 +137,8 @@ def encode_images(raw: Path, rows: list[dict], parts: dict, p: dict) -> tuple[An
     """Latent mean and std (fp32, CPU) of every image, unflipped and, with random_flip, flipped."""
     import torch
 
-    dataset = data.CaptionedImages(raw, rows, data.train_transforms(p["resolution"], True, False))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=ENCODE_BATCH, collate_fn=_stack_pixels,
+    images = dataset.CaptionedImages(raw, rows, dataset.train_transforms(p["resolution"], True, False))
+    loader = torch.utils.data.DataLoader(images, batch_size=ENCODE_BATCH, collate_fn=_stack_pixels,
                                          num_workers=p["dataloader_num_workers"])
     flips = (False, True) if p["random_flip"] else (False,)
     means: list[list] = [[] for _ in flips]
@@ -249,8 +249,8 @@ def training_items(raw: Path, rows: list[dict], parts: dict, p: dict, encoded_di
         if encoded_dir is None:
             return cached_dataset(encode_dataset(raw, rows, parts, p), rows, parts, p)
         return cached_dataset(load_encoded(encoded_dir, rows, p, sd_dir), rows, parts, p)
-    transform = data.train_transforms(p["resolution"], p["center_crop"], p["random_flip"])
-    items: Any = data.CaptionedImages(raw, rows, transform)
+    transform = dataset.train_transforms(p["resolution"], p["center_crop"], p["random_flip"])
+    items: Any = dataset.CaptionedImages(raw, rows, transform)
     if p["caption_dropout"] > 0:
         items = CaptionDropout(items, p["caption_dropout"], "text", EMPTY_CAPTION)
     return items, TokenBatch(parts["tokenizer"])

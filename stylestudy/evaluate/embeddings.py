@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from stages.config import UserError, require_path
-from stages.outputs import MANIFEST, write_json
+from stylestudy.core.config import UserError, require_path
+from stylestudy.core.outputs import MANIFEST, write_json
 
 if TYPE_CHECKING:
     from PIL import Image

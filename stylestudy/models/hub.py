@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from stages.config import UserError
+from stylestudy.core.config import UserError
 
 FILES = {
     "sd": ["*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"],

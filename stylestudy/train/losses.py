@@ -9,7 +9,7 @@ drawing nothing from the RNG, so that the default loss is the study's to the bit
   min(snr, gamma) / (snr + 1) (v), with snr = a_t / (1 - a_t) from `diffusers.training_utils.compute_snr`;
 - `clip_loss`: the ReFL-style guide loss (Xu et al. 2023, ImageReward): the one-step estimate of x0 from the same
   UNet output, decoded by the frozen VAE and scored by a frozen guide CLIP (never the one clip_eval scores with)
-  against "<style prompt> <caption>"; see `clip_loss`. `caption_dropout` lives in stages/latents.py (the data).
+  against "<style prompt> <caption>"; see `clip_loss`. `caption_dropout` lives in stylestudy/data/latents.py (the data).
 
 Entry point: `training_loss(batch, parts, unet, p, step)`.
 """
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from stages import latents, models
+from stylestudy.data import latents
+from stylestudy.models import loading
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def load_guide(path: Path, device: Any) -> Guide:
     import open_clip
     import torch
 
-    model, _, tokenizer = models.load_clip(path, device)
+    model, _, tokenizer = loading.load_clip(path, device)
     model.requires_grad_(False)
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])

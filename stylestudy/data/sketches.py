@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from stages.data import METADATA, write_jsonl
+from stylestudy.data.dataset import METADATA, write_jsonl
 
 Box = tuple[float, float, float, float]
 Stroke = tuple[str, list[tuple[float, float]]]  # ("line" | "poly" | "ellipse", points in a unit box, y down)

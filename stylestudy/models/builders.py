@@ -1,4 +1,4 @@
-"""Random models built from configs, saved as the folders `stages/models.py` loads.
+"""Random models built from configs, saved as the folders `stylestudy/models/loading.py` loads.
 
 `tiny` architectures serve the offline smoke setting; `full` ones are the study's exact shapes (speed and memory at
 study scale without the Hub). Every builder seeds its own RNG and logs parameter counts so shapes can be checked.
@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.models import quiet_libraries, write_open_clip
+from stylestudy.models.loading import quiet_libraries, write_open_clip
 
 if TYPE_CHECKING:
     from transformers import BlipConfig, CLIPTokenizer

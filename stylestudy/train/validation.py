@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from stages import data
+from stylestudy.data import dataset
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def encode_val_images(raw: Path, rows: list[dict], parts: dict, resolution: int)
     """Scaled latent means (fp32, on the training device) of the rows' images, center-cropped, unflipped."""
     import torch
 
-    images = data.CaptionedImages(raw, rows, data.train_transforms(resolution, True, False))
+    images = dataset.CaptionedImages(raw, rows, dataset.train_transforms(resolution, True, False))
     pixels = torch.stack([images[i]["pixel_values"] for i in range(len(images))])
     with torch.no_grad():
         dist = parts["vae"].encode(pixels.to(parts["device"], dtype=parts["frozen_dtype"])).latent_dist

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import yaml
 
 PARAMS_FILE = Path("params.yaml")
+OUR_LOGGERS = ("__main__", "stages", "stylestudy")  # INFO shown; the libraries' stays hidden
 EDIT_HINT = "edit conf/ (or run `dvc exp run -S {key}=...`)"
 
 
@@ -194,7 +195,7 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quick_start_and_exit()
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        for ours in ("__main__", "stages"):  # libraries' INFO chatter (open_clip logs to root) stays hidden
+        for ours in OUR_LOGGERS:  # libraries' INFO chatter (open_clip logs to root) stays hidden
             logging.getLogger(ours).setLevel(logging.INFO)
         try:
             return main(*args, **kwargs)

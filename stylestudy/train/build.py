@@ -6,7 +6,9 @@ import logging
 import math
 from pathlib import Path
 
-from stages import launch, latents, lora, losses, models, training
+from stylestudy.train import checkpoints, launch, lora, losses
+from stylestudy.data import latents
+from stylestudy.models import loading
 
 log = logging.getLogger(__name__)
 
@@ -16,13 +18,13 @@ def build_accelerator(p: dict, seed: int):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    precision = models.precision_that_runs(p["mixed_precision"])
+    precision = loading.precision_that_runs(p["mixed_precision"])
     # The seedable sampler shuffles epoch e with seed + e, whatever came before: a resumed run sees the same order.
-    loading = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
+    data_loading = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     # cpu: without a CUDA GPU, processes that torchrun started (conf/accelerate/cpu.yaml) join one gloo group instead
     # of each training alone; a single process runs on the CPU either way.
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=p["gradient_accumulation_steps"],
-                              dataloader_config=loading, cpu=not torch.cuda.is_available())
+                              dataloader_config=data_loading, cpu=not torch.cuda.is_available())
     launch.quiet_unless_main(accelerator)
     if precision != p["mixed_precision"]:
         log.info("mixed_precision %s runs as %s on this device", p["mixed_precision"], precision)
@@ -35,8 +37,8 @@ def load_components(sd_dir: Path, p: dict, accelerator) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
-    pipe = models.load_sd_pipeline(sd_dir)
-    frozen_dtype = models.frozen_dtype(accelerator.mixed_precision, accelerator.device)
+    pipe = loading.load_sd_pipeline(sd_dir)
+    frozen_dtype = loading.frozen_dtype(accelerator.mixed_precision, accelerator.device)
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False)
         frozen.to(accelerator.device, dtype=frozen_dtype)
@@ -83,7 +85,7 @@ def make_dataloader(raw: Path, rows: list[dict], parts: dict, p: dict, seed: int
 
     items, collate = latents.training_items(raw, rows, parts, p, encoded_dir, sd_dir)
     # Numbered: each batch carries its items' indices, so that the loop can tell which items each process trained on.
-    dataset = training.SeededItems(launch.Numbered(items), seed)
+    dataset = checkpoints.SeededItems(launch.Numbered(items), seed)
     # With its own generator, making an iterator draws the workers' base seed from it, not from the global RNG.
     return torch.utils.data.DataLoader(
         dataset, batch_size=p["train_batch_size"], shuffle=True, collate_fn=launch.NumberedBatch(collate),

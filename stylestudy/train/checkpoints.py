@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.config import UserError
-from stages.outputs import MANIFEST, write_json
+from stylestudy.core.config import UserError
+from stylestudy.core.outputs import MANIFEST, write_json
 
 log = logging.getLogger(__name__)
 

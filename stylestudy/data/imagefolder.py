@@ -16,9 +16,9 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from stages.config import UserError
-from stages.data import FETCH_SKIPPED, METADATA, fetch_skipped, name_key, name_problem, write_jsonl
-from stages.outputs import MANIFEST, write_csv
+from stylestudy.core.config import UserError
+from stylestudy.data.dataset import FETCH_SKIPPED, METADATA, fetch_skipped, name_key, name_problem, write_jsonl
+from stylestudy.core.outputs import MANIFEST, write_csv
 
 METADATA_CSV = "metadata.csv"
 OUTSIDE = "symbolic link to outside the dataset folder"

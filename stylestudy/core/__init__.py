@@ -1,0 +1,1 @@
+"""Params, the command line every stage shares, and outputs written whole."""

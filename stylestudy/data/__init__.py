@@ -1,0 +1,1 @@
+"""The dataset in its canonical form, where it comes from, and its encodings."""

@@ -1,0 +1,1 @@
+"""Scoring generated images: samples and manifests, CLIP embeddings, statistics."""
