@@ -8,7 +8,8 @@ Side by side in one run, each configuration in its own process (so its peak memo
                        channels_last, fused AdamW (foreach on a CPU), foreach EMA, torch.compile with --compile
   (c) LoRA             (b) with `method: lora`, rank 4 on the attention projections (stylestudy/train/lora.py)
   (d) CLIP loss        (b) with `clip_loss` on every step and every sample (one-step x0, VAE decode, guidance CLIP)
-Both build the models, data, optimizer and EMA with stylestudy.train.build and step with finetune.train_batch. Reported:
+All build the models, data, optimizer and EMA as the finetune stage does (stylestudy.train.build,
+finetune.prepare_inputs) and step with stylestudy.train.loop.train_batch. Reported:
 images/s over the steady-state steps (warm-up steps, compilation included, timed apart), peak memory
 (torch.cuda.max_memory_allocated on CUDA; the process's peak RSS on a CPU, which never goes down, so batch sizes run
 in increasing order) and, on CUDA, MFU: UNet model FLOPs (forward+backward per image, counted with
@@ -29,6 +30,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -85,50 +87,67 @@ def make_inputs(args: argparse.Namespace, root: Path) -> Path:
     return root
 
 
-def settings(key: str, args: argparse.Namespace, batch: int) -> dict:
-    """params.yaml's finetune section with the configuration's settings and the bench's sizes."""
+def settings(key: str, args: argparse.Namespace, batch: int) -> tuple[dict, Any]:
+    """params.yaml's finetune section with the configuration's settings and the bench's sizes, and the encode
+    settings (cache_latents is the configuration's)."""
     from stylestudy.core.config import load_params
+    from stylestudy.data.latents import EncodeSettings
 
     p = dict(load_params("finetune", REPO / "params.yaml"))
     ours = {"compile_unet": args.compile, "gradient_checkpointing": args.ours_checkpointing} if key != "a" else {}
-    return p | CONFIGURATIONS[key][1] | ours | {
-        "resolution": args.resolution, "train_batch_size": batch, "gradient_accumulation_steps": 1,
-        "use_ema": True, "max_train_steps": 10**9, "checkpoint_every": 0, "dataloader_num_workers": 0}
+    configuration = dict(CONFIGURATIONS[key][1])
+    encoding = load_params("encode", REPO / "params.yaml") | {
+        "cache_latents": configuration.pop("cache_latents"), "resolution": args.resolution, "dataloader_num_workers": 0}
+    p = p | configuration | ours | {"train_batch_size": batch, "gradient_accumulation_steps": 1, "use_ema": True,
+                                    "max_train_steps": 10**9, "checkpoint_every": 0, "dataloader_num_workers": 0,
+                                    "validate_every": 0}
+    return p, EncodeSettings(**encoding)
 
 
-def build(inputs: Path, p: dict) -> tuple:
-    """Accelerator, model parts and prepared training objects, made by the stage's functions."""
+def build(inputs: Path, p: dict, encoding: Any) -> tuple:
+    """Accelerator, training state and the loop's extras, made by the stage's functions."""
+    import dataclasses
+
     from diffusers.training_utils import EMAModel
 
-    from stylestudy.train import build
+    from stages import finetune
+    from stylestudy.models import families
+    from stylestudy.train import build as building
+    from stylestudy.train import loop
 
     sd, raw = Path((inputs / "sd_path").read_text()), inputs / "raw"
     rows = dataset.read_metadata(raw)
-    accelerator = build.build_accelerator(p, 0)
-    parts = build.load_components(sd, p, accelerator)
-    build.add_guide(parts, inputs / "guide", STYLE_PROMPT, p)
-    loop = build.prepare_training(parts, build.make_dataloader(raw, rows, parts, p, 0), p, accelerator)
-    if not p["cache_latents"]:  # (a): the example's EMAModel, one kernel per tensor
-        loop["ema"] = EMAModel(accelerator.unwrap_model(loop["unet"]).parameters(), decay=p["ema_decay"])
-    loop["ema"].to(accelerator.device)
-    return accelerator, parts, loop
+    accelerator = building.build_accelerator(p, 0)
+    family = families.family_of(sd)
+    trainee = building.load_trainee(family, sd, p)
+    unused = inputs / "unused"  # the stage's outputs: the bench writes none
+    folders = finetune.Folders(sd=sd, guide=inputs / "guide", raw=raw, split=unused, out=unused, live=unused,
+                               scratch=unused)
+    prepared = finetune.prepare_inputs(folders, family, rows, [], trainee.noise, p, encoding, 0, STYLE_PROMPT,
+                                       accelerator)
+    dataloader = building.make_dataloader(prepared.data, p["train_batch_size"], 0, 0)
+    state = building.prepare_training(trainee, dataloader, p, accelerator)
+    if not encoding.cache_latents:  # (a): the example's EMAModel, one kernel per tensor
+        state = dataclasses.replace(state, ema=EMAModel(state.model.parameters(), decay=p["ema_decay"]))
+    state.ema.to(accelerator.device)
+    return accelerator, state, loop.Extras(prepared.data.to_inputs, prepared.guide, None, None)
 
 
-def batches(loop: dict, accelerator):
+def batches(state: Any, accelerator: Any):
     """Batches without end, epoch after epoch."""
     from stylestudy.train import checkpoints
 
     epoch = 0
     while True:
-        yield from checkpoints.epoch_batches(loop["dataloader"], epoch, 0, accelerator)
+        yield from checkpoints.epoch_batches(state.dataloader, epoch, 0, accelerator)
         epoch += 1
 
 
-def one_step(batch: dict, parts: dict, loop: dict, p: dict, accelerator) -> None:
-    from stages import finetune
+def one_step(batch: Any, state: Any, extras: Any, p: dict, accelerator: Any) -> None:
+    from stylestudy.train import loop
 
-    finetune.train_batch(batch, parts, loop, p, accelerator, 0)  # its grad norm is a float: the step has finished
-    loop["ema"].step(loop["trainable"])
+    loop.train_batch(batch, state, extras, p, accelerator, 0)  # its grad norm is a float: the step has finished
+    state.ema.step(state.trainable)
 
 
 def synchronize() -> None:
@@ -148,7 +167,7 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(inputs: Path, p: dict, args: argparse.Namespace) -> dict:
+def measure(inputs: Path, p: dict, encoding: Any, args: argparse.Namespace) -> dict:
     """Warm-up and timed steps at one batch size: seconds, images/s and peak memory."""
     import gc
 
@@ -158,38 +177,40 @@ def measure(inputs: Path, p: dict, args: argparse.Namespace) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    accelerator, parts, loop = build(inputs, p)
-    stream = batches(loop, accelerator)
+    accelerator, state, extras = build(inputs, p, encoding)
+    stream = batches(state, accelerator)
     started = time.perf_counter()
     for _ in range(args.warmup):
-        one_step(next(stream), parts, loop, p, accelerator)
+        one_step(next(stream), state, extras, p, accelerator)
     synchronize()
     warmup_s, started = time.perf_counter() - started, time.perf_counter()
     for _ in range(args.steps):
-        one_step(next(stream), parts, loop, p, accelerator)
+        one_step(next(stream), state, extras, p, accelerator)
     synchronize()
     run_s = time.perf_counter() - started
     return {"batch": p["train_batch_size"], "warmup_s": warmup_s, "run_s": run_s,
             "images_per_s": args.steps * p["train_batch_size"] / run_s, "peak_memory_mib": peak_memory_mib()}
 
 
-def unet_flops_per_image(inputs: Path, p: dict) -> float:
+def unet_flops_per_image(inputs: Path, p: dict, encoding: Any) -> float:
     """Model FLOPs of the UNet's forward and backward per image: one uncompiled step of (b), counted by torch."""
+    import dataclasses
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    p = p | {"compile_unet": False, "gradient_checkpointing": False, "cache_latents": True}
-    accelerator, parts, loop = build(inputs, p)
-    batch = next(batches(loop, accelerator))
+    p = p | {"compile_unet": False, "gradient_checkpointing": False}
+    accelerator, state, extras = build(inputs, p, dataclasses.replace(encoding, cache_latents=True))
+    batch = next(batches(state, accelerator))
     counter = FlopCounterMode(display=False)
     with counter:  # cached latents: the UNet is the only model that runs in the step
-        one_step(batch, parts, loop, p, accelerator)
+        one_step(batch, state, extras, p, accelerator)
     return counter.get_total_flops() / p["train_batch_size"]
 
 
 def child(args: argparse.Namespace) -> None:
     """One configuration at every batch size, in increasing order; prints its figures as one JSON line."""
-    rows = [measure(args.inputs, settings(args.child, args, int(b)), args) for b in args.batch_sizes.split(",")]
-    flops = unet_flops_per_image(args.inputs, settings("b", args, 1)) if args.child == "b" else None
+    rows = [measure(args.inputs, *settings(args.child, args, int(b)), args) for b in args.batch_sizes.split(",")]
+    flops = unet_flops_per_image(args.inputs, *settings("b", args, 1)) if args.child == "b" else None
     print(json.dumps({"rows": rows, "flops_per_image": flops}))
 
 

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages import blip_check, clip_eval, generate
-from stylestudy.models import builders, loading  # noqa: E402
+from stylestudy.models import builders, families, loading  # noqa: E402
 from stylestudy.core.config import load_params  # noqa: E402
 from stylestudy.evaluate.samples import styled  # noqa: E402
 
@@ -102,7 +102,7 @@ def peak_memory_mib() -> float | None:
 def plain_pipeline(sd_dir: Path, scheduler: str):
     """A plain diffusers pipeline as the usual recipe loads it: fp16 on a GPU, nothing else changed."""
     device, dtype = loading.inference_device()
-    pipe = loading.load_sd_pipeline(sd_dir).to(device, dtype=dtype)
+    pipe = families.load_pipeline(sd_dir).to(device, dtype=dtype)
     generate.set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

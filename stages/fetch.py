@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stylestudy.models import builders, hub, loading
+from stylestudy.models import builders, families, hub, loading
 from stylestudy.data import imagefolder, sketches
 from stylestudy.core.config import (
     FETCH_KINDS, NON_EMPTY_STRING, RANDOM_SOURCES, UserError, cli, load_params, load_shared, parse_args,
@@ -47,7 +47,7 @@ def check_source(kind: str, p: dict) -> None:
             raise UserError(f"fetch.{kind}.path: {p['path']} does not exist; point it at a local {kind} folder")
 
 
-COPIERS = {"sd": loading.copy_sd, "clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
+COPIERS = {"sd": families.copy_pipeline, "clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
            "data": imagefolder.copy_dataset}
 BUILDERS = {"sd": builders.save_random_sd, "clip": builders.save_random_clip, "blip": builders.save_random_blip,
             "guide": builders.save_random_guide}

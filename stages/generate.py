@@ -22,14 +22,15 @@ import numpy as np
 from tqdm import tqdm
 
 from stylestudy.data import dataset
-from stylestudy.models import loading
+from stylestudy.models import families, loading
+from stylestudy.models.families import Family
 from stylestudy.core.config import cli, load_params, load_shared, parse_args, require_path
 from stylestudy.evaluate.samples import image_seed, styled
 from stylestudy.core.outputs import atomic_dir
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def plan(model: str, p: dict, seed: int, held_out: list[dict] = ()) -> list[dict
             for row in study + test]
 
 
-def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
+def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     """Replace the pipeline's scheduler by `name`, keeping the model's noise schedule (betas, offsets)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
@@ -94,46 +95,47 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def speed_up(pipe: StableDiffusionPipeline, p: dict) -> None:
-    """What plain diffusers leaves on the table: fused QKV projections, channels_last, a compiled UNet; SDPA always."""
+def speed_up(pipe: DiffusionPipeline, family: Family, p: dict) -> None:
+    """What plain diffusers leaves on the table: fused QKV projections, channels_last, a compiled denoiser; SDPA
+    always."""
     import torch
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    for model in (pipe.unet, pipe.vae):  # torch's fused attention kernels (flash / memory-efficient on CUDA)
-        model.set_attn_processor(AttnProcessor2_0())
+    family.use_fused_attention(pipe)  # torch's fused attention kernels (flash / memory-efficient on CUDA)
+    denoiser = family.denoiser_of(pipe)
     if p["fuse_qkv"]:
         pipe.fuse_qkv_projections()  # one matmul for q, k, v (k, v in cross-attention): fewer, larger kernels
     if p["channels_last"]:
-        pipe.unet.to(memory_format=torch.channels_last)  # NHWC: what cuDNN's fastest convolutions want
+        denoiser.to(memory_format=torch.channels_last)  # NHWC: what cuDNN's fastest convolutions want
         pipe.vae.to(memory_format=torch.channels_last)
     if p["compile"]:
-        pipe.unet.compile(fullgraph=True)  # compiled at the first call (warm-up); the UNet does >90% of the FLOPs
+        denoiser.compile(fullgraph=True)  # compiled at the first call (warm-up); the denoiser does >90% of the FLOPs
 
 
-def load_pipeline(model_dir: Path, p: dict) -> StableDiffusionPipeline:
+def load_pipeline(model_dir: Path, p: dict) -> DiffusionPipeline:
     """The pipeline on the device accelerate picks, in generate.dtype, with the scheduler and speed-ups asked for."""
     device, _ = loading.inference_device()
-    pipe = loading.load_sd_pipeline(model_dir)
+    family = families.check_pipeline_folder(model_dir)
+    pipe = family.load_pipeline(model_dir)
     pipe.to(device, dtype=resolve_dtype(p["dtype"], device))
     set_scheduler(pipe, p["scheduler"])
-    speed_up(pipe, p)
+    speed_up(pipe, family, p)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor, vae_batch_size: int) -> list[Image.Image]:
+def decode(pipe: DiffusionPipeline, latents: torch.Tensor, vae_batch_size: int) -> list[Image.Image]:
     """Decode latents vae_batch_size at a time: the decoder's activations, large at 512 px, stay bounded."""
     import torch
 
-    images = []
+    images, family = [], families.family_of_pipeline(pipe)
     with torch.no_grad():
         for chunk in latents.split(vae_batch_size):
-            decoded = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            decoded = pipe.vae.decode(family.from_latents(pipe.vae.config, chunk), return_dict=False)[0]
             images += pipe.image_processor.postprocess(decoded, output_type="pil")
     return images
 
 
-def generate_images(pipe: StableDiffusionPipeline, texts: list[str], seeds: list[int], p: dict) -> list[Image.Image]:
+def generate_images(pipe: DiffusionPipeline, texts: list[str], seeds: list[int], p: dict) -> list[Image.Image]:
     """One batch of images: one generator per image (an image does not depend on its batch), then decode."""
     import torch
 
@@ -145,7 +147,7 @@ def generate_images(pipe: StableDiffusionPipeline, texts: list[str], seeds: list
     return decode(pipe, latents, p["vae_batch_size"])
 
 
-def render(pipe: StableDiffusionPipeline, rows: list[dict], p: dict, out: Path) -> None:
+def render(pipe: DiffusionPipeline, rows: list[dict], p: dict, out: Path) -> None:
     """Render the planned images in batches of batch_size and save them as PNGs."""
     batches = [rows[i:i + p["batch_size"]] for i in range(0, len(rows), p["batch_size"])]
     for batch in tqdm(batches, desc="generate", unit="batch"):
@@ -156,11 +158,11 @@ def render(pipe: StableDiffusionPipeline, rows: list[dict], p: dict, out: Path) 
 
 def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int) -> list[dict]:
     """Render all images of one model into `out`; return the manifest rows."""
-    loading.check_sd_folder(model_dir)
+    family = families.check_pipeline_folder(model_dir)
     held_out = held_out_captions(split, p["test_captions"], seed)
     pipe = load_pipeline(model_dir, p)
     # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.
-    rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": str(pipe.unet.dtype).split(".")[-1]}
+    rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": str(family.denoiser_of(pipe).dtype).split(".")[-1]}
     rows = [row | rendered for row in plan(model, p, seed, held_out)]
     log.info("generate %d images with %s (%s) on %s", len(rows), model, model_dir, pipe.device)
     with atomic_dir(out) as tmp:

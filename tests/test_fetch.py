@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import composed
 
-from stylestudy.models import builders, loading
+from stylestudy.models import builders, families, loading
 from stylestudy.data import dataset
 from stylestudy.core.outputs import MANIFEST
 from stylestudy.data.sketches import make_synthetic_sketches
@@ -66,7 +66,7 @@ def fetch(workdir: Path, kind: str, cache: Path, params: dict = STUDY) -> subpro
 
 
 @pytest.mark.parametrize("kind, check", [
-    ("sd", loading.check_sd_folder), ("clip", loading.check_clip_folder), ("blip", loading.check_blip_folder),
+    ("sd", families.check_pipeline_folder), ("clip", loading.check_clip_folder), ("blip", loading.check_blip_folder),
 ])
 def test_study_models_come_from_the_hub_cache(tmp_path, hub_cache, kind, check):
     result = fetch(tmp_path, kind, hub_cache)
@@ -91,7 +91,7 @@ def test_study_dataset_comes_from_the_hub_cache_as_an_imagefolder(tmp_path, hub_
 
 def test_the_sd_pipeline_from_the_hub_loads_and_generates(tmp_path, hub_cache):
     assert fetch(tmp_path, "sd", hub_cache).returncode == 0
-    pipe = loading.load_sd_pipeline(tmp_path / "out")
+    pipe = families.load_pipeline(tmp_path / "out")
     image = pipe("a sketch", num_inference_steps=1, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stylestudy.models import builders
-from stylestudy.train import build, checkpoints, losses
-from stylestudy.data import dataset, latents, sketches
 from stylestudy.core.config import load_params
+from stylestudy.data import dataset, latents, sketches
+from stylestudy.models import builders
+from stylestudy.models.families import sd2
+from stylestudy.train import batches, build, checkpoints, losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +39,11 @@ class TwoProcesses:
 
 
 def test_steps_come_from_the_shard_each_process_sees():
-    parts = {"unet": torch.nn.Linear(2, 2)}
-    loop = build.prepare_training(parts, list(range(20)), P, TwoProcesses())
-    assert len(loop["dataloader"]) == 10
-    assert loop["max_steps"] == 3 * 5  # 10 batches per process, accumulation 2, 3 epochs
-    assert loop["lr_scheduler"].lr_lambdas[0](15 * 2) == 0.0  # the schedule ends after two scheduler steps a step
+    trainee = losses.Trainee(sd2.FAMILY, torch.nn.Linear(2, 2), noise=None)
+    state = build.prepare_training(trainee, list(range(20)), P, TwoProcesses())
+    assert len(state.dataloader) == 10
+    assert state.max_steps == 3 * 5  # 10 batches per process, accumulation 2, 3 epochs
+    assert state.lr_scheduler.lr_lambdas[0](15 * 2) == 0.0  # the schedule ends after two scheduler steps a step
 
 
 @pytest.fixture(scope="module")
@@ -54,42 +55,44 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[d
     builders.save_random_sd(root / "sd", 0, "tiny")
     sketches.make_synthetic_sketches(root / "raw", 12, 32, 0)
     compose_and_dump(root / "params.yaml", str(REPO / "conf"), None, "config", str(REPO), ["profile=smoke"])
-    p = load_params("finetune", root / "params.yaml") | {"train_batch_size": 4}
-    return root / "sd", root / "raw", dataset.read_metadata(root / "raw"), p
+    p = load_params("finetune", root / "params.yaml") | {"train_batch_size": 4, "mixed_precision": "no"}
+    encoding = latents.EncodeSettings(**load_params("encode", root / "params.yaml"))
+    return root / "sd", root / "raw", dataset.read_metadata(root / "raw"), p, encoding
 
 
-def first_batch(inputs: tuple, **settings) -> tuple[dict, dict]:
-    """Epoch 0's first batch and the model parts, from a fresh build with `settings` over the smoke params."""
-    from accelerate.utils import set_seed
+def first_batch(inputs: tuple, cache_latents: bool) -> tuple:
+    """Epoch 0's first batch, what turns it into the loss's inputs, and the frozen encoders, built as finetune does."""
+    import dataclasses
 
-    sd_dir, raw, rows, p = inputs
-    p = p | settings | {"mixed_precision": "no"}
+    sd_dir, raw, rows, p, encoding = inputs
     accelerator = build.build_accelerator(p, 0)
-    set_seed(0)
-    parts = build.load_components(sd_dir, p, accelerator)
-    dataloader = accelerator.prepare(build.make_dataloader(raw, rows, parts, p, 0))
-    return next(iter(checkpoints.epoch_batches(dataloader, 0, 0, accelerator))), parts
+    encoders = sd2.FAMILY.load_encoders(sd_dir, accelerator.device, torch.float32)
+    data = batches.training_data(raw, rows, encoders, dataclasses.replace(encoding, cache_latents=cache_latents), 0.0)
+    dataloader = accelerator.prepare(build.make_dataloader(data, p["train_batch_size"], 0, 0))
+    return next(iter(checkpoints.epoch_batches(dataloader, 0, 0, accelerator))), data.to_inputs, encoders
 
 
 def test_cached_latents_are_those_of_the_same_flipped_images(inputs: tuple) -> None:
-    encoded, parts = first_batch(inputs, cache_latents=False)
-    cached, cached_parts = first_batch(inputs, cache_latents=True)
-    assert cached_parts["vae"] is None and cached_parts["text_encoder"] is None  # freed once the cache is made
-    with torch.no_grad():
-        dist = parts["vae"].encode(encoded["pixel_values"]).latent_dist
-        text = parts["text_encoder"](encoded["input_ids"], return_dict=False)[0]
-    assert torch.allclose(cached["latent_mean"], dist.mean, atol=1e-5)
-    assert torch.allclose(cached["latent_std"], dist.std, atol=1e-5)
-    assert torch.allclose(cached["encoder_hidden_states"], text, atol=1e-5)
+    pixels, _, encoders = first_batch(inputs, cache_latents=False)
+    cached, to_inputs, _ = first_batch(inputs, cache_latents=True)
+    assert isinstance(pixels, batches.PixelBatch) and isinstance(cached, batches.CachedBatch)
+    dist = encoders.latent_distribution(pixels.pixels)
+    assert torch.allclose(cached.latent_mean, dist.mean, atol=1e-5)
+    assert torch.allclose(cached.latent_std, dist.std, atol=1e-5)
+    assert torch.allclose(cached.conditioning.sequence, encoders.encode_text(pixels.captions).sequence, atol=1e-5)
+    trainee = build.load_trainee(sd2.FAMILY, inputs[0], inputs[3])
     torch.manual_seed(1)
-    assert losses.training_loss(cached, cached_parts, cached_parts["unet"], inputs[3], 0)["loss"].item() > 0
+    assert losses.training_loss(to_inputs(cached), trainee, inputs[3], 0, None)["loss"].item() > 0
 
 
-def test_cache_falls_back_without_center_crop(caplog: pytest.LogCaptureFixture) -> None:
+def test_cache_falls_back_without_center_crop(inputs: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
     caplog.set_level("INFO", logger="stylestudy.data.latents")
-    assert not latents.cacheable({"cache_latents": True, "center_crop": False})
-    assert "cache_latents needs center_crop" in caplog.text
-    assert latents.cacheable({"cache_latents": True, "center_crop": True})
+    encoding = dataclasses.replace(inputs[4], cache_latents=True)
+    assert not latents.cacheable(dataclasses.replace(encoding, center_crop=False))
+    assert "cache_latents needs encode.center_crop" in caplog.text
+    assert latents.cacheable(encoding)
 
 
 def test_fused_adamw_is_foreach_on_a_cpu() -> None:

@@ -35,8 +35,8 @@ import torch
 from conftest import composed
 from PIL import Image
 
-from stylestudy.models import builders, loading
-from stylestudy.data import dataset, sketches
+from stylestudy.models import builders, families
+from stylestudy.data import dataset, latents, sketches
 from stages.finetune import Folders, run
 
 SEED = 0
@@ -46,8 +46,9 @@ LOGVAR = -20.0  # posterior std exp(-10) = 5e-5, against latents of std ~0.3 bef
 # Plain AdamW in fp32, one image a step; the EMA follows within the run (its decay is at most (1 + n) / (10 + n)).
 TRAINING = {"max_train_steps": 400, "learning_rate": 2e-3, "train_batch_size": 1, "gradient_accumulation_steps": 1,
             "lr_scheduler": "constant", "lr_warmup_steps": 0, "optimizer": "adamw", "gradient_checkpointing": False,
-            "mixed_precision": "no", "use_ema": True, "ema_decay": 0.99, "checkpoint_every": 0, "validate_every": 0,
-            "cache_latents": True, "resolution": RESOLUTION, "center_crop": True, "random_flip": False}
+            "mixed_precision": "no", "use_ema": True, "ema_decay": 0.99, "checkpoint_every": 0, "validate_every": 0}
+ENCODING = {"cache_latents": True, "resolution": RESOLUTION, "center_crop": True, "random_flip": False,
+            "mixed_precision": "no", "dataloader_num_workers": 0}
 BOTH = {"train_batch_size": 2, "max_train_steps": 200}  # both sketches in every step, or the last one seen wins
 LORA = {"method": "lora", "lora_rank": 8, "lora_alpha": 8, "learning_rate": 3e-3, "max_train_steps": 200}
 
@@ -87,8 +88,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         dataset.write_jsonl(root / f"split-{name}" / "train.jsonl", split)
     builders.save_tiny_sd(root / "sd", SEED)
     make_memorisable(root / "sd", pixels(root / "raw", rows[0]))
+    params = composed("profile=smoke")
     return SimpleNamespace(root=root, sd=root / "sd", raw=root / "raw", rows=rows,
-                           params=composed("profile=smoke")["finetune"] | TRAINING)
+                           params=params["finetune"] | TRAINING,
+                           encoding=latents.EncodeSettings(**params["encode"] | ENCODING))
 
 
 def finetune(inputs: SimpleNamespace, start: Path, split: str, name: str, options: dict | None = None) -> Path:
@@ -96,14 +99,14 @@ def finetune(inputs: SimpleNamespace, start: Path, split: str, name: str, option
     root = inputs.root / name
     folders = Folders(sd=start, guide=root / "guide", raw=inputs.raw, split=inputs.root / f"split-{split}",
                       out=root / "out", live=root / "live", scratch=root / "scratch")
-    run(folders, inputs.params | (options or {}), SEED, "A black and white sketch of")
+    run(folders, inputs.params | (options or {}), inputs.encoding, SEED, "A black and white sketch of")
     return folders.out
 
 
 def distance(folder: Path, inputs: SimpleNamespace, image: int, caption: int) -> tuple[float, float]:
     """RMS distance between what `folder` generates from a caption and an image's latent; the latent's RMS (the
     distance of the zero latent)."""
-    pipe = loading.load_sd_pipeline(folder)
+    pipe = families.load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         latent = pipe.vae.encode(pixels(inputs.raw, inputs.rows[image])).latent_dist.mean

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stylestudy.models import builders, loading
+from stylestudy.models import builders, families
+from stylestudy.models.families import sd2
 from stylestudy.train import lora
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: an adapter file that lost its alpha would load with the wrong scale
@@ -25,7 +26,7 @@ def sd_dir(tmp_path_factory) -> Path:
 
 
 def load_unet(sd_dir: Path):
-    return loading.load_sd_pipeline(sd_dir).unet
+    return families.load_pipeline(sd_dir).unet
 
 
 def base_weights(unet) -> dict[str, torch.Tensor]:
@@ -58,7 +59,7 @@ def trained(sd_dir: Path) -> dict:
     """A UNet with a LoRA trained a few steps, and the weights before (base and adapter)."""
     unet = load_unet(sd_dir)
     before = base_weights(unet)
-    lora.add_lora(unet, RANK, ALPHA)
+    lora.add_lora(unet, RANK, ALPHA, sd2.FAMILY.lora_targets)
     initial_lora = lora_weights(unet)
     train_steps(unet, torch.optim.AdamW(lora.trainable_parameters(unet), lr=LR), STEPS)
     return {"unet": unet, "base_before": before, "lora_before": initial_lora}
@@ -98,15 +99,15 @@ def test_saved_adapter_gives_the_fused_unet_images(trained: dict, sd_dir: Path, 
     from diffusers import UNet2DConditionModel
 
     unet = trained["unet"]
-    adapter_file = lora.save_adapter(unet, tmp_path / "adapter")
+    adapter_file = lora.save_adapter(unet, tmp_path / "adapter", sd2.FAMILY)
     assert adapter_file == tmp_path / "adapter" / "pytorch_lora_weights.safetensors" and adapter_file.is_file()
     lora.fused_copy(unet).save_pretrained(tmp_path / "fused", safe_serialization=True)
 
-    with_adapter = loading.load_sd_pipeline(sd_dir)
+    with_adapter = families.load_pipeline(sd_dir)
     with_adapter.load_lora_weights(tmp_path / "adapter")
-    with_fused = loading.load_sd_pipeline(sd_dir)
+    with_fused = families.load_pipeline(sd_dir)
     with_fused.unet = UNet2DConditionModel.from_pretrained(tmp_path / "fused")
-    base, adapted, fused = images(loading.load_sd_pipeline(sd_dir)), images(with_adapter), images(with_fused)
+    base, adapted, fused = images(families.load_pipeline(sd_dir)), images(with_adapter), images(with_fused)
     print(f"PSNR adapter vs fused {psnr(adapted, fused):.1f} dB, base vs fused {psnr(base, fused):.1f} dB")
     assert psnr(adapted, fused) >= 40
     assert psnr(base, fused) < 35, "the LoRA did not change the images: the comparison above proves nothing"
@@ -140,12 +141,12 @@ def test_fused_folder_is_a_plain_unet(trained: dict, sd_dir: Path, tmp_path: Pat
     assert weights.keys() == base.keys()
     merged = [name for name in weights if not torch.equal(weights[name], base[name])]
     assert merged and all(name.rsplit(".", 1)[0].endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in merged)
-    assert loading.load_sd_pipeline(pipeline).unet.state_dict().keys() == base.keys()
+    assert families.load_pipeline(pipeline).unet.state_dict().keys() == base.keys()
 
 
 def test_keep_trainable_in_fp32_under_half_weights(sd_dir: Path) -> None:
     unet = load_unet(sd_dir).to(torch.float16)
-    lora.add_lora(unet, RANK, ALPHA)
+    lora.add_lora(unet, RANK, ALPHA, sd2.FAMILY.lora_targets)
     assert {p.dtype for p in lora.trainable_parameters(unet)} == {torch.float16}  # why the function exists
     lora.keep_trainable_in_fp32(unet)
     assert {p.dtype for p in lora.trainable_parameters(unet)} == {torch.float32}
@@ -157,7 +158,7 @@ def test_ema_on_the_lora_parameters(sd_dir: Path) -> None:
     from diffusers.training_utils import EMAModel
 
     unet = load_unet(sd_dir)
-    lora.add_lora(unet, RANK, ALPHA)
+    lora.add_lora(unet, RANK, ALPHA, sd2.FAMILY.lora_targets)
     params = lora.trainable_parameters(unet)
     ema = EMAModel(params, decay=0.9, foreach=True)
     assert [s.shape for s in ema.shadow_params] == [p.shape for p in params]
@@ -174,7 +175,7 @@ def test_accelerate_checkpoint_resumes_a_lora_unet(sd_dir: Path, tmp_path: Path)
     from diffusers.training_utils import EMAModel
 
     unet = load_unet(sd_dir)
-    lora.add_lora(unet, RANK, ALPHA)
+    lora.add_lora(unet, RANK, ALPHA, sd2.FAMILY.lora_targets)
     optimizer = torch.optim.AdamW(lora.trainable_parameters(unet), lr=LR)
     ema = EMAModel(lora.trainable_parameters(unet), decay=0.9, foreach=True)
     accelerator = Accelerator(mixed_precision="no")

@@ -21,7 +21,8 @@ HUB_DATA = {"kind": "data", "source": "hub", "repo_id": "zoheb/sketch-scene", "r
 
 def study_info(**params) -> dict:
     """finetune's `info` for a run of the study's sources and parameters (with `params` over them)."""
-    return {"steps": 2025, "final_loss": 0.1234567, "params": STUDY["finetune"] | params, "seed": 42,
+    return {"steps": 2025, "final_loss": 0.1234567, "params": STUDY["finetune"] | params,
+            "encode": STUDY["encode"], "seed": 42,
             "n_train_images": 2700, "n_captions_truncated": 3, "device": "cuda", "mixed_precision_ran": "fp16",
             "libraries": {"diffusers": "0.42.1"}, "base_model": HUB_BASE, "dataset": HUB_DATA}
 
@@ -76,7 +77,7 @@ def test_loss_options_appear_when_on(tmp_path: Path) -> None:
 
 
 def test_smoke_sources_have_no_hub_ids_nor_machine_paths(tmp_path: Path) -> None:
-    info = study_info() | {"params": SMOKE["finetune"], "mixed_precision_ran": "bf16",
+    info = study_info() | {"params": SMOKE["finetune"], "encode": SMOKE["encode"], "mixed_precision_ran": "bf16",
                            "base_model": {"kind": "sd", "source": "tiny", "seed": 42},
                            "dataset": {"kind": "data", "source": "local", "path": str(tmp_path / "my-sketches")}}
     front, body = card(tmp_path, info, lora=False)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from stylestudy.models import builders, loading
+from stylestudy.models import builders, families, loading
 from stylestudy.core.config import UserError
 
 SEED = 0
@@ -51,13 +51,15 @@ def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sd_pipe(sd_dir: Path):
-    pipe = loading.load_sd_pipeline(sd_dir)
+    pipe = families.load_pipeline(sd_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 BUILDERS = {"sd": builders.save_tiny_sd, "clip": builders.save_tiny_clip, "blip": builders.save_tiny_blip}
-LOADERS = {"sd": loading.load_sd_pipeline, "clip": loading.load_clip, "blip": loading.load_blip}
+LOADERS = {"sd": families.load_pipeline, "clip": loading.load_clip, "blip": loading.load_blip}
+CHECKS = {"sd": families.check_pipeline_folder, "clip": loading.check_clip_folder, "blip": loading.check_blip_folder}
+COPIES = {"sd": families.copy_pipeline, "clip": loading.copy_clip, "blip": loading.copy_blip}
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
@@ -141,14 +143,14 @@ def test_tiny_blip_loads_and_captions(blip_dir: Path) -> None:
 
 
 def test_missing_path_is_refused(tmp_path: Path) -> None:
-    for check in (loading.check_sd_folder, loading.check_clip_folder, loading.check_blip_folder):
+    for check in (families.check_pipeline_folder, loading.check_clip_folder, loading.check_blip_folder):
         with pytest.raises(UserError, match="does not exist"):
             check(tmp_path / "nope")
 
 
 def test_wrong_kind_of_folder_is_refused(sd_dir: Path, clip_dir: Path, blip_dir: Path) -> None:
     with pytest.raises(UserError, match="model_index.json"):
-        loading.check_sd_folder(clip_dir)
+        families.check_pipeline_folder(clip_dir)
     with pytest.raises(UserError, match="open_clip_config.json"):
         loading.check_clip_folder(sd_dir)
     with pytest.raises(UserError, match="config.json"):
@@ -156,14 +158,14 @@ def test_wrong_kind_of_folder_is_refused(sd_dir: Path, clip_dir: Path, blip_dir:
     with pytest.raises(UserError, match="model_type"):
         loading.check_blip_folder(sd_dir / "text_encoder")
     with pytest.raises(UserError, match="model_index.json"):
-        loading.load_sd_pipeline(clip_dir)
+        families.load_pipeline(clip_dir)
 
 
 def test_sd_folder_without_unet_is_refused(sd_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "sd"
     shutil.copytree(sd_dir, broken, ignore=shutil.ignore_patterns("unet"))
     with pytest.raises(UserError, match="unet"):
-        loading.check_sd_folder(broken)
+        families.check_pipeline_folder(broken)
 
 
 @pytest.mark.parametrize("kind, weights", [
@@ -171,7 +173,7 @@ def test_sd_folder_without_unet_is_refused(sd_dir: Path, tmp_path: Path) -> None
 def test_pickle_only_weights_are_refused(kind: str, weights: str, tmp_path: Path, request) -> None:
     folder = tmp_path / kind
     shutil.copytree(request.getfixturevalue(f"{kind}_dir"), folder)
-    check = getattr(loading, f"check_{kind}_folder")
+    check = CHECKS[kind]
     check(folder)
     (folder / f"{weights}.safetensors").rename(folder / f"{weights}.bin")
     with pytest.raises(UserError, match="safetensors only"):
@@ -181,7 +183,7 @@ def test_pickle_only_weights_are_refused(kind: str, weights: str, tmp_path: Path
 @pytest.mark.parametrize("kind", ["sd", "clip", "blip"])
 def test_copy_round_trip(kind: str, tmp_path: Path, request) -> None:
     src = request.getfixturevalue(f"{kind}_dir")
-    getattr(loading, f"copy_{kind}")(src, tmp_path / "copy")
-    getattr(loading, f"check_{kind}_folder")(tmp_path / "copy")
+    COPIES[kind](src, tmp_path / "copy")
+    CHECKS[kind](tmp_path / "copy")
     assert _same_weights(src, tmp_path / "copy")
     LOADERS[kind](tmp_path / "copy")

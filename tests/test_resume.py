@@ -19,7 +19,7 @@ import yaml
 
 from stages import encode
 from stylestudy.models import builders
-from stylestudy.data import dataset, sketches
+from stylestudy.data import dataset, latents, sketches
 from stylestudy.train import checkpoints
 from stylestudy.core.config import UserError
 
@@ -49,7 +49,8 @@ def inputs(tmp_path_factory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["finetune"] |= SETTINGS
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    encode.run(root / "sd", root / "raw", root / "split", root / "latents", params["finetune"])  # as the DAG does
+    encode.run(root / "sd", root / "raw", root / "split", root / "latents",  # as the DAG does
+               latents.EncodeSettings(**params["encode"]))
     return root
 
 

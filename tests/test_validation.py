@@ -1,4 +1,5 @@
-"""stylestudy/train/validation.py on a tiny pipeline: deterministic, leaves no trace (RNG, mode, grads), outlives the VAE."""
+"""stylestudy/train/validation.py on a tiny pipeline: deterministic, leaves no trace (RNG, mode, grads), keeps no text
+encoder."""
 from __future__ import annotations
 
 import copy
@@ -9,24 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from stylestudy.models import builders, loading
 from stylestudy.data import dataset, sketches
+from stylestudy.models import builders
+from stylestudy.models.families import FrozenEncoders, sd2
 from stylestudy.train.validation import ValidationSet
 
-P = {"resolution": 32, "validation_prompt": "a horse next to a tree", "validation_images": 2, "validation_steps": 3}
+P = {"validation_prompt": "a horse next to a tree", "validation_images": 2, "validation_steps": 3}
+RESOLUTION = 32
 SEED = 7
 
 
-def make_parts(sd_dir: Path) -> dict:
-    """The parts finetune.load_components builds, on the CPU in fp32."""
-    from diffusers import DDPMScheduler
+def make_parts(sd_dir: Path, dtype=torch.float32) -> dict:
+    """What finetune builds, on the CPU: the frozen encoders (in `dtype`), the UNet in fp32, the noise process."""
+    return {"encoders": sd2.FAMILY.load_encoders(sd_dir, torch.device("cpu"), dtype),
+            "unet": sd2.FAMILY.load_denoiser(sd_dir).train(), "noise": sd2.FAMILY.load_noise_process(sd_dir)}
 
-    pipe = loading.load_sd_pipeline(sd_dir)
-    pipe.unet.train()
-    return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae, "unet": pipe.unet,
-            "noise_scheduler": DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler"),
-            "frozen_dtype": torch.float32, "device": torch.device("cpu"),
-            "latent_scale": pipe.vae.config.scaling_factor, "main_process": True}
+
+def build(raw: Path, rows: list[dict], parts: dict, p: dict = P) -> ValidationSet:
+    return ValidationSet.build(raw, rows, parts["encoders"], parts["noise"], p, RESOLUTION, SEED)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,14 +43,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[d
 
 @pytest.fixture(scope="module")
 def built(inputs: tuple) -> tuple[ValidationSet, dict]:
-    """A validation set built as finetune builds it, then the VAE and text encoder freed as the latent cache does."""
+    """A validation set built as finetune builds it; the frozen encoders are not kept."""
     sd_dir, raw, rows = inputs
     parts = make_parts(sd_dir)
     state = torch.get_rng_state()
-    validation = ValidationSet.build(raw, rows, parts, P, SEED)
+    validation = build(raw, rows, parts)
     assert torch.equal(torch.get_rng_state(), state)
-    parts["vae"] = parts["text_encoder"] = None
-    return validation, parts
+    return validation, {"unet": parts["unet"]}
 
 
 def same_images(a: list, b: list) -> bool:
@@ -59,7 +59,8 @@ def same_images(a: list, b: list) -> bool:
 def test_val_loss_is_fixed_and_leaves_no_trace(built: tuple) -> None:
     validation, parts = built
     unet = parts["unet"]
-    assert parts["vae"] is None and parts["text_encoder"] is None
+    kept = vars(validation).values()  # it outlives the text encoders: finetune frees them once the data is cached
+    assert not any(isinstance(value, FrozenEncoders) for value in kept)
     state = torch.get_rng_state()
     first, second = validation.val_loss(unet), validation.val_loss(unet)
     assert first == second and first > 0
@@ -85,9 +86,9 @@ def test_val_loss_follows_the_prediction_type(built: tuple) -> None:
     from diffusers import DDPMScheduler
 
     validation, parts = built
-    config = validation.noise_scheduler.config
+    config = validation.noise.scheduler.config
     v_prediction = dataclasses.replace(
-        validation, noise_scheduler=DDPMScheduler.from_config(config, prediction_type="v_prediction"))
+        validation, noise=sd2.DDPMNoise(DDPMScheduler.from_config(config, prediction_type="v_prediction")))
     assert v_prediction.val_loss(parts["unet"]) != validation.val_loss(parts["unet"])
 
 
@@ -115,7 +116,7 @@ def test_without_val_images_only_images_are_logged(inputs: tuple, tmp_path: Path
 
     sd_dir, raw, _ = inputs
     parts = make_parts(sd_dir)
-    validation = ValidationSet.build(raw, [], parts, P | {"validation_images": 1}, SEED)
+    validation = build(raw, [], parts, P | {"validation_images": 1})
     assert validation.val_loss(parts["unet"]) is None
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
         assert validation.log(live, parts["unet"], 1) is None
@@ -141,9 +142,7 @@ def test_log_writes_val_loss_and_images_where_dvc_yaml_declares_them(built: tupl
 def test_half_precision_vae_and_text_encoder_as_on_a_gpu(inputs: tuple) -> None:
     """On CUDA the frozen VAE and text encoder run in fp16/bf16 beside an fp32 UNet: inputs are cast both ways."""
     sd_dir, raw, rows = inputs
-    parts = make_parts(sd_dir) | {"frozen_dtype": torch.bfloat16}
-    parts["vae"].to(dtype=torch.bfloat16)
-    parts["text_encoder"].to(dtype=torch.bfloat16)
-    validation = ValidationSet.build(raw, rows[:2], parts, P | {"validation_images": 1, "validation_steps": 2}, SEED)
+    parts = make_parts(sd_dir, torch.bfloat16)
+    validation = build(raw, rows[:2], parts, P | {"validation_images": 1, "validation_steps": 2})
     assert np.isfinite(validation.val_loss(parts["unet"]))
     assert validation.images(parts["unet"])[0].size == (32, 32)

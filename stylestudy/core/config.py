@@ -82,6 +82,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "fetch": {kind: fetch_schema(kind) for kind in FETCH_KINDS},
     "split": {"fractions": {"train": FRACTION, "val": FRACTION, "test": FRACTION}, "max_bad_fraction": FRACTION,
               "min_image_size": POSITIVE_INT},
+    "encode": {"resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL, "cache_latents": BOOL,
+               "mixed_precision": one_of("no", "fp16", "bf16"), "dataloader_num_workers": NON_NEGATIVE_INT},
     "finetune": {
         "epochs": POSITIVE_INT, "max_train_steps": NON_NEGATIVE_INT, "train_batch_size": POSITIVE_INT,
         "gradient_accumulation_steps": POSITIVE_INT, "learning_rate": POSITIVE_NUMBER,
@@ -91,8 +93,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "adam_beta1": FRACTION, "adam_beta2": FRACTION, "adam_weight_decay": NON_NEGATIVE_NUMBER,
         "adam_epsilon": POSITIVE_NUMBER, "max_grad_norm": POSITIVE_NUMBER, "gradient_checkpointing": BOOL,
         "mixed_precision": one_of("no", "fp16", "bf16"), "use_ema": BOOL, "ema_decay": FRACTION,
-        "resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL,
-        "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT, "cache_latents": BOOL,
+        "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT,
         "channels_last": BOOL, "compile_unet": BOOL, "method": one_of("full", "lora"), "lora_rank": POSITIVE_INT,
         "lora_alpha": POSITIVE_NUMBER, "snr_gamma": NON_NEGATIVE_NUMBER, "noise_offset": NON_NEGATIVE_NUMBER,
         "caption_dropout": FRACTION,

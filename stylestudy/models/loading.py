@@ -1,9 +1,10 @@
-"""Loading, checking and copying the three model folders (SD pipeline, open_clip, BLIP).
+"""Loading, checking and copying the scoring models' folders (open_clip, BLIP), the checks every model folder
+shares, and where and in which dtype models run. Diffusion pipeline folders belong to their family
+(stylestudy/models/families/).
 
-Folders are canonical library formats, safetensors only: a diffusers `StableDiffusionPipeline` folder, an open_clip
-`local-dir:` folder (`open_clip_config.json` + `open_clip_model.safetensors`) and a transformers BLIP captioner
-folder (`stylestudy/models/builders.py` makes random ones from configs). Heavy libraries are imported inside the functions so
-that importing this module stays fast.
+Folders are canonical library formats, safetensors only: an open_clip `local-dir:` folder (`open_clip_config.json` +
+`open_clip_model.safetensors`) and a transformers BLIP captioner folder (stylestudy/models/builders.py makes random
+ones from configs). Heavy libraries are imported inside the functions so that importing this module stays fast.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from stylestudy.core.config import UserError
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
 # bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward" while diffusers imports it; users read it as
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 log = logging.getLogger(__name__)
 
-SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SD_WEIGHTED = ("unet", "vae", "text_encoder")
 CLIP_CONFIG = "open_clip_config.json"
 CLIP_WEIGHTS = "open_clip_model.safetensors"
 # open_clip prefers these names in this order; a plain model.safetensors beside them is usually the HF-format twin.
@@ -43,7 +41,7 @@ def quiet_libraries() -> None:
 
 
 @contextlib.contextmanager
-def _user_errors(path: Path, what: str) -> Iterator[None]:
+def user_errors(path: Path, what: str) -> Iterator[None]:
     """Turn a library's missing-file error while loading `path` into a one-line UserError."""
     try:
         yield
@@ -51,7 +49,7 @@ def _user_errors(path: Path, what: str) -> Iterator[None]:
         raise UserError(f"{path}: cannot load it as {what} ({str(e).splitlines()[0]}); re-create the folder") from e
 
 
-def _require_dir(path: Path, what: str) -> None:
+def require_dir(path: Path, what: str) -> None:
     """Raise UserError unless `path` is an existing folder."""
     if not path.exists():
         raise UserError(f"{path}: does not exist; expected {what} folder (check the path, or fetch the model)")
@@ -59,7 +57,7 @@ def _require_dir(path: Path, what: str) -> None:
         raise UserError(f"{path}: is a file; expected {what} folder (give the folder, not a single weights file)")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object, or raise UserError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -70,7 +68,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _require_safetensors(folder: Path, names: tuple[str, ...] = ()) -> None:
+def require_safetensors(folder: Path, names: tuple[str, ...] = ()) -> None:
     """Raise UserError unless `folder` holds safetensors weights (any, or one of `names`), refusing pickle-only."""
     files = [p.name for p in folder.iterdir() if p.is_file()]
     if any(n in names if names else n.endswith((".safetensors", ".safetensors.index.json")) for n in files):
@@ -81,40 +79,24 @@ def _require_safetensors(folder: Path, names: tuple[str, ...] = ()) -> None:
     raise UserError(f"{folder}: no weights ({expected}); re-create or re-download the folder")
 
 
-def check_sd_folder(path: Path) -> None:
-    """Cheaply check that `path` is a diffusers StableDiffusionPipeline folder with safetensors weights."""
-    _require_dir(path, "a Stable Diffusion pipeline")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise UserError(f"{path}: no model_index.json; expected a diffusers Stable Diffusion pipeline folder")
-    name = _read_json(index).get("_class_name")
-    if name != "StableDiffusionPipeline":
-        raise UserError(f"{index}: _class_name is {name!r}, expected 'StableDiffusionPipeline'; give an SD folder")
-    for component in SD_COMPONENTS:
-        if not (path / component).is_dir():
-            raise UserError(f"{path}: missing the {component}/ folder of the pipeline; re-create or re-download it")
-    for component in SD_WEIGHTED:
-        _require_safetensors(path / component)
-
-
 def check_clip_folder(path: Path) -> None:
     """Cheaply check that `path` is an open_clip local-dir folder with safetensors weights."""
-    _require_dir(path, "an open_clip")
+    require_dir(path, "an open_clip")
     config = path / CLIP_CONFIG
     if not config.is_file():
         raise UserError(f"{path}: no {CLIP_CONFIG}; expected an open_clip folder (config + {CLIP_WEIGHTS})")
-    if "model_cfg" not in _read_json(config):
+    if "model_cfg" not in read_json(config):
         raise UserError(f"{config}: no 'model_cfg' key; expected an open_clip config file")
-    _require_safetensors(path, CLIP_WEIGHT_NAMES)
+    require_safetensors(path, CLIP_WEIGHT_NAMES)
 
 
 def check_blip_folder(path: Path) -> None:
     """Cheaply check that `path` is a transformers BLIP captioning folder with safetensors weights."""
-    _require_dir(path, "a BLIP captioning")
+    require_dir(path, "a BLIP captioning")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: no config.json; expected a transformers BLIP captioning folder")
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if config.get("model_type") != "blip":
         raise UserError(f"{config_file}: model_type is {config.get('model_type')!r}, expected 'blip'")
     architectures = config.get("architectures") or ["BlipForConditionalGeneration"]
@@ -122,7 +104,7 @@ def check_blip_folder(path: Path) -> None:
         raise UserError(f"{config_file}: architectures {architectures} is not a captioner (BlipForConditionalGeneration)")
     if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
         raise UserError(f"{path}: no preprocessor_config.json; the folder lacks its BlipProcessor files")
-    _require_safetensors(path, ("model.safetensors", "model.safetensors.index.json"))
+    require_safetensors(path, ("model.safetensors", "model.safetensors.index.json"))
 
 
 def write_open_clip(out_dir: Path, config: dict[str, Any], state_dict: dict[str, Any]) -> None:
@@ -132,17 +114,6 @@ def write_open_clip(out_dir: Path, config: dict[str, Any], state_dict: dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / CLIP_WEIGHTS))
-
-
-def load_sd_pipeline(path: Path) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline folder (safetensors only), after checking it is one."""
-    check_sd_folder(path)
-    from diffusers import StableDiffusionPipeline
-
-    quiet_libraries()
-    with _user_errors(path, "a Stable Diffusion pipeline"):
-        return StableDiffusionPipeline.from_pretrained(
-            path, use_safetensors=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def default_dtype(device: Any) -> Any:
@@ -215,7 +186,7 @@ def load_clip(path: Path, device: Any = "cpu", half: bool = False) -> tuple[Any,
     check_clip_folder(path)
     import open_clip
 
-    with _user_errors(path, "an open_clip model"):
+    with user_errors(path, "an open_clip model"):
         model, _, preprocess = open_clip.create_model_and_transforms(
             f"local-dir:{path}", device=device, precision="fp16" if half else "fp32")
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
@@ -228,21 +199,16 @@ def load_blip(path: Path, device: Any = "cpu", dtype: Any = None) -> tuple[BlipF
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     quiet_libraries()
-    with _user_errors(path, "a BLIP captioner"):
+    with user_errors(path, "a BLIP captioner"):
         model = BlipForConditionalGeneration.from_pretrained(path, use_safetensors=True, dtype=dtype)
         processor = BlipProcessor.from_pretrained(path)
     return model.to(device).eval(), processor
 
 
-def copy_sd(src: Path, out_dir: Path) -> None:
-    """Materialise a canonical SD pipeline folder (no safety checker, no feature extractor) from `src`."""
-    load_sd_pipeline(src).save_pretrained(out_dir, safe_serialization=True)
-
-
 def copy_clip(src: Path, out_dir: Path) -> None:
     """Materialise a canonical open_clip folder (config + open_clip_model.safetensors) from `src`."""
     model, _, _ = load_clip(src)
-    config = _read_json(src / CLIP_CONFIG)
+    config = read_json(src / CLIP_CONFIG)
     write_open_clip(out_dir, config, model.state_dict())
     if config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name"):
         # open_clip then reads an HF tokenizer from the folder itself.

@@ -1,19 +1,41 @@
-"""What a fine-tune is built from: the accelerator, the model parts (every UNet weight or a LoRA adapter), the data
-loader, and the optimizer, LR schedule and EMA over the trainable parameters. stages/finetune.py runs the loop."""
+"""What a fine-tune is built from: the accelerator, the denoiser to train (every weight or a LoRA adapter) with its
+noise process, the data loader, and the optimizer, LR schedule and EMA over the trainable parameters
+(`TrainingState`). stylestudy/train/loop.py runs the loop."""
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from stylestudy.train import checkpoints, launch, lora, losses
-from stylestudy.data import latents
 from stylestudy.models import loading
+from stylestudy.models.families import Family
+from stylestudy.train import checkpoints, launch, lora
+from stylestudy.train.batches import Numbered, TrainingData
+from stylestudy.train.losses import Trainee
 
 log = logging.getLogger(__name__)
 
 
-def build_accelerator(p: dict, seed: int):
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything the loop steps, prepared by accelerate: the denoiser (maybe wrapped for several processes), the
+    same denoiser unwrapped (for validation on one process), its trainable parameters, optimizer, LR schedule, EMA
+    (None when off), the data loader and how many optimizer steps make the run."""
+
+    trainee: Trainee
+    model: Any
+    trainable: list[Any]
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    dataloader: Any
+    max_steps: int
+    steps_per_epoch: int
+
+
+def build_accelerator(p: dict, seed: int) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -31,37 +53,29 @@ def build_accelerator(p: dict, seed: int):
     return accelerator
 
 
-def load_components(sd_dir: Path, p: dict, accelerator) -> dict:
-    """Tokenizer, frozen text encoder and VAE (in the compute dtype on GPU), the UNet (every weight trainable, or a
-    LoRA adapter on its attention projections with `method: lora`), the training noise scheduler."""
+def load_trainee(family: Family, sd_dir: Path, p: dict) -> Trainee:
+    """The denoiser in fp32 (every weight trainable, or a LoRA adapter on the family's attention projections with
+    `method: lora`; autocast computes in half precision) and the training noise process."""
     import torch
-    from diffusers import DDPMScheduler
 
-    pipe = loading.load_sd_pipeline(sd_dir)
-    frozen_dtype = loading.frozen_dtype(accelerator.mixed_precision, accelerator.device)
-    for frozen in (pipe.vae, pipe.text_encoder):
-        frozen.requires_grad_(False)
-        frozen.to(accelerator.device, dtype=frozen_dtype)
-    if p["method"] == "lora":  # the UNet stays fp32 (autocast computes in half precision): the adapter is fp32 too
-        lora.add_lora(pipe.unet, p["lora_rank"], p["lora_alpha"])
+    denoiser = family.load_denoiser(sd_dir)
+    if p["method"] == "lora":
+        lora.add_lora(denoiser, p["lora_rank"], p["lora_alpha"], family.lora_targets)
     if p["gradient_checkpointing"]:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if p["channels_last"] and p["optimizer"] == "adamw8bit":
         # bitsandbytes makes the weights contiguous at its first step while its states stay NHWC: no gain, and a
         # resumed run then trains on other numbers.
         log.info("channels_last is ignored with optimizer adamw8bit")
     elif p["channels_last"]:
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if p["compile_unet"]:
-        pipe.unet.compile()  # in place: the module, its state dict and checkpoints keep their names
-    pipe.unet.train()
-    noise_scheduler = DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler")
-    return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae, "unet": pipe.unet,
-            "noise_scheduler": noise_scheduler, "frozen_dtype": frozen_dtype, "device": accelerator.device,
-            "latent_scale": pipe.vae.config.scaling_factor, "main_process": accelerator.is_local_main_process}
+        denoiser.compile()  # in place: the module, its state dict and checkpoints keep their names
+    denoiser.train()
+    return Trainee(family, denoiser, family.load_noise_process(sd_dir))
 
 
-def make_optimizer(parameters, p: dict):
+def make_optimizer(parameters: list[Any], p: dict) -> Any:
     import torch
 
     kwargs = {"lr": p["learning_rate"], "betas": (p["adam_beta1"], p["adam_beta2"]),
@@ -77,41 +91,39 @@ def make_optimizer(parameters, p: dict):
     return torch.optim.AdamW(parameters, **kwargs)
 
 
-def make_dataloader(raw: Path, rows: list[dict], parts: dict, p: dict, seed: int, encoded_dir: Path | None = None,
-                    sd_dir: Path | None = None):
-    """Shuffled batches, of cached latents (from the encode stage's folder, if given) or of pixels and token ids; the
-    order depends only on the seed and epoch."""
+def make_dataloader(data: TrainingData, batch_size: int, num_workers: int, seed: int) -> Any:
+    """Shuffled, numbered batches of the training items; the order depends only on the seed and epoch."""
     import torch
 
-    items, collate = latents.training_items(raw, rows, parts, p, encoded_dir, sd_dir)
     # Numbered: each batch carries its items' indices, so that the loop can tell which items each process trained on.
-    dataset = checkpoints.SeededItems(launch.Numbered(items), seed)
+    dataset = checkpoints.SeededItems(Numbered(data.items), seed)
     # With its own generator, making an iterator draws the workers' base seed from it, not from the global RNG.
     return torch.utils.data.DataLoader(
-        dataset, batch_size=p["train_batch_size"], shuffle=True, collate_fn=launch.NumberedBatch(collate),
-        num_workers=p["dataloader_num_workers"], generator=torch.Generator().manual_seed(seed),
+        dataset, batch_size=batch_size, shuffle=True, collate_fn=data.collate, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def add_guide(parts: dict, guide_dir: Path, style_prompt: str, p: dict) -> None:
-    """The frozen guidance CLIP and the style pre-prompt for finetune.clip_loss (nothing is loaded while it is off)."""
-    on = p["clip_loss"]["weight"] > 0
-    parts["guide"] = losses.load_guide(guide_dir, parts["device"]) if on else None
-    parts["style_prompt"] = style_prompt
+def release_memory(device: Any) -> None:
+    """Hand the memory of what is no longer referenced (the frozen encoders once the data is cached) back to the
+    device, for the denoiser's training."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def prepare_training(parts: dict, dataloader, p: dict, accelerator) -> dict:
-    """Optimizer, LR schedule and EMA over the trainable parameters (all of the UNet, or the LoRA adapter), prepared
-    by accelerate; the EMA is registered so that checkpoints carry it."""
+def prepare_training(trainee: Trainee, dataloader: Any, p: dict, accelerator: Any) -> TrainingState:
+    """Optimizer, LR schedule and EMA over the trainable parameters (all of the denoiser, or the LoRA adapter),
+    prepared by accelerate; the EMA is registered so that checkpoints carry it."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    unet = parts["unet"]
     # Each process sees its shard of the data: steps come from the prepared dataloader, not the whole dataset.
     dataloader = accelerator.prepare(dataloader)
     steps_per_epoch = math.ceil(len(dataloader) / p["gradient_accumulation_steps"])
     max_steps = p["max_train_steps"] or p["epochs"] * steps_per_epoch
-    trainable = lora.trainable_parameters(unet)
+    trainable = lora.trainable_parameters(trainee.denoiser)
     optimizer = make_optimizer(trainable, p)
     # accelerate steps a prepared scheduler once per process at every optimizer step.
     n = accelerator.num_processes
@@ -121,11 +133,9 @@ def prepare_training(parts: dict, dataloader, p: dict, accelerator) -> dict:
     if accelerator.distributed_type == "DEEPSPEED":
         # DeepSpeed sizes its buffers by one process's batch: from a dataloader in this same prepare call, or from here
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = p["train_batch_size"]
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(trainee.denoiser, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    # "model": the UNet itself, for validation on one process (a forward through the DDP wrapper would wait for the
-    # other processes).
-    return {"unet": unet, "model": accelerator.unwrap_model(unet), "trainable": trainable, "optimizer": optimizer,
-            "dataloader": dataloader, "lr_scheduler": lr_scheduler, "ema": ema, "max_steps": max_steps,
-            "steps_per_epoch": steps_per_epoch}
+    prepared = Trainee(trainee.family, denoiser, trainee.noise)
+    return TrainingState(prepared, accelerator.unwrap_model(denoiser), trainable, optimizer, lr_scheduler, ema,
+                         dataloader, max_steps, steps_per_epoch)

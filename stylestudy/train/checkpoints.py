@@ -196,7 +196,7 @@ def restore(accelerator: Any, folder: Path, live_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(loop: dict, found: tuple[Path, dict] | None, live_dir: Path, accelerator: Any) -> Position:
+def resume(dataloader: Any, ema: Any, found: tuple[Path, dict] | None, live_dir: Path, accelerator: Any) -> Position:
     """Load the checkpoint found, if any, and return where training stands."""
     position = Position()
     if found:
@@ -205,10 +205,10 @@ def resume(loop: dict, found: tuple[Path, dict] | None, live_dir: Path, accelera
         position = info["position"]
         log.info("resuming from checkpoint %s at step %d (epoch %d, batch %d)", folder, position.step,
                  position.epoch, position.batch)
-        if position.batch >= len(loop["dataloader"]):
+        if position.batch >= len(dataloader):
             position = Position(position.step, position.epoch + 1, 0)
-    if loop["ema"]:
-        loop["ema"].to(accelerator.device)
+    if ema:
+        ema.to(accelerator.device)
     return position
 
 

@@ -165,30 +165,6 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class Numbered:
-    """Items as (index, item): the batch then says which items it holds, whatever sampler, shard and worker made it."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
-
-
-class NumberedBatch:
-    """collate_fn for Numbered items: the inner collate_fn's batch plus "index", the items' indices (a list, so that
-    reading it never waits for the GPU)."""
-
-    def __init__(self, collate: Any) -> None:
-        self.collate = collate
-
-    def __call__(self, pairs: list[tuple[int, Any]]) -> dict:
-        return self.collate([item for _, item in pairs]) | {"index": [index for index, _ in pairs]}
-
-
 def log_epoch_items(accelerator: Any, epoch: int, indices: list[int], n_items: int) -> None:
     """One line per epoch, from the main process: the items each process trained on in this run and how many distinct
     items they make. Disjoint shards cover each item once; the even shards that accelerate cuts repeat the first few

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of the UNet (`finetune.method: lora`), through peft and diffusers' own adapter API.
+"""LoRA fine-tuning of the denoiser (`finetune.method: lora`), through peft and diffusers' own adapter API; the model
+family says which modules the adapter targets and how its pipeline loads an adapter.
 
 Order inside a training setup:
 1. load the UNet; if its frozen weights are to be held in half precision, cast it to that dtype now;
@@ -16,24 +17,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stylestudy.core.outputs import sort_safetensors_metadata
+from stylestudy.models.families import Family
 
 if TYPE_CHECKING:
     import torch
     from diffusers import UNet2DConditionModel
 
-TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as diffusers' LoRA example
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # the name `pipe.load_lora_weights(folder)` looks for
 ADAPTER_NAME = "default"
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float) -> None:
-    """Freeze every UNet weight and add a LoRA adapter (scale alpha / rank) to the attention projections, in place.
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+    """Freeze every weight and add a LoRA adapter (scale alpha / rank) to the `targets` modules, in place.
 
     The adapter starts as the identity (B = 0), so the first forward pass equals the base model's.
     """
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
     unet.requires_grad_(False)  # peft freezes the base too; explicit so that the contract does not rest on that
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
 
@@ -57,13 +58,12 @@ def keep_trainable_in_fp32(unet: torch.nn.Module) -> None:
     cast_training_params(unet, torch.float32)
 
 
-def save_adapter(unet: UNet2DConditionModel, out_dir: Path) -> Path:
+def save_adapter(unet: UNet2DConditionModel, out_dir: Path, family: Family) -> Path:
     """Write the adapter as `out_dir/pytorch_lora_weights.safetensors` in diffusers' format; return the file.
 
     `unet` is the unwrapped model (after `accelerator.unwrap_model`). The adapter's config (rank, alpha, targets)
     goes into the file's metadata: without it `load_lora_weights` assumes alpha = rank and scales the LoRA wrongly.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -71,9 +71,7 @@ def save_adapter(unet: UNet2DConditionModel, out_dir: Path) -> Path:
     # peft keeps target_modules as a set, whose order changes with PYTHONHASHSEED, and safetensors writes metadata
     # in hash-map order: both sorted, the same weights give the same file (and the model folder its DVC hash).
     metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config[ADAPTER_NAME].to_dict().items()}
-    StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=layers, safe_serialization=True, weight_name=ADAPTER_FILE,
-        unet_lora_adapter_metadata=metadata)
+    family.save_lora(layers, out_dir, ADAPTER_FILE, metadata)
     sort_safetensors_metadata(Path(out_dir) / ADAPTER_FILE)
     return Path(out_dir) / ADAPTER_FILE
 

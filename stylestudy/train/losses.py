@@ -1,17 +1,14 @@
 """The fine-tune's training loss: the denoising MSE, with its options, plus an optional CLIP guide loss.
 
-Denoising (the study): latents x0 of a batch are noised at a uniform random timestep t, x_t = sqrt(a_t) x0 +
-sqrt(1 - a_t) eps (a_t = the scheduler's alphas_cumprod[t]), and the UNet regresses eps (or the velocity v =
-sqrt(a_t) eps - sqrt(1 - a_t) x0 for v-prediction models). Options from the finetune params, each off at 0, and then
-drawing nothing from the RNG, so that the default loss is the study's to the bit:
-- `noise_offset`: eps += noise_offset * randn(batch, channels, 1, 1), as in diffusers' training examples;
-- `snr_gamma`: min-SNR-gamma weighting (Hang et al. 2023), per-sample MSE times min(snr, gamma) / snr (epsilon) or
-  min(snr, gamma) / (snr + 1) (v), with snr = a_t / (1 - a_t) from `diffusers.training_utils.compute_snr`;
+Denoising (the study): the model family's noise process (stylestudy/models/families/) noises the latents x0 of a
+batch and says what the denoiser regresses (SD2: eps or v at a uniform random DDPM timestep). Options from the
+finetune params, each off at 0, and then drawing nothing from the RNG, so that the default loss is the study's to the
+bit: `noise_offset` and `snr_gamma` (the family's noise process draws and weights them), and
 - `clip_loss`: the ReFL-style guide loss (Xu et al. 2023, ImageReward): the one-step estimate of x0 from the same
-  UNet output, decoded by the frozen VAE and scored by a frozen guide CLIP (never the one clip_eval scores with)
-  against "<style prompt> <caption>"; see `clip_loss`. `caption_dropout` lives in stylestudy/data/latents.py (the data).
+  denoiser output, decoded by the frozen VAE and scored by a frozen guide CLIP (never the one clip_eval scores with)
+  against "<style prompt> <caption>"; see `clip_loss`. `caption_dropout` lives in stylestudy/train/batches.py.
 
-Entry point: `training_loss(batch, parts, unet, p, step)`.
+Entry point: `training_loss(inputs, trainee, p, step, guide)`, on the tensors train/batches.py made of a batch.
 """
 from __future__ import annotations
 
@@ -19,22 +16,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from stylestudy.data import latents
 from stylestudy.models import loading
+from stylestudy.models.families import Family, NoiseProcess
+from stylestudy.train.batches import TrainInputs
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """The denoiser being trained (a UNet or transformer, maybe wrapped by accelerate), its family and noise process."""
+
+    family: Family
+    denoiser: Any
+    noise: NoiseProcess
 
 
 @dataclass(frozen=True)
 class Guide:
-    """The frozen guide CLIP and what its image tower expects: size (h, w), per-channel mean and std (1, 3, 1, 1)."""
+    """The frozen guide CLIP and what its image tower expects (size (h, w), per-channel mean and std (1, 3, 1, 1)),
+    the VAE that decodes the one-step x0 for it, and the style pre-prompt of its texts."""
 
     model: Any
     tokenizer: Callable
     image_size: tuple[int, int]
     mean: Any
     std: Any
+    vae: Any  # the frozen VAE that decodes x0 for it
+    family: Family
+    style_prompt: str
 
 
-def load_guide(path: Path, device: Any) -> Guide:
+def load_guide(path: Path, device: Any, vae: Any, family: Family, style_prompt: str) -> Guide:
     """The open_clip folder at `path` as a Guide: eval mode, fp32, no gradients to its weights."""
     import open_clip
     import torch
@@ -44,55 +55,17 @@ def load_guide(path: Path, device: Any) -> Guide:
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
     stats = [torch.tensor(cfg[k], device=device).view(1, -1, 1, 1) for k in ("mean", "std")]
-    return Guide(model.eval(), tokenizer, tuple(size), *stats)
+    return Guide(model.eval(), tokenizer, tuple(size), *stats, vae=vae, family=family, style_prompt=style_prompt)
 
 
-def draw_noise(clean: Any, scheduler: Any, noise_offset: float) -> tuple[Any, Any]:
-    """eps ~ N(0, I) (+ noise_offset * N(0, I) per sample and channel when > 0), and timesteps t ~ U{0..T-1}."""
-    import torch
-
-    noise = torch.randn_like(clean)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn(
-            (*clean.shape[:2], 1, 1), device=clean.device, dtype=clean.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
-    return noise, timesteps
-
-
-def snr_weights(scheduler: Any, timesteps: Any, gamma: float) -> Any:
-    """min-SNR-gamma weights: min(snr, gamma) / snr for epsilon prediction, min(snr, gamma) / (snr + 1) for v."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    clipped = snr.clamp(max=gamma)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return clipped / snr
-    if kind == "v_prediction":
-        return clipped / (snr + 1)
-    raise ValueError(f"min-SNR weighting for prediction_type {kind!r} is not defined")
-
-
-def mse_loss(prediction: Any, target: Any, timesteps: Any, scheduler: Any, gamma: float) -> Any:
-    """The denoising loss: plain MSE when gamma is 0, else the batch mean of snr_weights x per-sample MSE."""
+def mse_loss(prediction: Any, target: Any, weights: Any) -> Any:
+    """The denoising loss: plain MSE without weights, else the batch mean of weights x per-sample MSE."""
     import torch.nn.functional as F
 
-    if gamma == 0:
+    if weights is None:
         return F.mse_loss(prediction.float(), target.float())
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (snr_weights(scheduler, timesteps, gamma) * per_sample).mean()
-
-
-def predicted_x0(scheduler: Any, noisy: Any, output: Any, timesteps: Any) -> Any:
-    """One-step estimate of the clean latents: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) for epsilon prediction,
-    x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v for v prediction (what DDPMScheduler.step calls pred_original_sample)."""
-    a = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (noisy - (1 - a).sqrt() * output) / a.sqrt()
-    if kind == "v_prediction":
-        return a.sqrt() * noisy - (1 - a).sqrt() * output
-    raise ValueError(f"the CLIP loss needs an epsilon or v_prediction model, not prediction_type {kind!r}")
+    return (weights * per_sample).mean()
 
 
 def guide_pixels(images: Any, guide: Guide) -> Any:
@@ -108,8 +81,8 @@ def guide_pixels(images: Any, guide: Guide) -> Any:
     return (images - guide.mean) / guide.std
 
 
-def clip_loss(x0: Any, captions: list[str], parts: dict) -> Any:
-    """mean over samples of 1 - cos(E_image(guide_pixels(D(x0 / latent_scale))), E_text(style_prompt + caption)).
+def clip_loss(x0: Any, captions: list[str], guide: Guide) -> Any:
+    """mean over samples of 1 - cos(E_image(guide_pixels(D(from_latents(x0)))), E_text(style_prompt + caption)).
 
     D is the frozen VAE decoder: its weights take no gradient, its activations pass it on to x0 and so to the UNet;
     gradient checkpointing keeps them out of memory. The text side takes no gradient at all.
@@ -117,13 +90,13 @@ def clip_loss(x0: Any, captions: list[str], parts: dict) -> Any:
     import torch
     import torch.nn.functional as F
 
-    vae, guide = parts["vae"], parts["guide"]
+    vae = guide.vae
     if not vae.is_gradient_checkpointing:
         vae.enable_gradient_checkpointing()  # the decoder's full-resolution activations would dominate the memory
-    images = vae.decode((x0 / parts["latent_scale"]).to(vae.dtype), return_dict=False)[0]
+    images = vae.decode(guide.family.from_latents(vae.config, x0).to(vae.dtype), return_dict=False)[0]
     image_features = guide.model.encode_image(guide_pixels(images, guide))
     with torch.no_grad():
-        texts = [f"{parts['style_prompt']} {caption}".strip() for caption in captions]
+        texts = [f"{guide.style_prompt} {caption}".strip() for caption in captions]
         text_features = guide.model.encode_text(guide.tokenizer(texts).to(x0.device))
     return (1 - F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)).mean()
 
@@ -141,21 +114,20 @@ def clip_samples(settings: dict, step: int, timesteps: Any) -> Any:
     return applied if len(applied) else None
 
 
-def training_loss(batch: dict, parts: dict, unet: Any, p: dict, step: int) -> dict[str, Any]:
+def training_loss(inputs: TrainInputs, trainee: Trainee, p: dict, step: int, guide: Guide | None) -> dict[str, Any]:
     """{"loss": loss_mse + weight * loss_clip (what backward uses), "loss_mse", "loss_clip" (0 where not applied)}.
 
     With every option off this is the study's loss, bit for bit, from the same RNG draws in the same order.
     """
-    scheduler = parts["noise_scheduler"]
-    clean, text = latents.encode_batch(batch, parts)
-    noise, timesteps = draw_noise(clean, scheduler, p["noise_offset"])
-    noisy = scheduler.add_noise(clean, noise, timesteps)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
-    prediction = unet(noisy, timesteps, text, return_dict=False)[0]
-    loss_mse = mse_loss(prediction, target, timesteps, scheduler, p["snr_gamma"])
+    noise_process, clean = trainee.noise, inputs.latents
+    noise, timesteps = noise_process.draw(clean, p["noise_offset"])
+    noisy = noise_process.noised(clean, noise, timesteps)
+    target = noise_process.target(clean, noise, timesteps)
+    prediction = trainee.family.denoise(trainee.denoiser, noisy, timesteps, inputs.conditioning)
+    loss_mse = mse_loss(prediction, target, noise_process.loss_weights(timesteps, p["snr_gamma"]))
     applied = clip_samples(p["clip_loss"], step, timesteps)
     if applied is None:
         return {"loss": loss_mse, "loss_mse": loss_mse, "loss_clip": loss_mse.new_zeros(())}
-    x0 = predicted_x0(scheduler, noisy[applied].float(), prediction[applied].float(), timesteps[applied])
-    loss_clip = clip_loss(x0, [batch["captions"][i] for i in applied.tolist()], parts)
+    x0 = noise_process.predicted_x0(noisy[applied].float(), prediction[applied].float(), timesteps[applied])
+    loss_clip = clip_loss(x0, [inputs.captions[i] for i in applied.tolist()], guide)
     return {"loss": loss_mse + p["clip_loss"]["weight"] * loss_clip, "loss_mse": loss_mse, "loss_clip": loss_clip}

@@ -92,8 +92,8 @@ def method_text(p: dict, lora: bool) -> str:
 
 def recipe_rows(info: dict) -> list[tuple[str, str]]:
     """The training recipe as (setting, value) rows."""
-    p, ran = info["params"], info["mixed_precision_ran"]
-    crop = "center crop" if p["center_crop"] else "random crop"
+    p, ran, encoding = info["params"], info["mixed_precision_ran"], info["encode"]
+    crop = "center crop" if encoding["center_crop"] else "random crop"
     losses = [f"min-SNR gamma {p['snr_gamma']:g}" if p["snr_gamma"] else "",
               f"noise offset {p['noise_offset']:g}" if p["noise_offset"] else "",
               f"caption dropout {p['caption_dropout']:g}" if p["caption_dropout"] else "",
@@ -107,7 +107,8 @@ def recipe_rows(info: dict) -> list[tuple[str, str]]:
                       f"{p['max_grad_norm']:g}"),
         ("mixed precision", p["mixed_precision"] + ("" if ran == p["mixed_precision"] else f" (ran as {ran})")),
         ("EMA", f"decay {p['ema_decay']:g} (the saved weights are the EMA ones)" if p["use_ema"] else "off"),
-        ("resolution", f"{p['resolution']} px, {crop}" + (", random horizontal flip" if p["random_flip"] else "")),
+        ("resolution", f"{encoding['resolution']} px, {crop}"
+                       + (", random horizontal flip" if encoding["random_flip"] else "")),
         ("loss", "MSE on the base scheduler's prediction target" + "".join(f", {x}" for x in losses if x)),
         ("seed", f"{info['seed']}"),
     ]

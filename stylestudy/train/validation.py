@@ -1,16 +1,16 @@
 """Validation while fine-tuning: a loss on the val split at fixed noise and timesteps, and images at fixed seeds.
 
 Both are deterministic, so the curves of two experiments compare, and neither draws from the global RNG: a resumed
-run must still end bit for bit like an uninterrupted one. `ValidationSet.build` encodes what it needs while the VAE
-and text encoder exist (before the latent cache frees them) and keeps its own reference to the VAE for decoding.
+run must still end bit for bit like an uninterrupted one. `ValidationSet.build` encodes what it needs with the frozen
+encoders and keeps only the VAE, for decoding: the text encoders can go once the training data is cached.
 
 The loss: at most MAX_IMAGES val images, center-cropped at the training resolution without flip, as the mean of
 their VAE latent distribution (no sampling); each image is noised at TIMESTEPS_PER_IMAGE timesteps, and all
 timesteps together are spread evenly over the schedule; the noise comes from a generator seeded with the run's seed.
-The target is the training one (epsilon or v-prediction, from the noise scheduler's config).
+The noising and the target are the training ones (the model family's noise process).
 
-The images: DDIM (eta 0, so no noise is drawn after the first) from the noise scheduler's config, classifier-free
-guidance GUIDANCE_SCALE, image i from a generator seeded with seed + i, so any image can be made again alone.
+The images: the family's sampler (SD2: DDIM, eta 0, from the noise scheduler's config), classifier-free guidance
+GUIDANCE_SCALE, image i from a generator seeded with seed + i, so any image can be made again alone.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from stylestudy.data import dataset
+from stylestudy.models.families import Conditioning, Family, FrozenEncoders, NoiseProcess
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,10 @@ GUIDANCE_SCALE = 7.5
 
 @dataclass(frozen=True)
 class LossInputs:
-    """The val loss's fixed inputs, one row per (image, timestep): scaled latents, text embeddings, noise, timesteps."""
+    """The val loss's fixed inputs, one row per (image, timestep): scaled latents, conditioning, noise, timesteps."""
 
     latents: Any
-    text: Any
+    conditioning: Conditioning
     noise: Any
     timesteps: Any
 
@@ -57,42 +58,29 @@ def evaluating(unet: Any) -> Iterator[None]:
         unet.train(was_training)
 
 
-def encode_val_images(raw: Path, rows: list[dict], parts: dict, resolution: int) -> Any:
+def encode_val_images(raw: Path, rows: list[dict], encoders: FrozenEncoders, resolution: int) -> Any:
     """Scaled latent means (fp32, on the training device) of the rows' images, center-cropped, unflipped."""
     import torch
 
     images = dataset.CaptionedImages(raw, rows, dataset.train_transforms(resolution, True, False))
     pixels = torch.stack([images[i]["pixel_values"] for i in range(len(images))])
-    with torch.no_grad():
-        dist = parts["vae"].encode(pixels.to(parts["device"], dtype=parts["frozen_dtype"])).latent_dist
-    return dist.mean.float() * parts["latent_scale"]
+    mean = encoders.latent_distribution(pixels).mean.float()
+    return encoders.family.to_latents(encoders.vae.config, mean)
 
 
-def encode_texts(texts: list[str], parts: dict) -> Any:
-    """Text embeddings (compute dtype, on the training device), one per text, padded as in training."""
-    import torch
-
-    tokenizer = parts["tokenizer"]
-    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                       return_tensors="pt")
-    with torch.no_grad():
-        return parts["text_encoder"](tokens.input_ids.to(parts["device"]), return_dict=False)[0]
-
-
-def loss_inputs(raw: Path, rows: list[dict], parts: dict, resolution: int, seed: int) -> LossInputs:
+def loss_inputs(raw: Path, rows: list[dict], encoders: FrozenEncoders, noise_process: NoiseProcess, resolution: int,
+                seed: int) -> LossInputs:
     """Each image repeated TIMESTEPS_PER_IMAGE times; row k * n + i is image i at the (k * n + i)-th timestep."""
     import torch
 
-    image_latents = encode_val_images(raw, rows, parts, resolution)
+    image_latents = encode_val_images(raw, rows, encoders, resolution)
     rows_total = len(rows) * TIMESTEPS_PER_IMAGE
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((rows_total, *image_latents.shape[1:]), generator=generator)
-    last = parts["noise_scheduler"].config.num_train_timesteps - 1
-    timesteps = torch.linspace(0, last, rows_total).round().long()
-    device = parts["device"]
+    device = encoders.device
     return LossInputs(latents=image_latents.repeat(TIMESTEPS_PER_IMAGE, 1, 1, 1),
-                      text=encode_texts([row["text"] for row in rows], parts).repeat(TIMESTEPS_PER_IMAGE, 1, 1),
-                      noise=noise.to(device), timesteps=timesteps.to(device))
+                      conditioning=encoders.encode_text([row["text"] for row in rows]).repeat(TIMESTEPS_PER_IMAGE),
+                      noise=noise.to(device), timesteps=noise_process.spread_timesteps(rows_total).to(device))
 
 
 def to_pil(pixels: Any) -> Image.Image:
@@ -103,73 +91,59 @@ def to_pil(pixels: Any) -> Image.Image:
 
 @dataclass
 class ValidationSet:
-    """What a validation needs once the VAE and text encoder are freed: fixed loss inputs (None without val images),
-    the prompt's embeddings (unconditional, conditional), the VAE, and the sampling settings."""
+    """What a validation needs once the text encoders are freed: fixed loss inputs (None without val images), the
+    prompt's conditioning (unconditional, conditional), the VAE, the family and noise process, and the settings."""
 
     loss: LossInputs | None
-    prompt_embeds: Any
+    prompt: Conditioning
     vae: Any
-    noise_scheduler: Any
-    latent_scale: float
+    family: Family
+    noise: NoiseProcess
     resolution: int
     n_images: int
     steps: int
     seed: int
 
     @classmethod
-    def build(cls, raw: Path, val_rows: list[dict], parts: dict, p: dict, seed: int) -> ValidationSet:
-        """Encode the val images and the prompt now, while parts["vae"] and parts["text_encoder"] exist."""
+    def build(cls, raw: Path, val_rows: list[dict], encoders: FrozenEncoders, noise: NoiseProcess, p: dict,
+              resolution: int, seed: int) -> ValidationSet:
+        """Encode the val images and the prompt now, with the frozen encoders."""
         rows = val_rows[:MAX_IMAGES]
-        loss = loss_inputs(raw, rows, parts, p["resolution"], seed) if rows else None
+        loss = loss_inputs(raw, rows, encoders, noise, resolution, seed) if rows else None
         if not rows:
             log.info("the val split is empty: no val loss, validation images only")
-        return cls(loss=loss, prompt_embeds=encode_texts(["", p["validation_prompt"]], parts), vae=parts["vae"],
-                   noise_scheduler=parts["noise_scheduler"], latent_scale=parts["latent_scale"],
-                   resolution=p["resolution"], n_images=p["validation_images"], steps=p["validation_steps"],
-                   seed=seed)
+        return cls(loss=loss, prompt=encoders.encode_text(["", p["validation_prompt"]]), vae=encoders.vae,
+                   family=encoders.family, noise=noise, resolution=resolution, n_images=p["validation_images"],
+                   steps=p["validation_steps"], seed=seed)
 
-    def val_loss(self, unet: Any) -> float | None:
-        """Mean squared error of the UNet's prediction on the fixed val inputs; None without val images."""
+    def val_loss(self, denoiser: Any) -> float | None:
+        """Mean squared error of the denoiser's prediction on the fixed val inputs; None without val images."""
         import torch.nn.functional as F
 
         if self.loss is None:
             return None
-        scheduler, x, dtype = self.noise_scheduler, self.loss, unet.dtype
-        epsilon, total = scheduler.config.prediction_type == "epsilon", 0.0
-        with evaluating(unet):
+        x, dtype, total = self.loss, denoiser.dtype, 0.0
+        with evaluating(denoiser):
             for start in range(0, len(x.timesteps), UNET_BATCH):
                 part = slice(start, start + UNET_BATCH)
                 clean, noise, timesteps = x.latents[part], x.noise[part], x.timesteps[part]
-                noisy = scheduler.add_noise(clean, noise, timesteps)
-                target = noise if epsilon else scheduler.get_velocity(clean, noise, timesteps)
-                prediction = unet(noisy.to(dtype), timesteps, x.text[part].to(dtype), return_dict=False)[0]
+                noisy = self.noise.noised(clean, noise, timesteps)
+                target = self.noise.target(clean, noise, timesteps)
+                conditioning = x.conditioning.rows(part).to(None, dtype)
+                prediction = self.family.denoise(denoiser, noisy.to(dtype), timesteps, conditioning)
                 total += F.mse_loss(prediction.float(), target.float(), reduction="sum").item()
         return total / x.noise.numel()
 
-    def images(self, unet: Any) -> list[Image.Image]:
+    def images(self, denoiser: Any) -> list[Image.Image]:
         """validation_images images of the prompt at resolution x resolution, image i from seed + i."""
-        with evaluating(unet):
-            return [self.sample(unet, self.seed + i) for i in range(self.n_images)]
+        with evaluating(denoiser):
+            return [self.sample(denoiser, self.seed + i) for i in range(self.n_images)]
 
-    def sample(self, unet: Any, seed: int) -> Image.Image:
-        """One image: DDIM with classifier-free guidance from noise seeded with `seed`, decoded by the VAE."""
-        import torch
-        from diffusers import DDIMScheduler
-
-        device, dtype = self.prompt_embeds.device, unet.dtype
-        # clip_sample: DDPMScheduler's default, meant for pixels; it would clip SD's latents.
-        sampler = DDIMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
-        sampler.set_timesteps(self.steps, device=device)
-        size = self.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        shape = (1, unet.config.in_channels, size, size)
-        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
-        x = torch.randn(shape, generator=generator).to(device, dtype) * sampler.init_noise_sigma
-        embeds = self.prompt_embeds.to(dtype)
-        for t in sampler.timesteps:
-            model_input = sampler.scale_model_input(torch.cat([x, x]), t)
-            uncond, cond = unet(model_input, t, embeds, return_dict=False)[0].chunk(2)
-            x = sampler.step(uncond + GUIDANCE_SCALE * (cond - uncond), t, x, return_dict=False)[0]
-        decoded = self.vae.decode(x.to(self.vae.dtype) / self.latent_scale, return_dict=False)[0]
+    def sample(self, denoiser: Any, seed: int) -> Image.Image:
+        """One image from noise seeded with `seed`, by the family's sampler, decoded by the VAE."""
+        shape = self.family.latent_shape(self.vae, denoiser, self.resolution)
+        x = self.family.sample(denoiser, self.noise, self.prompt, shape, self.steps, GUIDANCE_SCALE, seed)
+        decoded = self.vae.decode(self.family.from_latents(self.vae.config, x).to(self.vae.dtype), return_dict=False)[0]
         return to_pil(decoded[0])
 
     def log(self, live: Any, unet: Any, step: int) -> float | None:

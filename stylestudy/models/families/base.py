@@ -1,0 +1,184 @@
+"""What the pipeline asks of a model family, and the records that travel between it and the rest.
+
+A family (Stable Diffusion 1.x/2.x today; SD3 next) is one module with one `Family` subclass. `encode`, `finetune`,
+validation, `generate` and the learning check talk to the family only, so they never branch on the architecture:
+- the pipeline folder: check it (refusing another family's in one line), load it, save a fine-tuned one;
+- the frozen encoders (`FrozenEncoders`): captions into the denoiser's conditioning (`Conditioning`: sequence and,
+  where the family has them, pooled embeddings, however many text encoders), pixels to and from scaled latents;
+- the training noise process (`NoiseProcess`): draw timesteps, noise the latents, the target, per-sample loss
+  weights, the one-step x0 estimate;
+- the denoiser's forward pass, the modules LoRA targets and how an adapter is saved, and sampling for validation.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser is conditioned on, one row per caption: sequence embeddings (rows x tokens x width) and
+    pooled embeddings (rows x width) for families that have them."""
+
+    sequence: Any
+    pooled: Any = None
+
+    def to(self, device: Any, dtype: Any = None, non_blocking: bool = False) -> Conditioning:
+        def move(t: Any) -> Any:
+            return None if t is None else t.to(device, dtype=dtype, non_blocking=non_blocking)
+
+        return Conditioning(move(self.sequence), move(self.pooled))
+
+    def rows(self, index: Any) -> Conditioning:
+        """The rows at `index` (a tensor or slice of row numbers)."""
+        return Conditioning(self.sequence[index], None if self.pooled is None else self.pooled[index])
+
+    def repeat(self, times: int) -> Conditioning:
+        """All rows, `times` times over (row k * n + i is row i)."""
+        def tile(t: Any) -> Any:
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+        return Conditioning(tile(self.sequence), tile(self.pooled))
+
+    def tensors(self) -> dict[str, Any]:
+        """The tensors by name, as the encode stage stores them (`text` is the sequence)."""
+        return {"text": self.sequence} | ({} if self.pooled is None else {"pooled": self.pooled})
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Any]) -> Conditioning:
+        return cls(tensors["text"], tensors.get("pooled"))
+
+    @classmethod
+    def cat(cls, parts: list[Conditioning]) -> Conditioning:
+        import torch
+
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return cls(torch.cat([p.sequence for p in parts]), pooled)
+
+
+@dataclass(frozen=True)
+class FrozenEncoders:
+    """The frozen parts that turn images and captions into the denoiser's inputs: the VAE and the text encoders
+    (with their tokenizers), on one device in one dtype."""
+
+    family: Family
+    vae: Any
+    tokenizers: tuple[Any, ...]
+    text_encoders: tuple[Any, ...]
+    device: Any
+    dtype: Any
+
+    def encode_text(self, texts: list[str]) -> Conditioning:
+        """The conditioning of each text, computed without gradients."""
+        return self.family.encode_text(self, texts)
+
+    def latent_distribution(self, pixels: Any) -> Any:
+        """The VAE's latent distribution of pixels in [-1, 1] (unscaled), without gradients."""
+        import torch
+
+        with torch.no_grad():
+            return self.vae.encode(pixels.to(self.device, dtype=self.dtype)).latent_dist
+
+
+class NoiseProcess(ABC):
+    """How training noises clean latents and what the denoiser learns to predict."""
+
+    num_train_timesteps: int
+
+    @abstractmethod
+    def draw(self, clean: Any, noise_offset: float) -> tuple[Any, Any]:
+        """Noise like `clean` and one timestep per sample, from the global (seeded) RNG."""
+
+    @abstractmethod
+    def noised(self, clean: Any, noise: Any, timesteps: Any) -> Any:
+        """The denoiser's input x_t."""
+
+    @abstractmethod
+    def target(self, clean: Any, noise: Any, timesteps: Any) -> Any:
+        """What the denoiser's output is regressed on."""
+
+    @abstractmethod
+    def loss_weights(self, timesteps: Any, snr_gamma: float) -> Any:
+        """Per-sample weights of the squared error, or None for the plain mean."""
+
+    @abstractmethod
+    def predicted_x0(self, noisy: Any, output: Any, timesteps: Any) -> Any:
+        """The one-step estimate of the clean latents from the denoiser's output."""
+
+    @abstractmethod
+    def spread_timesteps(self, n: int) -> Any:
+        """n timesteps spread evenly over the whole schedule (validation's fixed noise levels)."""
+
+
+class Family(ABC):
+    """One model family: everything the pipeline asks of a model of that architecture."""
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]  # model_index.json's _class_name
+    denoiser_folder: ClassVar[str]  # unet, transformer
+    encoder_folders: ClassVar[tuple[str, ...]]  # the folders an encoding is made from ("vae/", ...)
+    lora_targets: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def check_folder(self, path: Path) -> None:
+        """Cheap checks of a pipeline folder of this family (one-line UserError)."""
+
+    @abstractmethod
+    def load_pipeline(self, path: Path) -> Any:
+        """The whole pipeline (safetensors only), for generation."""
+
+    @abstractmethod
+    def load_encoders(self, path: Path, device: Any, dtype: Any) -> FrozenEncoders:
+        """The VAE, tokenizers and text encoders, frozen, in eval mode, on `device` in `dtype`."""
+
+    @abstractmethod
+    def load_denoiser(self, path: Path) -> Any:
+        """The denoiser (UNet or transformer) in fp32, ready to train."""
+
+    @abstractmethod
+    def load_noise_process(self, path: Path) -> NoiseProcess:
+        """The training noise process of the folder's scheduler."""
+
+    @abstractmethod
+    def encode_text(self, encoders: FrozenEncoders, texts: list[str]) -> Conditioning:
+        """Captions into the denoiser's conditioning, without gradients."""
+
+    @abstractmethod
+    def count_truncated(self, encoders: FrozenEncoders, texts: list[str]) -> int:
+        """How many texts are longer than the text encoders read."""
+
+    @abstractmethod
+    def to_latents(self, vae_config: Any, sample: Any) -> Any:
+        """A VAE latent sample as the denoiser sees it (scaled, and shifted where the family shifts)."""
+
+    @abstractmethod
+    def from_latents(self, vae_config: Any, latents: Any) -> Any:
+        """The inverse of to_latents: what the VAE's decoder takes."""
+
+    @abstractmethod
+    def denoise(self, denoiser: Any, noisy: Any, timesteps: Any, conditioning: Conditioning) -> Any:
+        """The denoiser's output on a batch."""
+
+    @abstractmethod
+    def sample(self, denoiser: Any, noise: NoiseProcess, conditioning: Conditioning, latent_shape: tuple[int, ...],
+               steps: int, guidance_scale: float, seed: int) -> Any:
+        """Latents of one image, conditioning row 0 unconditional and row 1 the prompt, from noise seeded with
+        `seed` on the CPU (the same image on every device), drawing nothing from the global RNG."""
+
+    @abstractmethod
+    def latent_shape(self, vae: Any, denoiser: Any, resolution: int) -> tuple[int, ...]:
+        """The latent shape (1, C, h, w) of one image at `resolution`."""
+
+    @abstractmethod
+    def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
+        """Write an adapter's layers (diffusers' key format) the way this family's pipeline loads them."""
+
+    @abstractmethod
+    def use_fused_attention(self, pipe: Any) -> None:
+        """Make the pipeline's attention run torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
+
+    def denoiser_of(self, pipe: Any) -> Any:
+        """The denoiser of a loaded pipeline."""
+        return getattr(pipe, self.denoiser_folder)
