@@ -19,7 +19,17 @@ $(VENV)/installed: requirements.txt Makefile
 	  open(sysconfig.get_paths()["purelib"] + "/sketch_path.pth", "w").write(os.environ["PATH_HOOK"] + "\n")'
 	touch $@
 
-setup: $(VENV)/installed
+# DVC's plots page offline: Vega, Vega-Lite and vega-embed as package-lock.json pins them, inlined into the HTML
+# template that .dvc/config names (plots.html_template), so the page needs no CDN wherever DVC writes it.
+node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm not found; install Node.js and npm (apt-get install npm)"; exit 1; }
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+.dvc/plots_page.html: node_modules/.installed scripts/offline_plots_page.py
+	python3 scripts/offline_plots_page.py node_modules $@
+
+setup: $(VENV)/installed .dvc/plots_page.html
 
 demo: setup
 	HF_HUB_OFFLINE=1 dvc exp run -S profile=smoke

@@ -48,6 +48,8 @@ def one_thread():
 
 # Written by the pipeline, never part of a clone: a copy made after `make demo` must look like a fresh clone.
 GENERATED = ("dvc.lock", "params.yaml", "reports/", "dvc_plots/")
+# Written by `make setup`, never committed: a clone that ran it has them, as it has the environment the copy shares.
+SET_UP = (".dvc/plots_page.html",)
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
 
@@ -67,8 +69,9 @@ def sh(cwd: Path, *args: str, env: dict | None = None, check: bool = True) -> st
 
 
 def fresh_copy(target: Path) -> Path:
-    """The repository as a user clones it, one commit: tracked and untracked-but-not-ignored files (uncommitted work
-    included), without what the pipeline writes; params.yaml composed from conf/ as committed."""
+    """The repository as a user clones it and sets it up, one commit: tracked and untracked-but-not-ignored files
+    (uncommitted work included) and what `make setup` writes in it, without what the pipeline writes; params.yaml
+    composed from conf/ as committed."""
     import shutil
     import subprocess
 
@@ -79,6 +82,9 @@ def fresh_copy(target: Path) -> Path:
     for name in filter(None, listed):
         if (REPO / name).is_file() and not name.startswith(GENERATED):
             (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    for name in SET_UP:
+        if (REPO / name).is_file():
             shutil.copy2(REPO / name, target / name)
     compose_params(target / "params.yaml", target, [])
     sh(target, "git", "init", "-q", "-b", "main")

@@ -1,8 +1,11 @@
-"""Does the page of `dvc plots show` work offline? Opens it in headless Chromium with the network blocked.
+"""Does the page of `dvc plots show` (or `dvc plots diff REVS`) work offline? Opens it in headless Chromium with the
+network blocked.
 
-DVC's page loads Vega from a CDN for Vega plots (blank offline) and embeds image plots (PNG files and folders of PNGs
-declared under `plots:`), copying them into `static/`. `dvc plots show --json` names every image it found, so the
-page must show each of them. Used by test_plots_page.py and by the end-to-end test on the real pipeline.
+DVC draws Vega plots with Vega, Vega-Lite and vega-embed: its own page loads them from a CDN (blank offline), the
+project's template (.dvc/plots_page.html, `make setup`) carries them inlined. Image plots (PNG files and folders of
+PNGs declared under `plots:`) are copied into `static/`. `dvc plots show --json` names every image it found, so the
+page must show each of them, and every Vega plot must draw. Used by test_plots_page.py and by the end-to-end tests
+on the real pipeline, which also read the curves that each Vega plot drew.
 """
 from __future__ import annotations
 
@@ -16,11 +19,35 @@ import tempfile
 from pathlib import Path
 
 TIMEOUT_S = 120
-# Written into a copy of the page: after `load` (and a moment of virtual time for vegaEmbed's promises) it puts the
-# page's state into <pre id="probe">, which --dump-dom prints, so that no WebDriver is needed.
+# Written into a copy of the page. HOOK, last in <head>, keeps the view of each vegaEmbed call (DVC's plot divs make
+# them as the page loads), where vega-embed was loaded at all. PROBE, after `load` (and a moment of virtual time for
+# vegaEmbed's promises), puts the page's state into <pre id="probe">, which --dump-dom prints: no WebDriver needed.
+HOOK = """<script>
+window.probedViews = {};
+if (window.vegaEmbed) {
+  const embed = window.vegaEmbed;
+  window.vegaEmbed = Object.assign((el, spec, options) => embed(el, spec, options).then(result => {
+    window.probedViews[String(el).replace(/^#/, "")] = result.view;
+    return result;
+  }), embed);
+}
+</script>"""
+# A curve: one line mark drawn with points, named by the rev and the `filename::field` of its first point (DVC's data
+# fields; the field is absent where a plot has one y), with its number of points and where it ends on the chart (in
+# pixels). Opacity tells the smoothed curve of DVC's default template from its faint raw one.
 PROBE = """<script>
+function curves(node, out = []) {
+  if (node.marktype === "line" && node.items && node.items.length) {
+    const [first, last] = [node.items[0], node.items[node.items.length - 1]];
+    out.push({rev: first.datum?.rev ?? null, field: first.datum?.["filename::field"] ?? null,
+              points: node.items.length, end: [Math.round(last.x), Math.round(last.y)], opacity: first.opacity ?? 1});
+  }
+  for (const child of node.items || []) if (child.items) curves(child, out);
+  return out;
+}
 window.addEventListener("load", () => setTimeout(() => {
-  const vega = [...document.querySelectorAll("div")].filter(d =>
+  // vegaEmbed replaces the div's script by the chart (and adds its class): a div of either kind is a Vega plot.
+  const vega = [...document.querySelectorAll("div")].filter(d => d.classList.contains("vega-embed") ||
     [...d.children].some(c => c.tagName === "SCRIPT" && c.textContent.includes("vegaEmbed(")));
   const pre = document.createElement("pre");
   pre.id = "probe";
@@ -28,7 +55,8 @@ window.addEventListener("load", () => setTimeout(() => {
     imgs: [...document.images].map(i => ({src: i.getAttribute("src"), ok: i.complete && i.naturalWidth > 0})),
     links: [...document.querySelectorAll("script[src], link[href]")]
       .map(e => e.getAttribute("src") || e.getAttribute("href")),
-    vega: vega.map(d => ({id: d.id, drawn: d.querySelectorAll("svg, canvas").length})),
+    vega: vega.map(d => ({id: d.id, drawn: d.querySelectorAll("canvas.marks, svg.marks").length,  // not the menu's icon
+                          curves: window.probedViews[d.id] ? curves(window.probedViews[d.id].scenegraph().root) : []})),
   });
   document.body.appendChild(pre);
 }, 1000));
@@ -71,7 +99,9 @@ def declared(shown: dict) -> tuple[list[str], dict[str, str]]:
 def probe(page: Path, chromium: str, profile: Path) -> dict:
     """The page's state as the probe script records it in Chromium, network blocked."""
     probed = page.with_name("probe.html")
-    probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    text = page.read_text()
+    head, body = text.rindex("</head>"), text.rindex("</body>")  # the last: inlined Vega holds such strings too
+    probed.write_text(text[:head] + HOOK + text[head:body] + PROBE + text[body:])
     result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", probed.as_uri()],
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     start = result.stdout.find('<pre id="probe">')
@@ -94,15 +124,22 @@ def problems_in(state: dict, images: dict[str, str]) -> list[str]:
     return problems
 
 
-def check_plots_page(repo: Path, env: dict | None = None) -> list[str]:
-    """Problems of `dvc plots show`'s page in `repo` opened offline; [] when every declared plot shows."""
+def page_state(repo: Path, env: dict | None = None, revs: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """Problems of the page of `dvc plots show` in `repo` (`dvc plots diff REVS` when given) opened offline, [] when
+    every declared plot shows; and the page's state: `vega` lists each Vega plot's div id, `drawn` and `curves`."""
     chromium = find_chromium()
     if chromium is None:
         raise RuntimeError("chromium is not installed (apt-get install chromium)")
+    command = ("plots", "diff", *revs) if revs else ("plots", "show")
     with tempfile.TemporaryDirectory(prefix="plots-page-") as tmp:
         # -o keeps the images that --json copies out of the repository's own dvc_plots/.
-        shown = json.loads(_dvc(repo, env, "plots", "show", "--json", "-o", f"{tmp}/json"))
+        shown = json.loads(_dvc(repo, env, *command, "--json", "-o", f"{tmp}/json"))
         problems, images = declared(shown)
-        _dvc(repo, env, "plots", "show", "-o", f"{tmp}/page")
+        _dvc(repo, env, *command, "-o", f"{tmp}/page")
         state = probe(Path(tmp, "page", "index.html"), chromium, Path(tmp, "profile"))
-        return problems + problems_in(state, images)
+        return problems + problems_in(state, images), state
+
+
+def check_plots_page(repo: Path, env: dict | None = None) -> list[str]:
+    """Problems of `dvc plots show`'s page in `repo` opened offline; [] when every declared plot shows."""
+    return page_state(repo, env)[0]

@@ -4,6 +4,7 @@ DVC runs as `.venv/bin/dvc` from a PATH whose `python` is the system's (without 
 does who calls it without activating the environment: the stages must still run with the environment's interpreter.
 """
 import json
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ NEW_KEYS = {
     "reports/blip_check.json": ["style_share_base_ci_low", "style_share_diff", "style_share_diff_p",
                                 "test_style_share_finetuned", "test_style_share_diff_p"],
 }
+TRAINING_CURVES = ("loss", "loss_terms", "learning_rate", "grad_norm")  # dvc.yaml's Vega plots of dvclive's TSVs
 pytestmark = pytest.mark.slow
 
 
@@ -194,7 +196,7 @@ def test_every_declared_plot_shows_offline_in_a_browser(clone, user_env):
     assert check_plots_page(clone.root, env=user_env) == []
     shown = json.loads(clone.run("dvc", "plots", "show", "--json", "-o", "plots_out"))
     assert {"reports/figures/loss.png", "reports/figures/distances.png", "reports/figures/clip_per_prompt.png",
-            "reports/figures/training_examples.png"} <= set(shown["data"])
+            "reports/figures/training_examples.png", *TRAINING_CURVES} <= set(shown["data"])
 
 
 def test_same_smoke_run_twice_gives_identical_metrics_and_model(clone):
@@ -219,6 +221,24 @@ def test_lora_and_the_clip_loss_run_through_the_dag_side_by_side(clone):
     table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
     assert {"finetune.method", "finetune.clip_loss.weight"} <= set(table[0].split())
     assert {line.split()[0] for line in table[1:]} >= set(runs)
+
+
+def test_plots_diff_overlays_two_experiments_loss_curves_offline_in_a_browser(clone, user_env):
+    """After the experiments above: the first run's and the LoRA run's training loss on one chart, network blocked."""
+    from plots_page import find_chromium, page_state
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    first = re.search(r"Ran experiment\(s\): (\S+)", clone.log).group(1)
+    problems, state = page_state(clone.root, user_env, revs=(first, "lora"))
+    assert problems == []
+    plots = {plot["id"]: plot for plot in state["vega"]}
+    assert set(TRAINING_CURVES) <= set(plots) and all(plots[name]["drawn"] == 1 for name in TRAINING_CURVES)
+    loss = [curve for curve in plots["loss"]["curves"] if curve["field"] == "loss.tsv::loss" and curve["opacity"] == 1]
+    assert sorted(curve["rev"] for curve in loss) == sorted([first, "lora"]), plots["loss"]["curves"]
+    steps = json.loads((clone.root / "models/finetuned/training_info.json").read_text())["steps"]
+    assert [curve["points"] for curve in loss] == [steps, steps]  # every step; the same smoke length in both
+    assert loss[0]["end"] != loss[1]["end"]  # two curves apart: LoRA trains other weights from the same start
 
 
 def test_the_hub_token_is_written_nowhere(clone):
