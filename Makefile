@@ -10,7 +10,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 PATH_HOOK := import os, sys; b = os.path.dirname(sys.executable); p = os.environ.get("PATH", ""); b in p.split(os.pathsep) or os.environ.update(PATH=b + os.pathsep + p)
 ACTIVATE := @echo "In a new shell, run 'source .venv/bin/activate' first so that 'dvc' and 'python' are this project's."
 
-.PHONY: setup demo study test bench compare
+.PHONY: setup demo study test test-all bench compare
 
 $(VENV)/installed: requirements.txt Makefile
 	python3 -m venv $(VENV)
@@ -41,8 +41,14 @@ demo: setup
 study: setup
 	dvc exp run -S profile=study
 
-# The offline plots-page test needs a Chromium: install it where we can (root with apt), else say it will be skipped.
+# The fast tier: unit and property tests and one smoke DAG through DVC (tests/test_dag.py), a few minutes.
 test: setup
+	python -m pytest -q -m "not slow" tests
+
+# Every test, the slow tier too (more experiments through DVC, several processes, sharing, the queue, resume, the
+# learning check, benches, the offline plots pages in a browser): what CI runs. The plots-page tests need a Chromium:
+# install it where we can (root with apt), else say they will be skipped.
+test-all: setup
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get update -qq >/dev/null 2>&1 \
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \

@@ -1,7 +1,9 @@
 """Hermetic test settings: no hub, no analytics, caches in a temporary folder. Set before any library is imported."""
 import os
 import tempfile
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -91,3 +93,39 @@ def fresh_copy(target: Path) -> Path:
     sh(target, "git", "add", "-A")
     sh(target, "git", "commit", "-q", "-m", "fresh copy")
     return target
+
+
+# ------------------------------------------------------------------------------------------------ the smoke run
+
+FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so that no source file holds it
+SMOKE = ("dvc", "exp", "run", "-S", "profile=smoke")
+METRICS_FILES = ("reports/split.json", "reports/clip_eval.json", "reports/blip_check.json",
+                 "reports/finetune/metrics.json")
+TIMING_KEYS = {"step"}  # dvclive's step counter; timings are in reports/finetune/timing.json, not in the metrics
+
+
+def read_metrics(root: Path) -> dict:
+    """Every metric of a run, as {file: {key: value}}."""
+    import json
+
+    return {name: {k: v for k, v in json.loads((root / name).read_text()).items() if k not in TIMING_KEYS}
+            for name in METRICS_FILES}
+
+
+@pytest.fixture(scope="session")
+def user_env(tmp_path_factory) -> dict:
+    """A PATH whose `python` is the system interpreter (not the project's), a Hub token in the environment."""
+    bin_dir = tmp_path_factory.mktemp("system-bin")
+    (bin_dir / "python").symlink_to("/usr/bin/python3")
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_TOKEN": FAKE_TOKEN}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, user_env) -> SimpleNamespace:
+    """One `dvc exp run -S profile=smoke` on a fresh copy, shared by every end-to-end test of the session (the fast
+    tier's test_dag.py reads it; test_pipeline.py then runs more experiments in it): its folder, what DVC printed, a
+    runner, and its metrics right after the run."""
+    root = fresh_copy(tmp_path_factory.mktemp("clone"))
+    run = lambda *args, check=True: sh(root, *args, env=user_env, check=check)  # noqa: E731
+    log = run(*SMOKE)
+    return SimpleNamespace(root=root, log=log, run=run, metrics=read_metrics(root))

@@ -100,6 +100,7 @@ def test_fused_adamw_is_foreach_on_a_cpu() -> None:
     assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
 
 
+@pytest.mark.slow
 def test_bench_prints_both_configurations(tmp_path: Path) -> None:
     figures = tmp_path / "figures.json"
     # One thread: the test stays fast when other processes share the CPU (oversubscribed threads spin).

@@ -57,6 +57,7 @@ def test_an_image_does_not_depend_on_its_batch(sd_dir: Path) -> None:
     assert np.abs(together[1] - alone[0]).max() <= 1
 
 
+@pytest.mark.slow
 def test_bench_prints_the_table_psnr_and_evaluation(tmp_path: Path) -> None:
     figures = tmp_path / "figures.json"
     # One thread: the test stays fast when other processes share the CPU (oversubscribed threads spin).

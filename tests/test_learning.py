@@ -53,7 +53,7 @@ BOTH = {"train_batch_size": 2, "max_train_steps": 200}  # both sketches in every
 LORA = {"method": "lora", "lora_rank": 8, "lora_alpha": 8, "learning_rate": 3e-3, "max_train_steps": 200}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def pixels(raw: Path, row: dict) -> torch.Tensor:

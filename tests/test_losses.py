@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stylestudy.data import dataset, latents, sketches
-from stylestudy.models import builders, families, loading
+from stylestudy.models import builders, loading
 from stylestudy.models.families import FrozenEncoders, sd2
 from stylestudy.train import batches, checkpoints, losses
 from tests.conftest import composed

@@ -1,26 +1,20 @@
-"""End to end through the real DVC commands, on a fresh copy of the repository, in the offline smoke setting.
+"""End to end through the real DVC commands, on a fresh copy of the repository, in the offline smoke setting: the
+experiments a user runs after the first smoke run (the session's `smoke_run`, which test_dag.py checks first).
 
 DVC runs as `.venv/bin/dvc` from a PATH whose `python` is the system's (without the project's libraries), as a user
 does who calls it without activating the environment: the stages must still run with the environment's interpreter.
 """
 import json
 import re
-import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import fresh_copy, sh
+from conftest import SMOKE, read_metrics
+from test_dag import ran
 
-TIMING_KEYS = {"step"}  # dvclive's step counter; timings are in reports/finetune/timing.json, not in the metrics
-FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so that no source file holds it
-SMOKE = ("dvc", "exp", "run", "-S", "profile=smoke")
-ALL_STAGES = ("fetch@sd", "fetch@clip", "fetch@blip", "fetch@data", "split", "encode", "finetune", "generate@base",
-              "generate@finetuned", "embed_real", "clip_eval", "blip_check", "report")
 # Keys added beside the study's (README, "Metrics (stable keys)"): held-out captions, distances, significance.
 NEW_KEYS = {
     "reports/clip_eval.json": ["clip_score_diff_p", "test_clip_score_base", "test_clip_score_finetuned",
@@ -34,51 +28,14 @@ TRAINING_CURVES = ("loss", "loss_terms", "learning_rate", "grad_norm")  # dvc.ya
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def user_env(tmp_path_factory) -> dict:
-    """A PATH whose `python` is the system interpreter, a Hub token in the environment."""
-    bin_dir = tmp_path_factory.mktemp("system-bin")
-    (bin_dir / "python").symlink_to("/usr/bin/python3")
-    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_TOKEN": FAKE_TOKEN}
-
-
-def read_metrics(clone: Path) -> dict:
-    files = ["reports/split.json", "reports/clip_eval.json", "reports/blip_check.json", "reports/finetune/metrics.json"]
-    metrics = {}
-    for name in files:
-        metrics |= {f"{name}:{k}": v for k, v in json.loads((clone / name).read_text()).items() if k not in TIMING_KEYS}
-    return metrics
-
-
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory, user_env) -> SimpleNamespace:
-    """A fresh copy after the first smoke experiment: its folder, what `dvc exp run` printed, and a runner."""
-    root = fresh_copy(tmp_path_factory.mktemp("clone"))
-    run = lambda *args, check=True: sh(root, *args, env=user_env, check=check)  # noqa: E731
-    log = run(*SMOKE)
-    return SimpleNamespace(root=root, log=log, run=run, metrics=read_metrics(root))
-
-
-def ran(log: str) -> set[str]:
-    return {stage for stage in ALL_STAGES if f"Running stage '{stage}'" in log}
+@pytest.fixture
+def clone(smoke_run) -> SimpleNamespace:
+    return smoke_run
 
 
 def model_hash(clone: SimpleNamespace) -> str:
     lock = yaml.safe_load((clone.root / "dvc.lock").read_text())
     return next(out["md5"] for out in lock["stages"]["finetune"]["outs"] if out["path"] == "models/finetuned")
-
-
-def test_smoke_run_goes_through_all_stages_with_the_environments_python(clone, user_env):
-    assert subprocess.run(["python", "-c", "import dvc"], capture_output=True, env=user_env).returncode != 0
-    assert ran(clone.log) == set(ALL_STAGES)
-    assert (clone.root / "models/finetuned/unet/diffusion_pytorch_model.safetensors").is_file()
-    info = json.loads((clone.root / "models/finetuned/training_info.json").read_text())
-    assert info["n_captions_truncated"] == 0 and info["params"]["epochs"] == 2
-    assert len(list((clone.root / "reports/samples/finetuned").glob("[0-9]*.png"))) == 10  # the study's prompts
-    assert len(list((clone.root / "reports/samples/finetuned").glob("test_*.png"))) == 8  # held-out captions
-    report = (clone.root / "reports/report.md").read_text()
-    assert report.index("## Results") < report.index("## Settings") and "mean nothing about style" in report
-    assert "![loss](figures/loss.png)" in report and "| 36.48 |" in report
 
 
 def test_the_tests_pass_in_a_workspace_the_demo_rewrote(clone):
@@ -87,32 +44,6 @@ def test_the_tests_pass_in_a_workspace_the_demo_rewrote(clone):
     printed = clone.run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_consistency.py",
                         "tests/test_config.py", "tests/test_fetch.py")
     assert " passed" in printed and "failed" not in printed
-
-
-def test_second_repro_runs_nothing(clone):
-    assert "Running stage" not in clone.run("dvc", "repro")
-
-
-def test_reported_clip_score_is_recomputed_independently(clone):
-    import open_clip
-    import torch
-    from PIL import Image
-
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clone.root / 'models/pretrained/clip'}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{clone.root / 'models/pretrained/clip'}")
-    model.eval()
-    reported = json.loads((clone.root / "reports/clip_eval.json").read_text())
-    for name in ("base", "finetuned"):
-        manifest = (clone.root / f"reports/samples/{name}/manifest.jsonl").read_text().splitlines()
-        rows = [row for row in map(json.loads, manifest) if row["set"] == "study"]
-        scores = []
-        with torch.no_grad():
-            for row in rows:
-                image = preprocess(Image.open(clone.root / f"reports/samples/{name}" / row["file_name"])).unsqueeze(0)
-                text = tokenizer([f"{row['style_prompt']} {row['prompt']}"])
-                similarity = torch.cosine_similarity(model.encode_image(image), model.encode_text(text))
-                scores.append(100 * similarity.item())
-        assert sum(scores) / len(scores) == pytest.approx(reported[f"clip_score_{name}"], abs=1e-4)
 
 
 def test_flipping_the_generator_pre_prompt_reruns_only_generation_and_after(clone):
@@ -239,12 +170,3 @@ def test_plots_diff_overlays_two_experiments_loss_curves_offline_in_a_browser(cl
     steps = json.loads((clone.root / "models/finetuned/training_info.json").read_text())["steps"]
     assert [curve["points"] for curve in loss] == [steps, steps]  # every step; the same smoke length in both
     assert loss[0]["end"] != loss[1]["end"]  # two curves apart: LoRA trains other weights from the same start
-
-
-def test_the_hub_token_is_written_nowhere(clone):
-    """Every stage ran with HF_TOKEN set: no output, log, manifest, params, metrics or cache file holds it."""
-    needle = FAKE_TOKEN.encode()
-    assert needle not in clone.log.encode()
-    for path in clone.root.rglob("*"):
-        if path.is_file() and ".git" not in path.relative_to(clone.root).parts:
-            assert needle not in path.read_bytes(), path

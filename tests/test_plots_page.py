@@ -11,6 +11,8 @@ from conftest import REPO
 from PIL import Image
 from plots_page import check_plots_page, find_chromium, page_state
 
+pytestmark = pytest.mark.slow  # a browser: the full tier
+
 if find_chromium() is None:
     pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
 

@@ -131,6 +131,7 @@ def uninterrupted(inputs) -> Path:
     return cwd
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(inputs, uninterrupted):
     cwd = workdir(inputs, "interrupted")
     kill_after_checkpoint(cwd, inputs, 4)  # mid-epoch: resuming skips 8 batches of epoch 0
@@ -161,6 +162,7 @@ EVERY_OPTION = {"method": "lora", "lora_rank": 4, "lora_alpha": 8, "snr_gamma": 
                 "validate_every": 3}
 
 
+@pytest.mark.slow
 def test_every_option_on_still_resumes_to_the_same_weights(inputs):
     """LoRA, the CLIP-guided loss, min-SNR, noise offset, caption dropout and validation, killed once mid-run."""
     uninterrupted = workdir(inputs, "all-options", EVERY_OPTION)
@@ -179,6 +181,7 @@ def test_every_option_on_still_resumes_to_the_same_weights(inputs):
     assert any(clip) and not all(clip), "the CLIP loss applies on every 2nd step only"
 
 
+@pytest.mark.slow
 def test_checkpoint_from_other_settings_is_refused(inputs):
     cwd = workdir(inputs, "refused")
     kill_after_checkpoint(cwd, inputs, 4)

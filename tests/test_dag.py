@@ -1,0 +1,97 @@
+"""The fast tier's end-to-end check: one smoke DAG through the real DVC commands on a fresh copy (the session's
+`smoke_run`, which test_pipeline.py's experiments then reuse in the full tier), with DVC started from a PATH whose
+`python` is the system's, as a user does who never activated the environment.
+
+Its metrics must equal the committed reference (tests/reference/smoke_metrics.json: the smoke DAG's metrics as main
+computed them before the package and family refactoring, unchanged since): to RELATIVE_TOLERANCE, which covers
+another CPU's float rounding; on one machine two runs agree bit for bit (test_pipeline.py checks that).
+"""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import FAKE_TOKEN
+
+REFERENCE = Path(__file__).parent / "reference" / "smoke_metrics.json"
+RELATIVE_TOLERANCE = 1e-6
+ALL_STAGES = ("fetch@sd", "fetch@clip", "fetch@blip", "fetch@guide", "fetch@data", "split", "encode", "finetune",
+              "generate@base", "generate@finetuned", "embed_real", "clip_eval", "blip_check", "report")
+
+
+def ran(log: str) -> set[str]:
+    return {stage for stage in ALL_STAGES if f"Running stage '{stage}'" in log}
+
+
+def test_the_smoke_metrics_are_the_committed_reference(smoke_run):
+    reference = json.loads(REFERENCE.read_text())
+    assert smoke_run.metrics.keys() == reference.keys()
+    for name, values in reference.items():
+        assert smoke_run.metrics[name].keys() == values.keys(), name
+        for key, value in values.items():
+            assert smoke_run.metrics[name][key] == pytest.approx(value, rel=RELATIVE_TOLERANCE, abs=1e-12), \
+                f"{name}: {key}"
+
+
+def test_compiled_python_leaves_the_pipeline_up_to_date(smoke_run):
+    """Importing the package (or running the tests) writes __pycache__ beside the modules that dvc.yaml lists as
+    folder dependencies: .dvcignore keeps them out of the folders' hashes, so no stage re-runs. Without it, they would."""
+    up_to_date = "Data and pipelines are up to date"
+    smoke_run.run("python3", "-m", "compileall", "-q", "stylestudy", "stages")
+    assert up_to_date in smoke_run.run("dvc", "status")
+    ignore = smoke_run.root / ".dvcignore"
+    kept = ignore.read_text()
+    try:
+        ignore.write_text("")
+        assert "modified:" in smoke_run.run("dvc", "status") and "stylestudy/" in smoke_run.run("dvc", "status")
+    finally:
+        ignore.write_text(kept)
+    assert up_to_date in smoke_run.run("dvc", "status")
+
+
+def test_smoke_run_goes_through_all_stages_with_the_environments_python(smoke_run, user_env):
+    assert subprocess.run(["python", "-c", "import dvc"], capture_output=True, env=user_env).returncode != 0
+    assert ran(smoke_run.log) == set(ALL_STAGES)
+    assert (smoke_run.root / "models/finetuned/unet/diffusion_pytorch_model.safetensors").is_file()
+    info = json.loads((smoke_run.root / "models/finetuned/training_info.json").read_text())
+    assert info["n_captions_truncated"] == 0 and info["params"]["epochs"] == 2
+    assert len(list((smoke_run.root / "reports/samples/finetuned").glob("[0-9]*.png"))) == 10  # the study's prompts
+    assert len(list((smoke_run.root / "reports/samples/finetuned").glob("test_*.png"))) == 8  # held-out captions
+    report = (smoke_run.root / "reports/report.md").read_text()
+    assert report.index("## Results") < report.index("## Settings") and "mean nothing about style" in report
+    assert "![loss](figures/loss.png)" in report and "| 36.48 |" in report
+
+
+def test_second_repro_runs_nothing(smoke_run):
+    assert "Running stage" not in smoke_run.run("dvc", "repro")
+
+
+def test_reported_clip_score_is_recomputed_independently(smoke_run):
+    import open_clip
+    import torch
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{smoke_run.root / 'models/pretrained/clip'}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{smoke_run.root / 'models/pretrained/clip'}")
+    model.eval()
+    reported = json.loads((smoke_run.root / "reports/clip_eval.json").read_text())
+    for name in ("base", "finetuned"):
+        manifest = (smoke_run.root / f"reports/samples/{name}/manifest.jsonl").read_text().splitlines()
+        rows = [row for row in map(json.loads, manifest) if row["set"] == "study"]
+        scores = []
+        with torch.no_grad():
+            for row in rows:
+                image = preprocess(Image.open(smoke_run.root / f"reports/samples/{name}" / row["file_name"])).unsqueeze(0)
+                text = tokenizer([f"{row['style_prompt']} {row['prompt']}"])
+                similarity = torch.cosine_similarity(model.encode_image(image), model.encode_text(text))
+                scores.append(100 * similarity.item())
+        assert sum(scores) / len(scores) == pytest.approx(reported[f"clip_score_{name}"], abs=1e-4)
+
+
+def test_the_hub_token_is_written_nowhere(smoke_run):
+    """Every stage ran with HF_TOKEN set: no output, log, manifest, params, metrics or cache file holds it."""
+    needle = FAKE_TOKEN.encode()
+    assert needle not in smoke_run.log.encode()
+    for path in smoke_run.root.rglob("*"):
+        if path.is_file() and ".git" not in path.relative_to(smoke_run.root).parts:
+            assert needle not in path.read_bytes(), path
