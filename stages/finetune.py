@@ -46,7 +46,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from stylestudy.core.config import UserError, cli, load_params, load_shared, parse_args, require_path
 from stylestudy.core.outputs import MANIFEST, atomic_dir, fetch_origin, library_versions, write_json
@@ -55,6 +55,9 @@ from stylestudy.models import families, loading
 from stylestudy.models.families import Family
 from stylestudy.train import batches, build, checkpoints, launch, lora, loop, losses, modelcard
 from stylestudy.train.validation import ValidationSet
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +138,7 @@ def preflight(folders: Folders, p: dict, settings: latents.EncodeSettings, seed:
 
 
 def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows: list[dict], noise: Any, p: dict,
-                   settings: latents.EncodeSettings, seed: int, style_prompt: str, accelerator: Any) -> Inputs:
+                   settings: latents.EncodeSettings, seed: int, style_prompt: str, accelerator: Accelerator) -> Inputs:
     """Load the frozen encoders, encode with them what validation needs, and build the training data. The encoders
     are freed when this returns, but for what keeps them: encoding every step (no cache), the CLIP loss's VAE,
     validation's VAE."""
@@ -155,7 +158,7 @@ def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows:
 
 
 def run_info(result: dict, rows: list[dict], inputs: Inputs, p: dict, settings: latents.EncodeSettings, seed: int,
-             style_prompt: str, folders: Folders, accelerator: Any) -> dict:
+             style_prompt: str, folders: Folders, accelerator: Accelerator) -> dict:
     """training_info.json: what made the model folder."""
     return {"steps": result["steps"], "final_loss": result["final_loss"], "params": p, "encode": asdict(settings),
             "seed": seed, "style_prompt": style_prompt, "n_train_images": len(rows),

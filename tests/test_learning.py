@@ -110,7 +110,7 @@ def distance(folder: Path, inputs: SimpleNamespace, image: int, caption: int) ->
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         latent = pipe.vae.encode(pixels(inputs.raw, inputs.rows[image])).latent_dist.mean
-        target = latent * pipe.vae.config.scaling_factor
+        target = families.family_of_pipeline(pipe).to_latents(pipe.vae.config, latent)
         # guidance_scale 1: the caption's prediction alone (the empty prompt was never trained on).
         generated = pipe(inputs.rows[caption]["text"], num_inference_steps=INFERENCE_STEPS, guidance_scale=1.0,
                          height=RESOLUTION, width=RESOLUTION, generator=torch.Generator().manual_seed(SEED),

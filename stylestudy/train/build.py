@@ -7,13 +7,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from stylestudy.models import loading
 from stylestudy.models.families import Family
 from stylestudy.train import checkpoints, launch, lora
 from stylestudy.train.batches import Numbered, TrainingData
 from stylestudy.train.losses import Trainee
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class TrainingState:
     steps_per_epoch: int
 
 
-def build_accelerator(p: dict, seed: int) -> Any:
+def build_accelerator(p: dict, seed: int) -> Accelerator:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -113,7 +116,7 @@ def release_memory(device: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def prepare_training(trainee: Trainee, dataloader: Any, p: dict, accelerator: Any) -> TrainingState:
+def prepare_training(trainee: Trainee, dataloader: Any, p: dict, accelerator: Accelerator) -> TrainingState:
     """Optimizer, LR schedule and EMA over the trainable parameters (all of the denoiser, or the LoRA adapter),
     prepared by accelerate; the EMA is registered so that checkpoints carry it."""
     from diffusers.optimization import get_scheduler

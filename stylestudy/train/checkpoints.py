@@ -26,10 +26,13 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from stylestudy.core.config import UserError
 from stylestudy.core.outputs import MANIFEST, write_json
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class SeededItems:
             return self.dataset[index]
 
 
-def epoch_batches(dataloader: Any, epoch: int, skip: int, accelerator: Any) -> Any:
+def epoch_batches(dataloader: Any, epoch: int, skip: int, accelerator: Accelerator) -> Any:
     """The batches of one epoch less the first `skip` (trained on before an interruption), which are not loaded."""
     dataloader.set_epoch(epoch)
     dataloader.dataset.set_epoch(epoch)
@@ -162,7 +165,7 @@ def _flush_to_disk(folder: Path) -> None:
         _fsync(path)
 
 
-def save(accelerator: Any, scratch: Path, position: Position, run: dict, live_dir: Path) -> Path:
+def save(accelerator: Accelerator, scratch: Path, position: Position, run: dict, live_dir: Path) -> Path:
     """Write a checkpoint whole (every process takes part), then remove the older ones; return its folder."""
     final = scratch / f"step-{position.step:08d}"
     tmp = scratch / f".{final.name}.tmp"  # one name for all processes: they write into the same folder
@@ -186,7 +189,7 @@ def save(accelerator: Any, scratch: Path, position: Position, run: dict, live_di
     return final
 
 
-def restore(accelerator: Any, folder: Path, live_dir: Path) -> None:
+def restore(accelerator: Accelerator, folder: Path, live_dir: Path) -> None:
     """Load a checkpoint into the prepared objects and put its dvclive history back in `live_dir`."""
     accelerator.load_state(str(folder))
     if accelerator.is_main_process:
@@ -196,7 +199,7 @@ def restore(accelerator: Any, folder: Path, live_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(dataloader: Any, ema: Any, found: tuple[Path, dict] | None, live_dir: Path, accelerator: Any) -> Position:
+def resume(dataloader: Any, ema: Any, found: tuple[Path, dict] | None, live_dir: Path, accelerator: Accelerator) -> Position:
     """Load the checkpoint found, if any, and return where training stands."""
     position = Position()
     if found:
@@ -212,7 +215,7 @@ def resume(dataloader: Any, ema: Any, found: tuple[Path, dict] | None, live_dir:
     return position
 
 
-def discard(accelerator: Any, scratch: Path) -> None:
+def discard(accelerator: Accelerator, scratch: Path) -> None:
     """Remove the scratch folder once the final model is written."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

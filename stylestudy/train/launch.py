@@ -18,9 +18,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TYPE_CHECKING
 
 from stylestudy.core.config import OUR_LOGGERS, UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ def relaunch(p: dict, args: list[str]) -> NoReturn:
     os.execv(sys.executable, command)
 
 
-def check_launched(accelerator: Any, p: dict) -> None:
+def check_launched(accelerator: Accelerator, p: dict) -> None:
     """The processes that really started are the ones params.yaml says, or `dvc exp show` would show other numbers."""
     n = p["launch"]["num_processes"]
     if accelerator.num_processes != n:
@@ -142,7 +145,7 @@ def check_launched(accelerator: Any, p: dict) -> None:
                         "processes were launched; set it to the total number of processes (all machines)")
 
 
-def effective_batch(p: dict, accelerator: Any) -> int:
+def effective_batch(p: dict, accelerator: Accelerator) -> int:
     """Images per optimizer step, all processes together."""
     return p["train_batch_size"] * accelerator.num_processes * p["gradient_accumulation_steps"]
 
@@ -165,7 +168,7 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def log_epoch_items(accelerator: Any, epoch: int, indices: list[int], n_items: int) -> None:
+def log_epoch_items(accelerator: Accelerator, epoch: int, indices: list[int], n_items: int) -> None:
     """One line per epoch, from the main process: the items each process trained on in this run and how many distinct
     items they make. Disjoint shards cover each item once; the even shards that accelerate cuts repeat the first few
     items when the data does not divide into whole batches on every process."""
@@ -178,7 +181,7 @@ def log_epoch_items(accelerator: Any, epoch: int, indices: list[int], n_items: i
                  len(set().union(*per_process)), n_items)
 
 
-def quiet_unless_main(accelerator: Any) -> None:
+def quiet_unless_main(accelerator: Accelerator) -> None:
     """Our log lines and the libraries' loading bars from the main process only: the others would repeat each one
     (their warnings still show)."""
     if accelerator.is_main_process:

@@ -6,7 +6,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -14,6 +14,9 @@ from stylestudy.train import checkpoints, launch, lora, losses
 from stylestudy.train.losses import Guide
 from stylestudy.train.validation import ValidationSet
 from stylestudy.train.build import TrainingState
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ def peak_memory_mb(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_batch(batch: Any, state: TrainingState, extras: Extras, p: dict, accelerator: Any, step: int) \
+def train_batch(batch: Any, state: TrainingState, extras: Extras, p: dict, accelerator: Accelerator, step: int) \
         -> tuple[dict, float]:
     """Encode one batch, forward and backward towards optimizer step `step` (0-based), and the optimizer step at the
     end of an accumulation; the losses (loss, loss_mse, loss_clip) and the grad norm."""
@@ -69,7 +72,7 @@ def after_step(step: int, terms: dict, grad_norm: float, state: TrainingState, e
     return values["loss"]
 
 
-def train(state: TrainingState, extras: Extras, position: checkpoints.Position, p: dict, accelerator: Any,
+def train(state: TrainingState, extras: Extras, position: checkpoints.Position, p: dict, accelerator: Accelerator,
           save: Callable) -> dict:
     """The training loop from `position`, calling save(position) every checkpoint_every steps; returns the summary."""
     dataloader, ema, max_steps = state.dataloader, state.ema, state.max_steps
@@ -104,7 +107,7 @@ def train(state: TrainingState, extras: Extras, position: checkpoints.Position, 
             "images_per_s": images / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(accelerator.device)}
 
 
-def final_denoiser(state: TrainingState, accelerator: Any) -> Any:
+def final_denoiser(state: TrainingState, accelerator: Accelerator) -> Any:
     """The trained denoiser with the EMA weights in place: a plain module (LoRA still in), ready to save. Every
     process calls it: under FSDP they gather the shards, and the other processes get None."""
     import torch
