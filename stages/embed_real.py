@@ -2,7 +2,8 @@
 
 `clip_eval` measures how far each model's generated images lie from these (KID, CMMD, style similarity). They depend
 on the data, the split and the scoring CLIP only, so an experiment that changes training or generation reuses them
-from DVC's cache. An image that fails to decode is skipped and counted, never a traceback.
+from DVC's cache. An image listed with several captions is one real sketch. An image that fails to decode is
+skipped and counted, never a traceback.
 Reads CLIP_DIR (open_clip local-dir folder), RAW_DIR (imagefolder), SPLIT_DIR/test.jsonl and params `embed_real`.
 Writes OUT_DIR/embeddings.safetensors (normalised float32 rows), OUT_DIR/files.csv (file_name per row),
 OUT_DIR/skipped.csv (file_name, reason) and OUT_DIR/info.json (which CLIP, counts).
@@ -63,13 +64,16 @@ def run(clip_dir: Path, raw: Path, split: Path, out: Path, p: dict) -> dict:
     """Embed the test split's images into `out`; return the info written beside them."""
     loading.check_clip_folder(clip_dir)
     rows = dataset.read_jsonl(require_path(split / "test.jsonl", "run the split stage first"))
-    vectors, names, skipped = embed_split(clip_dir, raw, rows, p["batch_size"])
+    # one real sketch per image, however many captions list it (the split keeps all of an image's rows together)
+    images = list({dataset.name_key(row["file_name"]): row for row in rows}.values())
+    vectors, names, skipped = embed_split(clip_dir, raw, images, p["batch_size"])
     if skipped:
         log.warning("embed_real: %d of %d test images do not decode and are skipped (first: %s); see %s",
-                    len(skipped), len(rows), skipped[0]["file_name"], out / "skipped.csv")
+                    len(skipped), len(images), skipped[0]["file_name"], out / "skipped.csv")
     if not names:
         log.warning("embed_real: %s holds no usable test images: the distance to real sketches is skipped", split)
-    info = {"clip": embeddings.describe_clip(clip_dir), "n_test_rows": len(rows), "n_embedded": len(names),
+    info = {"clip": embeddings.describe_clip(clip_dir), "n_test_rows": len(rows), "n_test_images": len(images),
+            "n_embedded": len(names),
             "n_skipped": len(skipped)}
     with atomic_dir(out) as tmp:
         embeddings.save_real(tmp, vectors, info)

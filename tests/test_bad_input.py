@@ -24,14 +24,14 @@ OK_ODDITIES = {"rgba.png", "palette.png", "cmyk.jpg", "gray16.png"}
 EXPECTED_SKIPS = {
     "corrupt.png": "not decodable", "truncated.jpg": "not decodable", "zero_bytes.png": "empty file",
     "bomb.png": "decompression bomb", "missing.png": "missing file", "empty_caption.png": "empty caption",
-    "blank_caption.png": "empty caption", "00001.png": "listed twice", "one_pixel.png": "too small (1x1 < 32 px)",
+    "blank_caption.png": "empty caption", "one_pixel.png": "too small (1x1 < 32 px)",
     "null_caption.png": "empty caption", "no_caption.png": "empty caption", "number_caption.png": "caption is not text",
     "../escape.png": "file_name leaves the dataset folder", "/etc/hostname": "file_name leaves the dataset folder",
     "folder.png": "a folder where an image file should be",
 }
-N_EXAMPLES = 40 + len(OK_ODDITIES) + len(EXPECTED_SKIPS)
-CAPTIONS = {"empty_caption.png": "", "blank_caption.png": "  \t ", "null_caption.png": None, "number_caption.png": 42,
-            "00001.png": "listed a second time"}
+REPEATED = "00001.png"  # listed again with its own caption: a duplicate row, counted once, not unusable
+N_EXAMPLES = 40 + len(OK_ODDITIES) + len(EXPECTED_SKIPS) + 1
+CAPTIONS = {"empty_caption.png": "", "blank_caption.png": "  \t ", "null_caption.png": None, "number_caption.png": 42}
 
 
 @pytest.fixture
@@ -74,7 +74,8 @@ def add_odd_images(raw: Path) -> list[dict]:
         Image.new("RGB", (32, 32), "white").save(raw / name)
     (raw / "folder.png").mkdir()
     rows = [{"file_name": name, "text": CAPTIONS.get(name, "a sketch")} for name in [*OK_ODDITIES, *EXPECTED_SKIPS]]
-    return [row if row["file_name"] != "no_caption.png" else {"file_name": "no_caption.png"} for row in rows]
+    repeated = [row for row in read_metadata(raw) if row["file_name"] == REPEATED]
+    return [row if row["file_name"] != "no_caption.png" else {"file_name": "no_caption.png"} for row in rows] + repeated
 
 
 @pytest.fixture
@@ -92,15 +93,17 @@ def test_split_skips_and_records_each_bad_file(workdir, odd_dataset):
     assert result.returncode == 0, result.stderr
     with (workdir / "data/split/skipped.csv").open() as handle:
         skipped = {row["file_name"]: row["reason"] for row in csv.DictReader(handle)}
-    assert set(skipped) == set(EXPECTED_SKIPS) | {"unlisted.png"}
+    assert set(skipped) == set(EXPECTED_SKIPS) | {"unlisted.png", REPEATED}
     for name, reason in EXPECTED_SKIPS.items():
         assert reason in skipped[name], (name, skipped[name])
     assert skipped["unlisted.png"] == "not in metadata.jsonl"
-    kept = {row["file_name"] for name in ("train", "val", "test")
-            for row in map(json.loads, (workdir / f"data/split/{name}.jsonl").read_text().splitlines())}
-    assert OK_ODDITIES <= kept and len(kept) == 40 + len(OK_ODDITIES)
+    assert skipped[REPEATED] == "duplicate row: the same file and caption as line 2"
+    kept = [row["file_name"] for name in ("train", "val", "test")
+            for row in map(json.loads, (workdir / f"data/split/{name}.jsonl").read_text().splitlines())]
+    assert OK_ODDITIES <= set(kept) and len(kept) == len(set(kept)) == 40 + len(OK_ODDITIES)  # the repeat once
     metrics = json.loads((workdir / "reports/split.json").read_text())
     assert metrics["n_skipped"] == len(EXPECTED_SKIPS) and metrics["n_examples"] == N_EXAMPLES
+    assert metrics["n_duplicate_rows"] == 1 and metrics["n_images"] == 40 + len(OK_ODDITIES)
 
 
 def test_split_stops_when_too_much_data_is_bad(workdir, odd_dataset):
@@ -108,26 +111,51 @@ def test_split_stops_when_too_much_data_is_bad(workdir, odd_dataset):
     error = assert_one_line_error(result, f"{len(EXPECTED_SKIPS)} of {N_EXAMPLES} examples are unusable (",
                                   "all listed in data/split/skipped.csv); fix the data or raise split.max_bad_fraction")
     for count in ("4 empty caption", "2 not decodable", "2 file_name leaves the dataset folder", "1 too small",
-                  "1 listed twice in metadata.jsonl", "1 image too large", "1 a folder where an image file should be"):
+                  "1 image too large", "1 a folder where an image file should be"):
         assert count in error
+    assert "duplicate" not in error  # a repeated row is not unusable
     with (workdir / "data/split/skipped.csv").open() as handle:
-        assert {row["file_name"] for row in csv.DictReader(handle)} == set(EXPECTED_SKIPS) | {"unlisted.png"}
+        assert {row["file_name"] for row in csv.DictReader(handle)} == set(EXPECTED_SKIPS) | {"unlisted.png",
+                                                                                              REPEATED}
     assert os.listdir(workdir / "data/split") == ["skipped.csv"], "no split files: nothing looks complete"
     assert not (workdir / "reports/split.json").exists()
 
 
-@pytest.mark.parametrize("line, words", [
-    (b"not json at all\n", ["metadata.jsonl:3"]),
-    (b'{"file_name": "00000.png", "text": "caf\xe9"}\n', ["metadata.jsonl:3", "UTF-8"]),
-    (b'{"text": "a house"}\n', ["metadata.jsonl:3", "file_name"]),
-    (b'"00000.png"\n', ["metadata.jsonl:3", "JSON object"]),
-])
-def test_broken_metadata_stops_naming_the_line(workdir, line, words):
-    raw = workdir / "data" / "raw"
-    make_synthetic_sketches(raw, 4, 32, seed=0)
+BROKEN_LINES = [
+    (b"not json at all\n", "not JSON (Expecting value)"),
+    (b'{"file_name": "00000.png", "text": "caf\xe9"}\n', "not valid UTF-8"),
+    (b'{"text": "a house"}\n', 'no "file_name" string'),
+    (b'"00000.png"\n', "expected a JSON object, got str"),
+]
+
+
+def insert_line(raw: Path, line: bytes) -> None:
+    """`line` as line 3 of metadata.jsonl."""
     lines = (raw / "metadata.jsonl").read_bytes().splitlines(keepends=True)
     (raw / "metadata.jsonl").write_bytes(b"".join(lines[:2]) + line + b"".join(lines[2:]))
-    assert_one_line_error(stage(workdir, "stages.split", "data/raw", "data/split", "m.json"), *words)
+
+
+@pytest.mark.parametrize("line, reason", BROKEN_LINES)
+def test_a_broken_metadata_line_is_skipped_with_its_number(workdir, line, reason):
+    raw = workdir / "data" / "raw"
+    make_synthetic_sketches(raw, 40, 32, seed=0)
+    insert_line(raw, line)
+    result = stage(workdir, "stages.split", "data/raw", "data/split", "m.json")
+    assert result.returncode == 0, result.stderr
+    with (workdir / "data/split/skipped.csv").open() as handle:
+        assert list(csv.DictReader(handle)) == [{"file_name": "", "reason": f"not a row of metadata.jsonl (line 3: "
+                                                                            f"{reason})"}]
+    metrics = json.loads((workdir / "m.json").read_text())
+    assert (metrics["n_examples"], metrics["n_skipped"], metrics["n_images"]) == (41, 1, 40)  # no valid row lost
+
+
+def test_mostly_broken_metadata_still_stops_with_one_line(workdir):
+    raw = workdir / "data" / "raw"
+    make_synthetic_sketches(raw, 4, 32, seed=0)
+    insert_line(raw, BROKEN_LINES[0][0])
+    result = stage(workdir, "stages.split", "data/raw", "data/split", "m.json")
+    assert_one_line_error(result, "1 of 5 examples are unusable (1 not a row of metadata.jsonl;",
+                          "fix the data or raise split.max_bad_fraction")
 
 
 def test_a_missing_input_folder_names_the_stage_to_run(workdir):

@@ -231,8 +231,13 @@ def test_every_format_gives_the_same_split_and_skipped_list(tmp_path):
         results[kind] = metrics, {p.name: p.read_text() for p in sorted(out.iterdir())}
     assert results["jsonl"] == results["csv"] == results["parquet"]
     metrics, files = results["parquet"]
-    assert metrics["n_examples"] == len(ROWS) and metrics["n_skipped"] == 5
+    assert metrics["n_examples"] == len(ROWS) and metrics["n_skipped"] == 4 and metrics["n_duplicate_rows"] == 0
     skipped = {row["file_name"]: row["reason"] for row in csv.DictReader(io.StringIO(files["skipped.csv"]))}
     assert skipped == {"tiny.png": "too small (8x8 < 32 px)", "corrupt.png": skipped["corrupt.png"],
-                       "null.png": "empty caption", "00003.png": "listed twice in metadata.jsonl", "../up.png": LEAVES}
+                       "null.png": "empty caption", "../up.png": LEAVES}
+    # 00003.png, listed again with another caption, is a second example of the same image, in the same split
+    captions = {name: [row["text"] for row in map(json.loads, text.splitlines()) if row["file_name"] == "00003.png"]
+                for name, text in files.items() if name.endswith(".jsonl")}
+    assert sorted(texts for texts in captions.values() if texts) == [["scene 3", "listed again"]]
+    assert metrics["n_images"] == 13 and sum(metrics[f"n_{k}"] for k in SPLIT["fractions"]) == 14
     assert skipped["corrupt.png"].startswith("not decodable: ") and str(tmp_path) not in skipped["corrupt.png"]

@@ -81,6 +81,15 @@ def test_real_sketches_are_embedded_once_with_an_undecodable_one_skipped_and_cou
     assert torch.allclose(torch.from_numpy(alone[0]), torch.from_numpy(vectors[2]), atol=1e-5)
 
 
+def test_an_image_with_several_captions_is_one_real_sketch(tmp_path, tiny_clip):
+    raw, split = sketch_folder(tmp_path, 3)
+    rows = [{"file_name": "0.png", "text": f"caption {k}"} for k in range(5)] + [
+        {"file_name": "./1.png", "text": "x"}, {"file_name": "1.png", "text": "y"}, {"file_name": "2.png", "text": "x"}]
+    write_jsonl(split / "test.jsonl", rows)
+    info = embed_real.run(tiny_clip, raw, split, tmp_path / "out", {"batch_size": 2})
+    assert (info["n_test_rows"], info["n_test_images"], info["n_embedded"]) == (8, 3, 3)
+
+
 def test_no_test_images_is_a_recorded_skip_and_clip_eval_leaves_the_distances_out(tmp_path, tiny_clip, caplog):
     raw, split = sketch_folder(tmp_path, 0)
     with caplog.at_level(logging.WARNING):

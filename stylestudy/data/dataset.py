@@ -26,25 +26,37 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 # ---------------------------------------------------------------------------------------------------- jsonl files
 
-def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    """Parse a JSONL file line by line into (line number, object); blank lines are skipped, a leading BOM accepted."""
+def _jsonl_rows(path: Path, bad: list[tuple[int, str]] | None = None) -> list[tuple[int, dict]]:
+    """Parse a JSONL file line by line into (line number, object); blank lines are skipped, a leading BOM accepted.
+
+    A line that is no object stops with a UserError naming the file and line, or, when `bad` is given, is appended
+    to it as (line number, reason) and skipped."""
     if not path.is_file():
         raise UserError(f"{path}: file not found; create it or fix the path")
+
+    def refuse(number: int, reason: str, remedy: str) -> None:
+        if bad is None:
+            raise UserError(f"{path}:{number}: {reason}; {remedy}")
+        bad.append((number, reason))
+
     rows = []
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
                 line = (raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw).decode("utf-8")
             except UnicodeDecodeError:
-                raise UserError(f"{path}:{number}: not valid UTF-8; re-save the file as UTF-8") from None
+                refuse(number, "not valid UTF-8", "re-save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not JSON ({e.msg}); fix or delete that line") from None
+                refuse(number, f"not JSON ({e.msg})", "fix or delete that line")
+                continue
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}; fix that line")
+                refuse(number, f"expected a JSON object, got {type(row).__name__}", "fix that line")
+                continue
             rows.append((number, row))
     return rows
 
@@ -61,19 +73,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_metadata(folder: Path) -> list[dict]:
-    """Rows of an imagefolder's metadata.jsonl; whether each is usable is check_example's call, row by row.
+def read_metadata_lines(folder: Path, bad: list[tuple[int, str]] | None = None) -> list[tuple[int, dict]]:
+    """(line number, row) of an imagefolder's metadata.jsonl; whether each is usable is check_example's call.
 
-    Only a line that names no file stops here: it cannot be skipped by name.
-    """
+    A line that is no JSON object or names no file cannot be judged by its file: it stops here with one line, or,
+    when `bad` is given, goes there as (line number, reason)."""
     path = folder / METADATA
     rows = []
-    for number, row in _jsonl_rows(path):
-        if not isinstance(row.get("file_name"), str):
+    for number, row in _jsonl_rows(path, bad):
+        if isinstance(row.get("file_name"), str):
+            rows.append((number, row))
+        elif bad is None:
             raise UserError(f'{path}:{number}: no "file_name" string; every line needs "file_name": "<image path>"'
                             " (fix or delete that line)")
-        rows.append(row)
+        else:
+            bad.append((number, 'no "file_name" string'))
     return rows
+
+
+def read_metadata(folder: Path) -> list[dict]:
+    """Rows of an imagefolder's metadata.jsonl; a line that is no row stops with one line naming it."""
+    return [row for _, row in read_metadata_lines(folder)]
 
 
 def fetch_skipped(folder: Path) -> dict[str, str]:
@@ -112,10 +132,11 @@ def check_fractions(fractions: dict[str, float]) -> None:
 
 
 def split_of(file_name: str, fractions: dict[str, float]) -> str:
-    """Assign a file to a split by hashing its name: stable across runs and machines."""
+    """Assign an image to a split by hashing its name as the file system sees it (name_key): stable across runs and
+    machines, and every row of one image (each of its captions) goes to the same split."""
     check_fractions(fractions)
     # sha256, not hash(): hash() of a str changes with PYTHONHASHSEED, so splits would differ between processes.
-    u = int.from_bytes(hashlib.sha256(file_name.encode("utf-8")).digest()[:8], "big") / 2**64
+    u = int.from_bytes(hashlib.sha256(name_key(file_name).encode("utf-8")).digest()[:8], "big") / 2**64
     # Sorted names, so the order of keys in params.yaml does not move files between splits.
     names = sorted(fractions)
     edge = 0.0

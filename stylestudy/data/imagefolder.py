@@ -182,7 +182,7 @@ def _parquet_row(image: Any, text: Any, index: int, out: Path, used: set[str], s
     file_name = _file_name(name, data, index, used)
     row = {"file_name": file_name, "text": text if text is None or isinstance(text, str) else None}
     if name_problem(file_name) or file_name in used:
-        return row  # never written: split names the bad name, or the name listed twice
+        return row  # never written: split names the bad name; a name listed again keeps its first image
     used.add(file_name)
     if not isinstance(text, (str, type(None))):
         skipped[file_name] = f"caption is not text ({type(text).__name__})"

@@ -42,11 +42,41 @@ def quiet_libraries() -> None:
 
 @contextlib.contextmanager
 def user_errors(path: Path, what: str) -> Iterator[None]:
-    """Turn a library's missing-file error while loading `path` into a one-line UserError."""
+    """Turn a library's error while loading `path` (a missing, truncated or foreign weights file, weights of other
+    shapes) into one line naming the file once, why, and the remedy."""
     try:
         yield
-    except OSError as e:
-        raise UserError(f"{path}: cannot load it as {what} ({str(e).splitlines()[0]}); re-create the folder") from e
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(load_failure(path, what, e)) from e
+
+
+def unreadable_safetensors(path: Path) -> tuple[Path, str] | None:
+    """The first .safetensors file below `path` whose header or size is not a whole safetensors file, and why."""
+    from safetensors import safe_open
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            return file, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def load_failure(path: Path, what: str, error: BaseException) -> str:
+    """The one line for a load of `path` that failed with `error`."""
+    bad = unreadable_safetensors(path)
+    if bad:
+        file, why = bad
+        return (f"{file}: not a whole safetensors file (truncated, or another format: {why}); re-download it, or "
+                f"re-create {path}")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = " ".join(first.split(". ")[0].split()).rstrip(" .'")  # the first sentence, not the library's advice
+    if "expected shape" in reason:
+        return (f"{path}: cannot load it as {what}: weights of other shapes than its config.json names ({reason}); "
+                "re-create or re-download the folder")
+    return f"{path}: cannot load it as {what} ({reason}); re-create or re-download the folder"
 
 
 def require_dir(path: Path, what: str) -> None:

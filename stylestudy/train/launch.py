@@ -9,7 +9,7 @@ of GPUs) becomes `accelerate launch --config_file CONFIG --num_processes N -m st
 
 Multi-process configs run their processes through torchrun, the CPU one (conf/accelerate/cpu.yaml) included:
 accelerate's own MULTI_CPU type starts one process unless mpirun starts the others, so the CPU config is a MULTI_GPU
-one whose processes, finding no GPU, join one gloo group over localhost (components.build_accelerator).
+one whose processes, finding no GPU, join one gloo group over localhost (build.build_accelerator).
 """
 from __future__ import annotations
 
