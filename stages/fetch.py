@@ -47,7 +47,8 @@ def check_source(kind: str, p: dict) -> None:
             raise UserError(f"fetch.{kind}.path: {p['path']} does not exist; point it at a local {kind} folder")
 
 
-COPIERS = {"sd": families.copy_pipeline, "clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
+COPIERS = {"sd": families.copy_pipeline, "clip": loading.copy_clip, "blip": loading.copy_blip,
+           "guide": loading.copy_clip,
            "data": imagefolder.copy_dataset}
 BUILDERS = {"sd": builders.save_random_sd, "clip": builders.save_random_clip, "blip": builders.save_random_blip,
             "guide": builders.save_random_guide}

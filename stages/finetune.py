@@ -4,10 +4,10 @@ Reads SD_DIR (pipeline folder from fetch), GUIDE_DIR (the guidance CLIP, used by
 (imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's latents and text embeddings, memory-mapped
 with `encode.cache_latents`; refused in one line when made with other settings) and params `finetune`, `encode` (how
 images and captions are encoded), `shared` and `generate.style_prompt` (the CLIP loss's pre-prompt). The model family
-(stylestudy/models/families/) comes from SD_DIR's model_index.json. Writes OUT_DIR, a diffusers pipeline folder whose UNet is the
-fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the adapter alone
-(lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same folder, byte
-for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation images every
+(stylestudy/models/families/) comes from SD_DIR's model_index.json. Writes OUT_DIR, a diffusers pipeline folder
+whose UNet is the fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the
+adapter alone (lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same
+folder, byte for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation images every
 `validate_every` steps) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every run, so they stay
 out of the model folder and the metrics).
 
@@ -16,17 +16,17 @@ Options past the study, each off in its defaults: `method: lora` (stylestudy/tra
 (stylestudy/train/losses.py), validation (stylestudy/train/validation.py). The loop: stylestudy/train/loop.py.
 
 Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
-see stylestudy/train/checkpoints.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses, with one
-line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run ends with
+see stylestudy/train/checkpoints.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses,
+with one line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run ends with
 the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
 Processes: the stage first checks params, the accelerate config named by `finetune.launch.config_file`, the process
-count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stylestudy/train/launch.py). One plain
-process then trains right there; more (or DeepSpeed, FSDP) run as `accelerate launch ... -m stages.finetune ARGS`,
+count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stylestudy/train/launch.py).
+One plain process then trains right there; more (or DeepSpeed, FSDP) run as `accelerate launch ... -m stages.finetune ARGS`,
 which this process becomes. Each process trains on its own shard of every epoch with its own noise (seed + process
 index); the effective batch is train_batch_size x processes x gradient_accumulation_steps, steps count optimizer
-steps, and the main process alone writes OUT_DIR, LIVE_DIR and the log (README "Scaling out").
+steps, and the main process alone writes OUT_DIR, LIVE_DIR and the log (docs/scaling-out.md).
 
 Speed: `encode.cache_latents` (stylestudy/data/latents.py), `optimizer: adamw_fused`, `channels_last`, `compile_unet`;
 measured by bench/finetune_speed.py (bench/FINETUNE.md).
@@ -121,8 +121,8 @@ def check_inputs(folders: Folders, p: dict, settings: latents.EncodeSettings) ->
 def run_fingerprint(folders: Folders, rows: list[dict], p: dict, settings: latents.EncodeSettings, seed: int,
                     style_prompt: str, processes: int, device_type: str, precision: str) -> dict:
     """What a checkpoint must match to be resumed by this run (checkpoints.fingerprint)."""
-    inputs = checkpoints.inputs_digest([folders.sd, folders.raw] + ([folders.guide] if p["clip_loss"]["weight"] else []),
-                                       rows)
+    read = [folders.sd, folders.raw] + ([folders.guide] if p["clip_loss"]["weight"] else [])
+    inputs = checkpoints.inputs_digest(read, rows)
     encoding = {f"encode.{k}": v for k, v in asdict(settings).items() if k not in checkpoints.RESUME_SAFE}
     return checkpoints.fingerprint(p, seed, inputs, processes, device_type, precision) | encoding | {
         "generate.style_prompt": style_prompt}

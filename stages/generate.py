@@ -162,7 +162,8 @@ def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int)
     held_out = held_out_captions(split, p["test_captions"], seed)
     pipe = load_pipeline(model_dir, p)
     # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.
-    rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": str(family.denoiser_of(pipe).dtype).split(".")[-1]}
+    dtype = str(family.denoiser_of(pipe).dtype).split(".")[-1]
+    rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": dtype}
     rows = [row | rendered for row in plan(model, p, seed, held_out)]
     log.info("generate %d images with %s (%s) on %s", len(rows), model, model_dir, pipe.device)
     with atomic_dir(out) as tmp:

@@ -2,7 +2,8 @@
 
 Reads params.yaml (the settings that ran) and conf/config.yaml (the study's defaults, to show what differs),
 SAMPLES_DIR, the metrics and detail tables of split, finetune (its dvclive folder), clip_eval and blip_check, a few
-training sketches (RAW_DIR, SPLIT_DIR/train.jsonl) and params `report`; dvc.yaml passes every path. Writes OUT_MD (Markdown) and FIGURES_DIR (matplotlib
+training sketches (RAW_DIR, SPLIT_DIR/train.jsonl) and params `report`; dvc.yaml passes every path. Writes OUT_MD
+(Markdown) and FIGURES_DIR (matplotlib
 charts: loss and validation loss, CLIP score per prompt, distances to real sketches; a grid per study prompt, base row
 above fine-tuned row, the prompt written above; training examples), declared in dvc.yaml as image plots.
 
@@ -142,7 +143,8 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
               f"{split['n_skipped']} of {split['n_examples']} examples skipped (data/split/skipped.csv).",
               *captions_section(inputs.blip_tables, p),
               "## Settings that differ from the study's",
-              results.settings_table(params, study_defaults(inputs.study_config)) + "\n\nEvery setting: [params.yaml](../params.yaml)."]
+              results.settings_table(params, study_defaults(inputs.study_config))
+              + "\n\nEvery setting: [params.yaml](../params.yaml)."]
     return "\n\n".join(parts) + "\n"
 
 

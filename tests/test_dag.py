@@ -35,7 +35,8 @@ def test_the_smoke_metrics_are_the_committed_reference(smoke_run):
 
 def test_compiled_python_leaves_the_pipeline_up_to_date(smoke_run):
     """Importing the package (or running the tests) writes __pycache__ beside the modules that dvc.yaml lists as
-    folder dependencies: .dvcignore keeps them out of the folders' hashes, so no stage re-runs. Without it, they would."""
+    folder dependencies: .dvcignore keeps them out of the folders' hashes, so no stage re-runs. Without it, they
+    would."""
     up_to_date = "Data and pipelines are up to date"
     smoke_run.run("python3", "-m", "compileall", "-q", "stylestudy", "stages")
     assert up_to_date in smoke_run.run("dvc", "status")
@@ -71,8 +72,9 @@ def test_reported_clip_score_is_recomputed_independently(smoke_run):
     import torch
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{smoke_run.root / 'models/pretrained/clip'}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{smoke_run.root / 'models/pretrained/clip'}")
+    clip = smoke_run.root / "models/pretrained/clip"
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip}")
     model.eval()
     reported = json.loads((smoke_run.root / "reports/clip_eval.json").read_text())
     for name in ("base", "finetuned"):
@@ -81,7 +83,8 @@ def test_reported_clip_score_is_recomputed_independently(smoke_run):
         scores = []
         with torch.no_grad():
             for row in rows:
-                image = preprocess(Image.open(smoke_run.root / f"reports/samples/{name}" / row["file_name"])).unsqueeze(0)
+                sample = smoke_run.root / f"reports/samples/{name}" / row["file_name"]
+                image = preprocess(Image.open(sample)).unsqueeze(0)
                 text = tokenizer([f"{row['style_prompt']} {row['prompt']}"])
                 similarity = torch.cosine_similarity(model.encode_image(image), model.encode_text(text))
                 scores.append(100 * similarity.item())

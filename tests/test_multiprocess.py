@@ -1,7 +1,7 @@
 """finetune on 2 CPU processes (gloo over localhost), through dvc.yaml's own command (the preflight, then the stage
 becomes `accelerate launch`), on a fresh copy of the repository in the smoke setting, shrunk to 64 training images.
 
-With 4 images a batch on each of 2 processes and gradient accumulation 2, README "Scaling out" says: an effective
+With 4 images a batch on each of 2 processes and gradient accumulation 2, docs/scaling-out.md says: an effective
 batch of 16, 64 / (4 x 2) = 8 batches per process per epoch, 4 optimizer steps per epoch, 8 in 2 epochs, and an LR
 schedule counted in optimizer steps. The runs must show exactly that, each process on its own half of every epoch,
 one process writing the outputs and the log, the same model twice, and after a SIGKILL of the launcher a rerun that
@@ -32,7 +32,7 @@ SETTINGS = ["profile=smoke", f"fetch.data.n_images={IMAGES}", "split.fractions.t
             f"finetune.gradient_accumulation_steps={ACCUMULATION}", f"finetune.epochs={EPOCHS}",
             "finetune.checkpoint_every=2", "finetune.validate_every=0", "finetune.lr_scheduler=linear",
             f"finetune.lr_warmup_steps={WARMUP}"]
-# README "Scaling out": batches of one process in an epoch, optimizer steps per epoch, in all
+# docs/scaling-out.md: batches of one process in an epoch, optimizer steps per epoch, in all
 BATCHES = math.ceil(IMAGES / (BATCH * PROCESSES))
 STEPS_PER_EPOCH = math.ceil(BATCHES / ACCUMULATION)
 STEPS = EPOCHS * STEPS_PER_EPOCH

@@ -15,7 +15,7 @@ import yaml
 from conftest import SMOKE, read_metrics
 from test_dag import ran
 
-# Keys added beside the study's (README, "Metrics (stable keys)"): held-out captions, distances, significance.
+# Keys added beside the study's (docs/evaluation.md): held-out captions, distances, significance.
 NEW_KEYS = {
     "reports/clip_eval.json": ["clip_score_diff_p", "test_clip_score_base", "test_clip_score_finetuned",
                                "test_clip_score_diff", "test_clip_score_diff_p", "kid_base", "kid_finetuned",

@@ -199,7 +199,8 @@ def restore(accelerator: Accelerator, folder: Path, live_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(dataloader: Any, ema: Any, found: tuple[Path, dict] | None, live_dir: Path, accelerator: Accelerator) -> Position:
+def resume(dataloader: Any, ema: Any, found: tuple[Path, dict] | None, live_dir: Path,
+           accelerator: Accelerator) -> Position:
     """Load the checkpoint found, if any, and return where training stands."""
     position = Position()
     if found:
