@@ -118,7 +118,7 @@ def build(inputs: Path, p: dict, encoding: Any) -> tuple:
     sd, raw = Path((inputs / "sd_path").read_text()), inputs / "raw"
     rows = dataset.read_metadata(raw)
     accelerator = building.build_accelerator(p, 0)
-    family = families.family_of(sd)
+    family = families.check_pipeline_folder(sd)
     trainee = building.load_trainee(family, sd, p)
     unused = inputs / "unused"  # the stage's outputs: the bench writes none
     folders = finetune.Folders(sd=sd, guide=inputs / "guide", raw=raw, split=unused, out=unused, live=unused,

@@ -24,7 +24,7 @@ def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_pipeline_folder_names_its_family(sd_dir: Path) -> None:
-    assert families.family_of(sd_dir) is sd2.FAMILY
+    assert families.check_pipeline_folder(sd_dir) is sd2.FAMILY
     assert families.family_of_pipeline(families.load_pipeline(sd_dir)) is sd2.FAMILY
 
 

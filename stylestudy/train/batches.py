@@ -167,8 +167,8 @@ class EncodeEveryStep:
     def __call__(self, batch: PixelBatch) -> TrainInputs:
         encoders = self.encoders
         sample = encoders.latent_distribution(batch.pixels).sample()
-        latents_ = encoders.family.to_latents(encoders.vae.config, sample)
-        return TrainInputs(latents_, encoders.encode_text(batch.captions), batch.captions)
+        scaled = encoders.family.to_latents(encoders.vae.config, sample)
+        return TrainInputs(scaled, encoders.encode_text(batch.captions), batch.captions)
 
 
 @dataclass(frozen=True)

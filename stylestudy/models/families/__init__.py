@@ -10,12 +10,13 @@ from stylestudy.models.families import sd2
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
 
 FAMILIES: dict[str, Family] = {family.pipeline_class: family for family in (sd2.FAMILY,)}
-__all__ = ["Conditioning", "Family", "FrozenEncoders", "NoiseProcess", "family_of", "check_pipeline_folder",
-           "load_pipeline", "copy_pipeline"]
+__all__ = ["Conditioning", "Family", "FrozenEncoders", "NoiseProcess", "check_pipeline_folder", "copy_pipeline",
+           "family_of_pipeline", "load_pipeline"]
 
 
-def family_of(path: Path) -> Family:
-    """The family of the pipeline folder at `path`, after cheap checks of the folder (one-line UserError)."""
+def check_pipeline_folder(path: Path) -> Family:
+    """Cheaply check that `path` is a pipeline folder of a known family, with safetensors weights (one-line
+    UserError); return its family."""
     loading.require_dir(path, "a diffusion pipeline")
     index = path / "model_index.json"
     if not index.is_file():
@@ -30,14 +31,9 @@ def family_of(path: Path) -> Family:
     return family
 
 
-def check_pipeline_folder(path: Path) -> Family:
-    """Cheaply check that `path` is a pipeline folder of a known family, with safetensors weights; its family."""
-    return family_of(path)
-
-
 def load_pipeline(path: Path) -> Any:
     """Load a pipeline folder (safetensors only) with its family's pipeline class, after checking it."""
-    return family_of(path).load_pipeline(path)
+    return check_pipeline_folder(path).load_pipeline(path)
 
 
 def copy_pipeline(src: Path, out_dir: Path) -> None:
