@@ -73,8 +73,7 @@ def run(clip_dir: Path, raw: Path, split: Path, out: Path, p: dict) -> dict:
     if not names:
         log.warning("embed_real: %s holds no usable test images: the distance to real sketches is skipped", split)
     info = {"clip": embeddings.describe_clip(clip_dir), "n_test_rows": len(rows), "n_test_images": len(images),
-            "n_embedded": len(names),
-            "n_skipped": len(skipped)}
+            "n_embedded": len(names), "n_skipped": len(skipped)}
     with atomic_dir(out) as tmp:
         embeddings.save_real(tmp, vectors, info)
         write_csv(tmp / "files.csv", [{"file_name": name} for name in names], ["file_name"])

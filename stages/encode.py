@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from stylestudy.data import dataset, latents
-from stylestudy.models import families, loading
+from stylestudy.models import families
 from stylestudy.core.config import UserError, cli, load_params, parse_args, require_path
 from stylestudy.core.outputs import atomic_dir, write_json
 
@@ -45,8 +45,8 @@ def run(sd_dir: Path, raw: Path, split: Path, out: Path, settings: latents.Encod
         # on the device and in the dtype that the fine-tune gives the encoders: its numbers do not depend on where
         # the encoding ran
         device = PartialState().device
-        dtype = loading.frozen_dtype(loading.precision_that_runs(settings.mixed_precision), device)
-        encoded = latents.encode_dataset(raw, rows, family.load_encoders(sd_dir, device, dtype), settings)
+        encoders = family.load_encoders(sd_dir, device, settings.encoders_dtype(device))
+        encoded = latents.encode_dataset(raw, rows, encoders, settings)
         latents.save_encoded(tmp, encoded, recorded)
     log.info("encode: %d images x %d flips, %d distinct captions", len(rows), encoded.mean.shape[0],
              len(encoded.captions))

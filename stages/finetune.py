@@ -7,9 +7,9 @@ images and captions are encoded), `shared` and `generate.style_prompt` (the CLIP
 (stylestudy/models/families/) comes from SD_DIR's model_index.json. Writes OUT_DIR, a diffusers pipeline folder
 whose UNet is the fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the
 adapter alone (lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same
-folder, byte for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation images every
-`validate_every` steps) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every run, so they stay
-out of the model folder and the metrics).
+folder, byte for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation
+images every `validate_every` steps) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every
+run, so they stay out of the model folder and the metrics).
 
 Options past the study, each off in its defaults: `method: lora` (stylestudy/train/lora.py), `snr_gamma`,
 `noise_offset` (the family's noise process), `caption_dropout` (stylestudy/train/batches.py), `clip_loss`
@@ -17,14 +17,14 @@ Options past the study, each off in its defaults: `method: lora` (stylestudy/tra
 
 Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
 see stylestudy/train/checkpoints.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses,
-with one line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run ends with
-the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
+with one line, a checkpoint made with other settings. SCRATCH_DIR is removed once OUT_DIR is written. A resumed run
+ends with the same UNet weights, bit for bit on a CPU, as one never interrupted: the data order depends only on seed and epoch,
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
 Processes: the stage first checks params, the accelerate config named by `finetune.launch.config_file`, the process
 count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stylestudy/train/launch.py).
-One plain process then trains right there; more (or DeepSpeed, FSDP) run as `accelerate launch ... -m stages.finetune ARGS`,
-which this process becomes. Each process trains on its own shard of every epoch with its own noise (seed + process
+One plain process then trains right there; more (or DeepSpeed, FSDP) run as
+`accelerate launch ... -m stages.finetune ARGS`, which this process becomes. Each process trains on its own shard of every epoch with its own noise (seed + process
 index); the effective batch is train_batch_size x processes x gradient_accumulation_steps, steps count optimizer
 steps, and the main process alone writes OUT_DIR, LIVE_DIR and the log (docs/scaling-out.md).
 
@@ -52,7 +52,7 @@ from stylestudy.core.config import UserError, cli, load_params, load_shared, par
 from stylestudy.core.outputs import MANIFEST, atomic_dir, fetch_origin, library_versions, write_json
 from stylestudy.data import dataset, latents
 from stylestudy.models import families, loading
-from stylestudy.models.families import Family
+from stylestudy.models.families import Family, NoiseProcess
 from stylestudy.train import batches, build, checkpoints, launch, lora, loop, losses, modelcard
 from stylestudy.train.validation import ValidationSet
 
@@ -137,14 +137,14 @@ def preflight(folders: Folders, p: dict, settings: latents.EncodeSettings, seed:
         loading.precision_that_runs(p["mixed_precision"])))
 
 
-def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows: list[dict], noise: Any, p: dict,
-                   settings: latents.EncodeSettings, seed: int, style_prompt: str, accelerator: Accelerator) -> Inputs:
+def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows: list[dict], noise: NoiseProcess,
+                   p: dict, settings: latents.EncodeSettings, seed: int, style_prompt: str,
+                   accelerator: Accelerator) -> Inputs:
     """Load the frozen encoders, encode with them what validation needs, and build the training data. The encoders
     are freed when this returns, but for what keeps them: encoding every step (no cache), the CLIP loss's VAE,
     validation's VAE."""
     device = accelerator.device
-    dtype = loading.frozen_dtype(loading.precision_that_runs(settings.mixed_precision), device)
-    encoders = family.load_encoders(folders.sd, device, dtype)
+    encoders = family.load_encoders(folders.sd, device, settings.encoders_dtype(device))
     guide = None
     if p["clip_loss"]["weight"] > 0:
         guide = losses.load_guide(folders.guide, device, encoders.vae, family, style_prompt)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from stylestudy.core.config import UserError, require_path
 from stylestudy.core.outputs import MANIFEST, sha256_of, write_json
 from stylestudy.data import dataset
+from stylestudy.models import loading
 from stylestudy.models.families import Conditioning, Family, FrozenEncoders
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class EncodeSettings:
     cache_latents: bool
     mixed_precision: str  # the frozen encoders' precision on a GPU (fp32 on a CPU)
     dataloader_num_workers: int
+
+    def encoders_dtype(self, device: Any) -> Any:
+        """The frozen encoders' dtype on `device`, the same in the encode stage and the fine-tune: mixed_precision as
+        it runs on this machine's GPU, fp32 on a CPU."""
+        return loading.frozen_dtype(loading.precision_that_runs(self.mixed_precision), device)
 
     def recorded(self) -> dict[str, Any]:
         """The settings index.json records, by name."""
