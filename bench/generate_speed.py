@@ -103,7 +103,7 @@ def plain_pipeline(sd_dir: Path, scheduler: str):
     """A plain diffusers pipeline as the usual recipe loads it: fp16 on a GPU, nothing else changed."""
     device, dtype = loading.inference_device()
     pipe = families.load_pipeline(sd_dir).to(device, dtype=dtype)
-    generate.set_scheduler(pipe, scheduler)
+    families.family_of_pipeline(pipe).set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -6,7 +6,7 @@ but not this stage; a resumed or multi-process fine-tune memory-maps the files i
 Random crops differ every epoch and cannot be cached: with `encode.center_crop: false` (or `cache_latents: false`)
 the stage says so in one line, writes only index.json, and `finetune` encodes every step.
 Reads SD_DIR (pipeline folder: its VAE, text encoders and tokenizers, through its model family), RAW_DIR,
-SPLIT_DIR/train.jsonl and params `encode`. Writes OUT_DIR/latents.safetensors (mean, std: flips x images x C x h x w,
+SPLIT_DIR/train.jsonl and params `encode` and `model` (the family, and SD3's T5 length). Writes OUT_DIR/latents.safetensors (mean, std: flips x images x C x h x w,
 fp32), OUT_DIR/text.safetensors (text: distinct captions x tokens x width; pooled: captions x width where the family
 has pooled embeddings) and OUT_DIR/index.json (the settings and encoders it was made with, captions, file names in
 order).
@@ -27,15 +27,17 @@ from stylestudy.core.outputs import atomic_dir, write_json
 log = logging.getLogger(__name__)
 
 
-def run(sd_dir: Path, raw: Path, split: Path, out: Path, settings: latents.EncodeSettings) -> dict:
-    """Encode the training split into `out` (or record why it is not cached); return index.json's settings."""
+def run(sd_dir: Path, raw: Path, split: Path, out: Path, settings: latents.EncodeSettings,
+        family: families.Family = families.FAMILIES["sd2"]) -> dict:
+    """Encode the training split into `out` with `family`'s encoders (or record why it is not cached); return
+    index.json's settings."""
     from accelerate import PartialState
 
-    family = families.check_pipeline_folder(sd_dir)
+    family = families.check_pipeline_folder(sd_dir, family)
     rows = dataset.read_jsonl(require_path(split / "train.jsonl", "run the split stage first"))
     if not rows:
         raise UserError(f"{split}/train.jsonl is empty; raise split.fractions.train or add data")
-    recorded = settings.recorded() | {"encoders": latents.encoder_digest(sd_dir, family)}
+    recorded = settings.recorded() | family.encoding_settings() | {"encoders": latents.encoder_digest(sd_dir, family)}
     with atomic_dir(out) as tmp:
         if not latents.cacheable(settings):
             reason = "encode.cache_latents is off" if not settings.cache_latents else "random crops (center_crop off)"
@@ -60,7 +62,8 @@ def main() -> None:
         "split": "the split folder whose train.jsonl lists the training images (data/split)",
         "out": "the folder to write the encoding into (data/latents)",
     })
-    run(args.sd, args.raw, args.split, args.out, latents.EncodeSettings(**load_params("encode")))
+    run(args.sd, args.raw, args.split, args.out, latents.EncodeSettings(**load_params("encode")),
+        families.from_params(load_params("model")))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """fetch: materialise one input of the study on disk, in its ecosystem's own format, with a manifest.
 
-Reads params `fetch.<kind>` and `shared`. Writes OUT_DIR, one of:
-  sd    a diffusers StableDiffusionPipeline folder (safetensors)
+Reads params `fetch.<kind>` and `shared` (and `model` for sd). Writes OUT_DIR, one of:
+  sd    a diffusers pipeline folder of params model.family (safetensors): StableDiffusionPipeline (sd2) or
+        StableDiffusion3Pipeline (sd3)
   clip  an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors)
   blip  a transformers BLIP captioning folder (safetensors)
   guide an open_clip folder: the CLIP that finetune.clip_loss trains against (never the scoring one)
@@ -22,7 +23,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stylestudy.models import builders, families, hub, loading
+from stylestudy.models import builders, builders_sd3, families, hub, loading
+from stylestudy.models.families import Family
 from stylestudy.data import imagefolder, sketches
 from stylestudy.core.config import (
     FETCH_KINDS, NON_EMPTY_STRING, RANDOM_SOURCES, UserError, cli, load_params, load_shared, parse_args,
@@ -47,10 +49,10 @@ def check_source(kind: str, p: dict) -> None:
             raise UserError(f"fetch.{kind}.path: {p['path']} does not exist; point it at a local {kind} folder")
 
 
-COPIERS = {"sd": families.copy_pipeline, "clip": loading.copy_clip, "blip": loading.copy_blip,
-           "guide": loading.copy_clip,
+COPIERS = {"clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
            "data": imagefolder.copy_dataset}
-BUILDERS = {"sd": builders.save_random_sd, "clip": builders.save_random_clip, "blip": builders.save_random_blip,
+SD_BUILDERS = {"sd2": builders.save_random_sd, "sd3": builders_sd3.save_random_sd3}
+BUILDERS = {"clip": builders.save_random_clip, "blip": builders.save_random_blip,
             "guide": builders.save_random_guide}
 
 
@@ -66,28 +68,37 @@ def requested(kind: str, p: dict, seed: int) -> dict:
     return origin | {"repo_id": p["repo_id"], "revision": p["revision"]}
 
 
-def materialise(kind: str, p: dict, seed: int, out: Path) -> dict:
+def copy(kind: str, src: Path, out: Path, family: Family) -> None:
+    """Copy a local or downloaded input into its canonical folder; a pipeline must be of params model.family."""
+    if kind == "sd":
+        families.copy_pipeline(src, out, family)
+    else:
+        COPIERS[kind](src, out)
+
+
+def materialise(kind: str, p: dict, seed: int, out: Path, family: Family) -> dict:
     """Fill `out` from the configured source; return what the manifest adds (Hub commit, parameter counts)."""
     if p["source"] in RANDOM_SOURCES:
-        return {"parameters": BUILDERS[kind](out, seed, arch=p["source"])}
+        build = SD_BUILDERS[family.name] if kind == "sd" else BUILDERS[kind]
+        return {"parameters": build(out, seed, arch=p["source"])}
     if p["source"] == "synthetic":
         sketches.make_synthetic_sketches(out, p["n_images"], p["image_size"], seed)
     elif p["source"] == "local":
-        COPIERS[kind](Path(p["path"]), out)
+        copy(kind, Path(p["path"]), out, family)
     else:
         snapshot = hub.download(kind, p["repo_id"], p["revision"])
-        COPIERS[kind](snapshot, out)
+        copy(kind, snapshot, out, family)
         return {"resolved_commit": snapshot.name}
     return {}
 
 
-def run(kind: str, p: dict, seed: int, out: Path) -> None:
-    """Materialise one input into `out`, whole or not at all."""
+def run(kind: str, p: dict, seed: int, out: Path, family: Family = families.FAMILIES["sd2"]) -> None:
+    """Materialise one input into `out`, whole or not at all; the pipeline (`sd`) of `family`."""
     check_source(kind, p)
-    origin = requested(kind, p, seed)
+    origin = requested(kind, p, seed) | ({"family": family.name} if kind == "sd" else {})
     log.info("fetch %s from %s into %s", kind, p["source"], out)
     with atomic_dir(out) as tmp:
-        origin |= materialise(kind, p, seed, tmp)
+        origin |= materialise(kind, p, seed, tmp, family)
         manifest = origin | {"libraries": library_versions(), "files": file_hashes(tmp)}
         write_json(tmp / MANIFEST, manifest)
     log.info("fetch %s: %d files", kind, len(manifest["files"]))
@@ -101,7 +112,8 @@ def main() -> None:
     })
     p, shared = load_params("fetch")[args.kind], load_shared()
     loading.require_gpu(shared["profile"])
-    run(args.kind, p, shared["seed"], args.out)
+    family = families.from_params(load_params("model")) if args.kind == "sd" else families.FAMILIES["sd2"]
+    run(args.kind, p, shared["seed"], args.out, family)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""finetune: fine-tune the denoiser (SD2: the UNet) on the training split (the study's recipe, and the options past it).
+"""finetune: fine-tune the denoiser (SD2: the UNet; SD3: the transformer) on the training split (the study's recipe, and the options past it).
 
 Reads SD_DIR (pipeline folder from fetch), GUIDE_DIR (the guidance CLIP, used by `clip_loss` only), RAW_DIR
 (imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's latents and text embeddings, memory-mapped
 with `encode.cache_latents`; refused in one line when made with other settings) and params `finetune`, `encode` (how
-images and captions are encoded), `shared` and `generate.style_prompt` (the CLIP loss's pre-prompt). The model family
-(stylestudy/models/families/) comes from SD_DIR's model_index.json. Writes OUT_DIR, a diffusers pipeline folder
-whose UNet is the fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the
+images and captions are encoded), `model` (the family, stylestudy/models/families/: SD_DIR must be one of its
+pipelines), `shared` and `generate.style_prompt` (the CLIP loss's pre-prompt). Writes OUT_DIR, a diffusers pipeline
+folder whose denoiser is the fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the
 adapter alone (lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same
 folder, byte for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation
 images every `validate_every` steps) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every
@@ -103,9 +103,10 @@ def save_pipeline(folders: Folders, family: Family, denoiser: Any, info: dict, p
         modelcard.write_model_card(tmp, info, lora=p["method"] == "lora")
 
 
-def check_inputs(folders: Folders, p: dict, settings: latents.EncodeSettings) -> tuple[Family, list[dict], list[dict]]:
-    """The model family, the training and val rows, after cheap checks of every input folder."""
-    family = families.check_pipeline_folder(folders.sd)
+def check_inputs(folders: Folders, p: dict, settings: latents.EncodeSettings, family: Family) \
+        -> tuple[list[dict], list[dict]]:
+    """The training and val rows, after cheap checks of every input folder."""
+    families.check_pipeline_folder(folders.sd, family)
     if p["clip_loss"]["weight"] > 0:
         loading.check_clip_folder(folders.guide)
     require_path(folders.raw, "run the fetch stage first")
@@ -115,25 +116,26 @@ def check_inputs(folders: Folders, p: dict, settings: latents.EncodeSettings) ->
     if folders.latents is not None and latents.cacheable(settings):  # another resolution: one line, not per process
         latents.check_encoded(folders.latents, rows, settings, folders.sd, family)
     val = folders.split / "val.jsonl"
-    return family, rows, dataset.read_jsonl(val) if p["validate_every"] and val.is_file() else []
+    return rows, dataset.read_jsonl(val) if p["validate_every"] and val.is_file() else []
 
 
-def run_fingerprint(folders: Folders, rows: list[dict], p: dict, settings: latents.EncodeSettings, seed: int,
-                    style_prompt: str, processes: int, device_type: str, precision: str) -> dict:
+def run_fingerprint(folders: Folders, rows: list[dict], p: dict, settings: latents.EncodeSettings, family: Family,
+                    seed: int, style_prompt: str, processes: int, device_type: str, precision: str) -> dict:
     """What a checkpoint must match to be resumed by this run (checkpoints.fingerprint)."""
     read = [folders.sd, folders.raw] + ([folders.guide] if p["clip_loss"]["weight"] else [])
     inputs = checkpoints.inputs_digest(read, rows)
     encoding = {f"encode.{k}": v for k, v in asdict(settings).items() if k not in checkpoints.RESUME_SAFE}
-    return checkpoints.fingerprint(p, seed, inputs, processes, device_type, precision) | encoding | {
-        "generate.style_prompt": style_prompt}
+    return checkpoints.fingerprint(p, seed, inputs, processes, device_type, precision) | encoding | family.recorded() \
+        | {"generate.style_prompt": style_prompt}
 
 
-def preflight(folders: Folders, p: dict, settings: latents.EncodeSettings, seed: int, style_prompt: str) -> None:
+def preflight(folders: Folders, p: dict, settings: latents.EncodeSettings, family: Family, seed: int,
+              style_prompt: str) -> None:
     """What run() checks before the slow part, checked before `accelerate launch` starts processes that would each
     print a refusal amid torchrun's report: the inputs and a checkpoint made by another run, one line each."""
-    _, rows, _ = check_inputs(folders, p, settings)
+    rows, _ = check_inputs(folders, p, settings, family)
     checkpoints.find_resumable(folders.scratch, run_fingerprint(
-        folders, rows, p, settings, seed, style_prompt, p["launch"]["num_processes"], launch.device_type(),
+        folders, rows, p, settings, family, seed, style_prompt, p["launch"]["num_processes"], launch.device_type(),
         loading.precision_that_runs(p["mixed_precision"])))
 
 
@@ -157,8 +159,8 @@ def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows:
     return Inputs(data, validation, guide, truncated)
 
 
-def run_info(result: dict, rows: list[dict], inputs: Inputs, p: dict, settings: latents.EncodeSettings, seed: int,
-             style_prompt: str, folders: Folders, accelerator: Accelerator) -> dict:
+def run_info(result: dict, rows: list[dict], inputs: Inputs, p: dict, settings: latents.EncodeSettings,
+             family: Family, seed: int, style_prompt: str, folders: Folders, accelerator: Accelerator) -> dict:
     """training_info.json: what made the model folder."""
     return {"steps": result["steps"], "final_loss": result["final_loss"], "params": p, "encode": asdict(settings),
             "seed": seed, "style_prompt": style_prompt, "n_train_images": len(rows),
@@ -166,18 +168,20 @@ def run_info(result: dict, rows: list[dict], inputs: Inputs, p: dict, settings: 
             "mixed_precision_ran": accelerator.mixed_precision, "libraries": library_versions(),
             "base_model": fetch_origin(folders.sd), "dataset": fetch_origin(folders.raw),
             "num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-            "effective_batch_size": launch.effective_batch(p, accelerator)}
+            "effective_batch_size": launch.effective_batch(p, accelerator), "model": family.recorded()}
 
 
-def run(folders: Folders, p: dict, settings: latents.EncodeSettings, seed: int, style_prompt: str) -> dict:
-    """Fine-tune (resuming from a checkpoint in `scratch` if there is one) and save; return the training summary."""
+def run(folders: Folders, p: dict, settings: latents.EncodeSettings, seed: int, style_prompt: str,
+        family: Family = families.FAMILIES["sd2"]) -> dict:
+    """Fine-tune the pipeline of `family` (resuming from a checkpoint in `scratch` if there is one) and save; return
+    the training summary."""
     from accelerate.utils import set_seed
     from dvclive import Live
 
-    family, rows, val_rows = check_inputs(folders, p, settings)
+    rows, val_rows = check_inputs(folders, p, settings, family)
     accelerator = build.build_accelerator(p, seed)
     launch.check_launched(accelerator, p)
-    run_id = run_fingerprint(folders, rows, p, settings, seed, style_prompt, accelerator.num_processes,
+    run_id = run_fingerprint(folders, rows, p, settings, family, seed, style_prompt, accelerator.num_processes,
                              accelerator.device.type, accelerator.mixed_precision)
     found = checkpoints.find_resumable(folders.scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed, device_specific=True)  # seed + process index: each process draws its own noise and timesteps
@@ -203,7 +207,7 @@ def run(folders: Folders, p: dict, settings: latents.EncodeSettings, seed: int, 
     summary = result | {"resumed_from_step": position.step or None}
     denoiser = loop.final_denoiser(state, accelerator)
     if accelerator.is_main_process:
-        info = run_info(result, rows, inputs, p, settings, seed, style_prompt, folders, accelerator)
+        info = run_info(result, rows, inputs, p, settings, family, seed, style_prompt, folders, accelerator)
         save_pipeline(folders, family, denoiser, info, p)
         write_json(folders.live / "timing.json", {k: summary[k] for k in TIMING})
         log.info("wrote %s and %s", folders.out, folders.live)
@@ -227,6 +231,7 @@ def main() -> None:
     })
     p, shared, style_prompt = load_params("finetune"), load_shared(), load_params("generate")["style_prompt"]
     settings = latents.EncodeSettings(**load_params("encode"))
+    family = families.from_params(load_params("model"))
     loading.require_gpu(shared["profile"])
     checking = vars(args).pop("preflight")
     folders = Folders(**vars(args))
@@ -234,11 +239,11 @@ def main() -> None:
         config = launch.check(p)
         # one plain process trains right here, and run() checks the inputs and a checkpoint itself
         if checking or launch.needs_launcher(config, p["launch"]["num_processes"]):
-            preflight(folders, p, settings, shared["seed"], style_prompt)
+            preflight(folders, p, settings, family, shared["seed"], style_prompt)
             if checking:
                 return
             launch.relaunch(p, sys.argv[1:])
-    run(folders, p, settings, shared["seed"], style_prompt)
+    run(folders, p, settings, shared["seed"], style_prompt, family)
 
 
 if __name__ == "__main__":

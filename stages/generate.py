@@ -1,13 +1,14 @@
-"""generate: render every evaluation prompt, images_per_prompt times, with one Stable Diffusion pipeline.
+"""generate: render every evaluation prompt, images_per_prompt times, with one pipeline of the model family.
 
 Two prompt sets: the study's prompts (set `study`, images_per_prompt each) and, with generate.test_captions > 0, the
 captions of that many held-out test images (set `test`, one image each; images the model never trained on).
-Reads MODEL_DIR (a pipeline folder: the pretrained or the fine-tuned one), SPLIT_DIR/test.jsonl and params
-`generate`, `shared`. Writes OUT_DIR/<prompt>_<image>.png, OUT_DIR/test_<caption>.png and OUT_DIR/manifest.jsonl
+Reads MODEL_DIR (a pipeline folder of params `model`'s family: the pretrained or the fine-tuned one),
+SPLIT_DIR/test.jsonl and params `generate`, `model`, `shared`. Writes OUT_DIR/<prompt>_<image>.png, OUT_DIR/test_<caption>.png and OUT_DIR/manifest.jsonl
 (set, model, prompt, text given, seed, settings, and the device and dtype that computed it). Every image has its own
 generator (seed + index), so any one can be regenerated alone; both models get the same seeds.
 Speed settings (dtype, compile, channels_last, fuse_qkv, vae_batch_size) are
-what bench/generate_speed.py measures against plain diffusers; it imports this module's code path.
+what bench/generate_speed.py measures against plain diffusers; it imports this module's code path. `memory` decides
+which components share the GPU (stylestudy/models/placement.py): SD3 on a 16 GB card encodes every prompt first.
 
 Run: python -m stages.generate MODEL_NAME MODEL_DIR SPLIT_DIR OUT_DIR (params.yaml is validated whole before any work)
 Example: python -m stages.generate finetuned models/finetuned data/split reports/samples/finetuned
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stylestudy.data import dataset
-from stylestudy.models import families, loading
+from stylestudy.models import families, loading, placement
 from stylestudy.models.families import Family
 from stylestudy.core.config import cli, load_params, load_shared, parse_args, require_path
 from stylestudy.evaluate.samples import image_seed, styled
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPEED = ("compile", "channels_last", "fuse_qkv", "vae_batch_size")  # change pixels by float rounding at most
+SPEED = ("compile", "channels_last", "fuse_qkv", "vae_batch_size", "memory")  # change pixels by float rounding at most
 
 
 def held_out_captions(split: Path, wanted: int, seed: int) -> list[dict]:
@@ -71,18 +72,6 @@ def plan(model: str, p: dict, seed: int, held_out: list[dict] = ()) -> list[dict
             for row in study + test]
 
 
-def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
-    """Replace the pipeline's scheduler by `name`, keeping the model's noise schedule (betas, offsets)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
-
-    config = pipe.scheduler.config
-    if name == "dpmsolver++":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-        return
-    classes = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
-    pipe.scheduler = classes[name].from_config(config)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: fp16 on CUDA, fp32 elsewhere. fp16 asked for on a CPU runs as bf16, the half type CPU kernels support."""
     import torch
@@ -103,7 +92,7 @@ def speed_up(pipe: DiffusionPipeline, family: Family, p: dict) -> None:
     family.use_fused_attention(pipe)  # torch's fused attention kernels (flash / memory-efficient on CUDA)
     denoiser = family.denoiser_of(pipe)
     if p["fuse_qkv"]:
-        pipe.fuse_qkv_projections()  # one matmul for q, k, v (k, v in cross-attention): fewer, larger kernels
+        family.fuse_qkv(pipe)  # one matmul for q, k, v (k, v in cross-attention): fewer, larger kernels
     if p["channels_last"]:
         denoiser.to(memory_format=torch.channels_last)  # NHWC: what cuDNN's fastest convolutions want
         pipe.vae.to(memory_format=torch.channels_last)
@@ -111,63 +100,82 @@ def speed_up(pipe: DiffusionPipeline, family: Family, p: dict) -> None:
         denoiser.compile(fullgraph=True)  # compiled at the first call (warm-up); the denoiser does >90% of the FLOPs
 
 
-def load_pipeline(model_dir: Path, p: dict) -> DiffusionPipeline:
-    """The pipeline on the device accelerate picks, in generate.dtype, with the scheduler and speed-ups asked for."""
+def load_pipeline(model_dir: Path, p: dict, family: Family | None = None) -> DiffusionPipeline:
+    """The pipeline (of `family`; None: the folder's, with default settings) in generate.dtype, placed on the device
+    accelerate picks as generate.memory says, with the scheduler and speed-ups asked for."""
     device, _ = loading.inference_device()
-    family = families.check_pipeline_folder(model_dir)
+    family = families.check_pipeline_folder(model_dir, family)
     pipe = family.load_pipeline(model_dir)
-    pipe.to(device, dtype=resolve_dtype(p["dtype"], device))
-    set_scheduler(pipe, p["scheduler"])
+    pipe.to(dtype=resolve_dtype(p["dtype"], device))
+    family.set_scheduler(pipe, p["scheduler"])
     speed_up(pipe, family, p)
+    placement.place(pipe, p["memory"], device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def decode(pipe: DiffusionPipeline, latents: torch.Tensor, vae_batch_size: int) -> list[Image.Image]:
+def decode(pipe: DiffusionPipeline, family: Family, latents: torch.Tensor, vae_batch_size: int) -> list[Image.Image]:
     """Decode latents vae_batch_size at a time: the decoder's activations, large at 512 px, stay bounded."""
     import torch
 
-    images, family = [], families.family_of_pipeline(pipe)
+    images = []
     with torch.no_grad():
         for chunk in latents.split(vae_batch_size):
-            decoded = pipe.vae.decode(family.from_latents(pipe.vae.config, chunk), return_dict=False)[0]
-            images += pipe.image_processor.postprocess(decoded, output_type="pil")
+            chunk = family.from_latents(pipe.vae.config, chunk.to(pipe.vae.device, pipe.vae.dtype))
+            images += pipe.image_processor.postprocess(pipe.vae.decode(chunk, return_dict=False)[0], output_type="pil")
     return images
 
 
-def generate_images(pipe: DiffusionPipeline, texts: list[str], seeds: list[int], p: dict) -> list[Image.Image]:
-    """One batch of images: one generator per image (an image does not depend on its batch), then decode."""
+def generate_latents(pipe: DiffusionPipeline, family: Family, prompts: dict, seeds: list[int], p: dict) \
+        -> torch.Tensor:
+    """The latents of one batch (`prompts`: the texts, or their embeddings), one generator per image: an image does
+    not depend on its batch."""
     import torch
 
-    generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in seeds]
-    latents = pipe(
-        prompt=texts, generator=generators, height=p["resolution"], width=p["resolution"],
-        num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"], output_type="latent",
-    ).images
-    return decode(pipe, latents, p["vae_batch_size"])
+    generators = [torch.Generator(placement.execution_device(pipe)).manual_seed(seed) for seed in seeds]
+    return pipe(**prompts, generator=generators, height=p["resolution"], width=p["resolution"],
+                num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"], output_type="latent",
+                **family.generation_kwargs()).images
 
 
-def render(pipe: DiffusionPipeline, rows: list[dict], p: dict, out: Path) -> None:
-    """Render the planned images in batches of batch_size and save them as PNGs."""
+def generate_images(pipe: DiffusionPipeline, prompts: list[str] | dict, seeds: list[int], p: dict,
+                    family: Family | None = None) -> list[Image.Image]:
+    """One batch of images, decoded; `prompts`: the texts, or the pipeline's keywords for their embeddings."""
+    family = family or families.family_of_pipeline(pipe)
+    prompts = prompts if isinstance(prompts, dict) else {"prompt": prompts}
+    return decode(pipe, family, generate_latents(pipe, family, prompts, seeds, p), p["vae_batch_size"])
+
+
+def render(pipe: DiffusionPipeline, family: Family, rows: list[dict], p: dict, out: Path) -> None:
+    """Render the planned images in batches of batch_size and save them as PNGs; with memory `sequential`, every
+    prompt is encoded first and the text encoders freed before the denoiser runs."""
     batches = [rows[i:i + p["batch_size"]] for i in range(0, len(rows), p["batch_size"])]
-    for batch in tqdm(batches, desc="generate", unit="batch"):
-        images = generate_images(pipe, [row["text_given"] for row in batch], [row["seed"] for row in batch], p)
+    texts = [[row["text_given"] for row in batch] for batch in batches]
+    if p["memory"] == "sequential":
+        device, _ = loading.inference_device()
+        prompts = placement.encode_all_then_free(pipe, family, texts, p["guidance_scale"] > 1, device)
+    else:
+        prompts = texts
+    for batch, batch_prompts in tqdm(list(zip(batches, prompts)), desc="generate", unit="batch"):
+        images = generate_images(pipe, batch_prompts, [row["seed"] for row in batch], p, family)
         for row, image in zip(batch, images):
             image.save(out / row["file_name"])
 
 
-def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int) -> list[dict]:
-    """Render all images of one model into `out`; return the manifest rows."""
-    family = families.check_pipeline_folder(model_dir)
+def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int,
+        family: Family = families.FAMILIES["sd2"]) -> list[dict]:
+    """Render all images of one model (a pipeline of `family`) into `out`; return the manifest rows."""
+    family = families.check_pipeline_folder(model_dir, family)
     held_out = held_out_captions(split, p["test_captions"], seed)
-    pipe = load_pipeline(model_dir, p)
+    pipe = load_pipeline(model_dir, p, family)
     # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.
     dtype = str(family.denoiser_of(pipe).dtype).split(".")[-1]
-    rendered = {k: p[k] for k in SPEED} | {"device": pipe.device.type, "dtype": dtype}
+    device, _ = loading.inference_device()
+    rendered = {k: p[k] for k in SPEED} | {"device": device.type, "dtype": dtype}
     rows = [row | rendered for row in plan(model, p, seed, held_out)]
-    log.info("generate %d images with %s (%s) on %s", len(rows), model, model_dir, pipe.device)
+    log.info("generate %d images with %s (%s) on %s", len(rows), model, model_dir, device)
     with atomic_dir(out) as tmp:
-        render(pipe, rows, p, tmp)
+        render(pipe, family, rows, p, tmp)
         dataset.write_jsonl(tmp / "manifest.jsonl", rows)
     return rows
 
@@ -182,7 +190,7 @@ def main() -> None:
     })
     p, shared = load_params("generate"), load_shared()
     loading.require_gpu(shared["profile"])
-    run(args.model, args.model_dir, args.split, args.out, p, shared["seed"])
+    run(args.model, args.model_dir, args.split, args.out, p, shared["seed"], families.from_params(load_params("model")))
 
 
 if __name__ == "__main__":

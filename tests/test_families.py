@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from stylestudy.core.config import UserError
-from stylestudy.models import builders, families
-from stylestudy.models.families import Conditioning, FrozenEncoders, sd2
+from stylestudy.models import builders, builders_sd3, families
+from stylestudy.models.families import Conditioning, FrozenEncoders, sd2, sd3
 from stylestudy.train import batches
 
 
@@ -23,20 +23,38 @@ def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_a_pipeline_folder_names_its_family(sd_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sd3") / "sd3"
+    builders_sd3.save_random_sd3(folder, 0, "tiny")
+    return folder
+
+
+def test_a_pipeline_folder_names_its_family(sd_dir: Path, sd3_dir: Path) -> None:
     assert families.check_pipeline_folder(sd_dir) is sd2.FAMILY
     assert families.family_of_pipeline(families.load_pipeline(sd_dir)) is sd2.FAMILY
+    assert families.check_pipeline_folder(sd3_dir) is sd3.FAMILY
+    assert type(families.load_pipeline(sd3_dir)).__name__ == "StableDiffusion3Pipeline"
 
 
-def test_another_family_s_folder_is_refused_in_one_line(sd_dir: Path, tmp_path: Path) -> None:
-    other = tmp_path / "sd3"
+def test_another_family_s_folder_is_refused_in_one_line(sd_dir: Path, sd3_dir: Path) -> None:
+    for folder, expected, found in ((sd_dir, sd3.FAMILY, "StableDiffusionPipeline"),
+                                    (sd3_dir, sd2.FAMILY, "StableDiffusion3Pipeline")):
+        with pytest.raises(UserError) as refused:
+            families.check_pipeline_folder(folder, expected)
+        message = str(refused.value)
+        assert "\n" not in message and found in message and f"model.family is {expected.name}" in message, message
+
+
+def test_an_unknown_pipeline_class_is_refused_in_one_line(sd_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
     shutil.copytree(sd_dir, other)
     index = other / "model_index.json"
-    index.write_text(json.dumps(json.loads(index.read_text()) | {"_class_name": "StableDiffusion3Pipeline"}))
+    index.write_text(json.dumps(json.loads(index.read_text()) | {"_class_name": "FluxPipeline"}))
     with pytest.raises(UserError) as refused:
         families.check_pipeline_folder(other)
     message = str(refused.value)
-    assert "\n" not in message and "'StableDiffusion3Pipeline'" in message and "'StableDiffusionPipeline'" in message
+    assert "\n" not in message and "'FluxPipeline'" in message and "'StableDiffusion3Pipeline'" in message
 
 
 def test_conditioning_rows_repeat_and_storage_keep_the_pooled_embeddings() -> None:

@@ -17,7 +17,8 @@ from stylestudy.models import builders
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = {"dtype": "auto", "compile": False, "channels_last": False, "fuse_qkv": False, "vae_batch_size": 8,
-         "scheduler": "dpmsolver++", "resolution": 32, "num_inference_steps": 3, "guidance_scale": 7.5}
+         "scheduler": "dpmsolver++", "resolution": 32, "num_inference_steps": 3, "guidance_scale": 7.5,
+         "memory": "none"}
 TEXTS, SEEDS = ["a pencil sketch of a horse", "zebra running", "a statue of a man on horse"], [7, 8, 9]
 
 

@@ -44,6 +44,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+NUMBER = Rule("a number", _is_number)
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 STRING = Rule("a string", lambda v: isinstance(v, str))
 NON_EMPTY_STRING = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
@@ -77,6 +78,23 @@ def fetch_schema(kind: str) -> dict[str, Rule]:
     return rules
 
 
+# The model families (stylestudy/models/families/) and their params `model`: chosen with `-S model=<family>`.
+SCHEDULERS = {"sd2": ("pndm", "ddim", "dpmsolver++", "euler"), "sd3": ("flow_euler",)}
+FAMILY = one_of(*SCHEDULERS)
+MODEL_SCHEMAS: dict[str, dict[str, Rule]] = {
+    "sd2": {"family": FAMILY},
+    "sd3": {"family": FAMILY, "weighting_scheme": one_of("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"),
+            "logit_mean": NUMBER, "logit_std": POSITIVE_NUMBER, "mode_scale": NON_NEGATIVE_NUMBER,
+            "max_sequence_length": POSITIVE_INT},
+}
+
+
+def model_schema(model: Any) -> dict[str, Rule]:
+    """The rules of params `model`: those of the family it names (an unknown one fails on `family`)."""
+    family = model.get("family") if isinstance(model, dict) else None
+    return MODEL_SCHEMAS.get(family, {"family": FAMILY})
+
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "shared": {"seed": NON_NEGATIVE_INT, "profile": NON_EMPTY_STRING},
     "fetch": {kind: fetch_schema(kind) for kind in FETCH_KINDS},
@@ -105,10 +123,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "generate": {
         "prompts": non_empty_list_of(NON_EMPTY_STRING), "images_per_prompt": POSITIVE_INT,
         "style_prompt": NON_EMPTY_STRING, "style_to_generator": BOOL,
-        "scheduler": one_of("pndm", "ddim", "dpmsolver++", "euler"), "num_inference_steps": POSITIVE_INT,
+        "scheduler": one_of(*dict.fromkeys(sum(SCHEDULERS.values(), ()))), "num_inference_steps": POSITIVE_INT,
         "guidance_scale": NON_NEGATIVE_NUMBER, "resolution": MULTIPLE_OF_8, "batch_size": POSITIVE_INT,
         "dtype": one_of("auto", "fp32", "fp16", "bf16"), "compile": BOOL, "channels_last": BOOL, "fuse_qkv": BOOL,
-        "vae_batch_size": POSITIVE_INT, "test_captions": NON_NEGATIVE_INT,
+        "vae_batch_size": POSITIVE_INT, "memory": one_of("none", "sequential", "cpu_offload"),
+        "test_captions": NON_NEGATIVE_INT,
     },
     "embed_real": {"batch_size": POSITIVE_INT},
     "clip_eval": {"style_to_clip": BOOL, "bootstrap_samples": POSITIVE_INT, "permutation_samples": POSITIVE_INT,
@@ -165,13 +184,26 @@ def check_split_fractions(params: dict) -> None:
                         f"{sum(fractions.values()):g}); {EDIT_HINT.format(key='split.fractions.train')}")
 
 
+def check_family_settings(params: dict) -> None:
+    """Settings that the chosen model family cannot honour, refused before any work."""
+    family = params["model"]["family"]
+    scheduler = params["generate"]["scheduler"]
+    if scheduler not in SCHEDULERS[family]:
+        raise UserError(f"params.yaml: generate.scheduler {scheduler!r} is not a sampler of model family {family} "
+                        f"({', '.join(SCHEDULERS[family])}); {EDIT_HINT.format(key='generate.scheduler')}")
+    if family == "sd3" and params["finetune"]["snr_gamma"] > 0:
+        raise UserError("params.yaml: finetune.snr_gamma (min-SNR weighting) has no meaning for flow matching (model "
+                        "family sd3): set it to 0 and weight with model.weighting_scheme instead")
+
+
 def load_params(section: str, path: Path = PARAMS_FILE) -> dict:
     """Validate the whole of params.yaml, then return one section of it."""
     if not path.is_file():
         raise UserError(f"{path} not found; run from the repository root")
     params = yaml.safe_load(path.read_text()) or {}
-    validate(params, SCHEMAS, "")
+    validate(params, SCHEMAS | {"model": model_schema(params.get("model"))}, "")
     check_split_fractions(params)
+    check_family_settings(params)
     return params[section]
 
 

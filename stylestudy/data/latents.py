@@ -145,6 +145,7 @@ def check_encoded(folder: Path, rows: list[dict], settings: EncodeSettings, sd_d
                         "encode.center_crop to true and run `dvc repro encode`, or turn cache_latents off")
     now = settings.recorded()
     differ = [f"encode.{k} {index[k]!r} (now {now[k]!r})" for k in ENCODING_SETTINGS if index[k] != now[k]]
+    differ += [f"{k} {index.get(k)!r} (now {v!r})" for k, v in family.encoding_settings().items() if index.get(k) != v]
     if index["encoders"] != encoder_digest(sd_dir, family):
         differ.append(f"the VAE or text encoder of another {sd_dir}")
     if index["file_names"] != [row["file_name"] for row in rows]:

@@ -14,7 +14,9 @@ from urllib.parse import urlparse
 from stylestudy.core.config import UserError
 
 FILES = {
-    "sd": ["*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"],
+    # the diffusers folders only (SD3's repository also holds single-file checkpoints at its root); T5's
+    # sentencepiece model (*.model) and its sharded weights (model-0000k-of-0000n) for SD3
+    "sd": ["*.json", "*.txt", "*/*.model", "*/diffusion_pytorch_model.safetensors", "text_encoder*/model*.safetensors"],
     "clip": ["open_clip_config.json", "open_clip_model.safetensors"],
     "blip": ["*.json", "*.txt", "model.safetensors"],
     "guide": ["open_clip_config.json", "open_clip_model.safetensors"],
@@ -41,7 +43,7 @@ def reachable(timeout: float = 5.0) -> str | None:
 def download(kind: str, repo_id: str, revision: str) -> Path:
     """A Hub snapshot folder; from the local Hugging Face cache when the Hub cannot be reached."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry lines repeat what the error says
     repo_type = "dataset" if kind == "data" else "model"
@@ -49,6 +51,9 @@ def download(kind: str, repo_id: str, revision: str) -> Path:
     try:
         folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=FILES[kind],
                                    local_files_only=offline is not None)
+    except GatedRepoError:
+        raise UserError(f"{repo_id} is gated on the Hub: accept its licence at https://huggingface.co/{repo_id} with "
+                        "your account, then export HF_TOKEN=<a read token of that account> and run again") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         reason = f"not in the local Hugging Face cache, and the Hub cannot be used: {offline}" if offline else (
             str(error).splitlines()[0] if str(error) else type(error).__name__)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stylestudy.models.families import FAMILIES, Family
 from stylestudy.train.lora import ADAPTER_FILE
 from stylestudy.core.outputs import atomic_file
 
@@ -20,9 +21,10 @@ MODEL_FOLDER = "models/finetuned"  # where dvc.yaml puts the folder: the path th
 PRETRAINED_FOLDER = "models/pretrained/sd"
 EXAMPLE_PROMPT = "A black and white sketch of a statue of a man on horse"
 TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sketch"]
-# The fine-tune inherits its base model's licence; these are the bases whose licence is known without the Hub.
-BASE_LICENSES = {f"stabilityai/stable-diffusion-{v}": "openrail++" for v in ("2-base", "2-1-base", "2", "2-1")}
-LICENSE_NAMES = {"openrail++": "CreativeML Open RAIL++-M"}
+# The fine-tune inherits its base model's licence: its family's (stylestudy/models/families/).
+TITLES = {"sd2": "Stable Diffusion", "sd3": "Stable Diffusion 3"}
+FAMILY_TAGS = {"sd2": [], "sd3": ["sd3"]}
+DENOISERS = {"sd2": "UNet", "sd3": "transformer"}
 DATA_LICENSES = {"zoheb/sketch-scene": "CC BY-NC-SA 4.0 (Creative Commons Attribution-NonCommercial-ShareAlike 4.0 "
                                        "International, https://creativecommons.org/licenses/by-nc-sa/4.0/)"}
 
@@ -50,21 +52,26 @@ def describe(origin: dict, what: str) -> str:
     return f"not recorded (no fetch manifest beside the {what})"
 
 
-def base_license(base: dict) -> str:
-    """The front matter's licence: the base model's when known, else `other` (the body says which)."""
-    return BASE_LICENSES.get(hub_id(base) or "", "other")
+def family_of(info: dict) -> Family:
+    """The model family that finetune trained (training_info.json's `model`; sd2 before it was recorded)."""
+    return FAMILIES[info.get("model", {}).get("model.family", "sd2")]
 
 
-def licence_text(base: dict, dataset: dict) -> str:
+def base_license(base: dict, family: Family) -> str:
+    """The front matter's licence: the family's for a published base model, else `other` (the body says which)."""
+    return family.license if hub_id(base) else "other"
+
+
+def licence_text(base: dict, dataset: dict, family: Family) -> str:
     """The licence section: the weights' licence (the base model's) and, plainly, the training data's."""
-    repo, licence = hub_id(base), base_license(base)
-    if licence != "other":
-        weights = (f"The weights are a derivative of `{repo}` and carry its licence, {LICENSE_NAMES[licence]} "
-                   f"(`{licence}`).")
-    elif repo:
-        weights = f"The weights are a derivative of `{repo}` and carry its licence: see its model card."
+    repo = hub_id(base)
+    if repo:
+        weights = (f"The weights are a derivative of `{repo}` and carry its licence, the {family.license_name} "
+                   f"({family.license_link}).")
     elif base.get("source") in ("tiny", "full"):
-        weights = "The base weights were random, not a published model: no upstream model licence applies."
+        weights = ("The base weights were random, not a published model: no upstream model licence applies. A fine-tune "
+                   f"of the published {TITLES[family.name]} weights carries the {family.license_name} "
+                   f"({family.license_link}).")
     else:
         weights = "The weights carry the licence of the base model they were fine-tuned from; state it here."
     data_repo = hub_id(dataset)
@@ -81,13 +88,25 @@ def licence_text(base: dict, dataset: dict) -> str:
     return f"{weights}\n\n{data}"
 
 
-def method_text(p: dict, lora: bool) -> str:
+def method_text(p: dict, lora: bool, family: Family) -> str:
     """What was trained."""
+    denoiser = DENOISERS[family.name]
     if lora:
-        return (f"LoRA fine-tune of the UNet: adapters of rank {p['lora_rank']} and alpha {p['lora_alpha']} on the "
-                "attention projections (to_q, to_k, to_v, to_out.0); every other weight frozen. The pipeline folder "
-                f"holds the UNet with the adapter merged, and `{ADAPTER_FILE}` the adapter alone.")
-    return "Full fine-tune of every UNet weight; the text encoder and the VAE stay frozen, as in the base model."
+        targets = ", ".join(target.removeprefix("attn.") for target in family.lora_targets)
+        return (f"LoRA fine-tune of the {denoiser}: adapters of rank {p['lora_rank']} and alpha {p['lora_alpha']} on "
+                f"the attention projections ({targets}); every other weight frozen. The pipeline folder holds the "
+                f"{denoiser} with the adapter merged, and `{ADAPTER_FILE}` the adapter alone.")
+    return (f"Full fine-tune of every {denoiser} weight; the text encoders and the VAE stay frozen, as in the base "
+            "model.")
+
+
+def target_text(info: dict) -> str:
+    """What the denoiser regressed on."""
+    model = info.get("model", {})
+    if model.get("model.family") == "sd3":
+        return (f"flow matching: MSE on the velocity (noise - latents), noise levels drawn by "
+                f"{model['model.weighting_scheme']}")
+    return "MSE on the base scheduler's prediction target"
 
 
 def recipe_rows(info: dict) -> list[tuple[str, str]]:
@@ -109,33 +128,34 @@ def recipe_rows(info: dict) -> list[tuple[str, str]]:
         ("EMA", f"decay {p['ema_decay']:g} (the saved weights are the EMA ones)" if p["use_ema"] else "off"),
         ("resolution", f"{encoding['resolution']} px, {crop}"
                        + (", random horizontal flip" if encoding["random_flip"] else "")),
-        ("loss", "MSE on the base scheduler's prediction target" + "".join(f", {x}" for x in losses if x)),
+        ("loss", target_text(info) + "".join(f", {x}" for x in losses if x)),
         ("seed", f"{info['seed']}"),
     ]
 
 
-def usage_text(base: dict, lora: bool) -> str:
+def usage_text(base: dict, lora: bool, family: Family) -> str:
     """A snippet that loads the folder (and, with LoRA, the adapter on the base model)."""
-    lines = ["```python", "from diffusers import StableDiffusionPipeline", "",
-             f'pipe = StableDiffusionPipeline.from_pretrained("{MODEL_FOLDER}")',
+    pipeline = family.pipeline_class
+    lines = ["```python", f"from diffusers import {pipeline}", "",
+             f'pipe = {pipeline}.from_pretrained("{MODEL_FOLDER}")',
              f'image = pipe("{EXAMPLE_PROMPT}").images[0]']
     if lora:
         repo = hub_id(base)
         revision = base.get("resolved_commit") or base.get("revision")
         base_call = f'"{repo}", revision="{revision}"' if repo else f'"{PRETRAINED_FOLDER}"'
         lines += ["", "# or the adapter alone, on the base model:",
-                  f"base = StableDiffusionPipeline.from_pretrained({base_call})",
+                  f"base = {pipeline}.from_pretrained({base_call})",
                   f'base.load_lora_weights("{MODEL_FOLDER}/lora", weight_name="{ADAPTER_FILE}")']
     return "\n".join([*lines, "```"])
 
 
 def body(info: dict, lora: bool) -> str:
     """The card's Markdown after the front matter."""
-    base, dataset = info["base_model"], info["dataset"]
+    base, dataset, family = info["base_model"], info["dataset"], family_of(info)
     table = "\n".join(["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in recipe_rows(info))])
-    return f"""# Stable Diffusion fine-tuned on scene sketches
+    return f"""# {TITLES[family.name]} fine-tuned on scene sketches
 
-{method_text(info['params'], lora)}
+{method_text(info['params'], lora, family)}
 
 ## Training
 
@@ -151,11 +171,11 @@ def body(info: dict, lora: bool) -> str:
 
 ## Licence
 
-{licence_text(base, dataset)}
+{licence_text(base, dataset, family)}
 
 ## Usage
 
-{usage_text(base, lora)}
+{usage_text(base, lora, family)}
 """
 
 
@@ -166,9 +186,13 @@ def write_model_card(out_dir: Path, info: dict, lora: bool) -> None:
 
     base_repo, data_repo = hub_id(info["base_model"]), hub_id(info["dataset"])
     # base_model only as a Hub id: the Hub refuses a card whose base_model names no model.
-    data = ModelCardData(base_model=base_repo, license=base_license(info["base_model"]), library_name="diffusers",
-                         datasets=[data_repo] if data_repo else None)
+    family = family_of(info)
+    licence = base_license(info["base_model"], family)
+    named = {"license_name": family.license_name, "license_link": family.license_link} if licence == "other" and \
+        base_repo else {}
+    data = ModelCardData(base_model=base_repo, license=licence, library_name="diffusers",
+                         datasets=[data_repo] if data_repo else None, **named)
     card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body(info, lora)}"),
-                               tags=[*TAGS, "lora"] if lora else TAGS)
+                               tags=[*TAGS, *FAMILY_TAGS[family.name], *(["lora"] if lora else [])])
     with atomic_file(out_dir / "README.md") as tmp:
         tmp.write_text(str(card), encoding="utf-8")

@@ -1,4 +1,5 @@
-"""The model families, one module each behind `base.Family`, told apart by the pipeline folder's model_index.json."""
+"""The model families, one module each behind `base.Family`: chosen by params `model.family`, recognised in a pipeline
+folder by its model_index.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,27 +7,37 @@ from typing import Any
 
 from stylestudy.core.config import UserError
 from stylestudy.models import loading
-from stylestudy.models.families import sd2
+from stylestudy.models.families import sd2, sd3
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
 
-FAMILIES: dict[str, Family] = {family.pipeline_class: family for family in (sd2.FAMILY,)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd2.FAMILY, sd3.FAMILY)}
 __all__ = ["Conditioning", "Family", "FrozenEncoders", "NoiseProcess", "check_pipeline_folder", "copy_pipeline",
-           "family_of_pipeline", "load_pipeline"]
+           "family_of_pipeline", "from_params", "load_pipeline"]
 
 
-def check_pipeline_folder(path: Path) -> Family:
-    """Cheaply check that `path` is a pipeline folder of a known family, with safetensors weights (one-line
-    UserError); return its family."""
+def from_params(model: dict) -> Family:
+    """The family params `model` names, with its settings."""
+    return FAMILIES[model["family"]].configured(model)
+
+
+def check_pipeline_folder(path: Path, expected: Family | None = None) -> Family:
+    """Cheaply check that `path` is a pipeline folder of a known family (of `expected`'s when given), with safetensors
+    weights (one-line UserError); return its family (`expected` itself when given)."""
     loading.require_dir(path, "a diffusion pipeline")
     index = path / "model_index.json"
     if not index.is_file():
         raise UserError(f"{path}: no model_index.json; expected a diffusers pipeline folder")
     name = loading.read_json(index).get("_class_name")
-    if name not in FAMILIES:
-        known = ", ".join(repr(known) for known in FAMILIES)
+    by_class = {family.pipeline_class: family for family in FAMILIES.values()}
+    if name not in by_class:
+        known = ", ".join(repr(known) for known in by_class)
         raise UserError(f"{index}: _class_name is {name!r}, expected {known}; give a pipeline folder of a family "
                         "this project trains")
-    family = FAMILIES[name]
+    found = by_class[name]
+    if expected is not None and found.name != expected.name:
+        raise UserError(f"{index}: a {name} (model family {found.name}), but params model.family is {expected.name}; "
+                        f"run with -S model={found.name}, or fetch a {expected.name} pipeline (dvc repro fetch@sd)")
+    family = expected or found
     family.check_folder(path)
     return family
 
@@ -36,11 +47,13 @@ def load_pipeline(path: Path) -> Any:
     return check_pipeline_folder(path).load_pipeline(path)
 
 
-def copy_pipeline(src: Path, out_dir: Path) -> None:
-    """Materialise a canonical pipeline folder (no safety checker, no feature extractor) from `src`."""
-    load_pipeline(src).save_pretrained(out_dir, safe_serialization=True)
+def copy_pipeline(src: Path, out_dir: Path, expected: Family | None = None) -> None:
+    """Materialise a canonical pipeline folder (no safety checker, no feature extractor) from `src`, which must be of
+    the `expected` family when given."""
+    family = check_pipeline_folder(src, expected)
+    family.load_pipeline(src).save_pretrained(out_dir, safe_serialization=True)
 
 
 def family_of_pipeline(pipe: Any) -> Family:
-    """The family of a loaded pipeline, by its class."""
-    return FAMILIES[type(pipe).__name__]
+    """The family of a loaded pipeline, by its class (default settings)."""
+    return {family.pipeline_class: family for family in FAMILIES.values()}[type(pipe).__name__]

@@ -1,6 +1,6 @@
 """What the pipeline asks of a model family, and the records that travel between it and the rest.
 
-A family (Stable Diffusion 1.x/2.x today; SD3 next) is one module with one `Family` subclass. `encode`, `finetune`,
+A family (Stable Diffusion 1.x/2.x: sd2; Stable Diffusion 3: sd3) is one module with one `Family` subclass. `encode`, `finetune`,
 validation, `generate` and the learning check talk to the family only, so they never branch on the architecture:
 - the pipeline folder: check it (refusing another family's in one line), load it, save a fine-tuned one;
 - the frozen encoders (`FrozenEncoders`): captions into the denoiser's conditioning (`Conditioning`: sequence and,
@@ -120,6 +120,26 @@ class Family(ABC):
     denoiser_folder: ClassVar[str]  # unet, transformer
     encoder_folders: ClassVar[tuple[str, ...]]  # the folders an encoding is made from ("vae/", ...)
     lora_targets: ClassVar[tuple[str, ...]]
+    schedulers: ClassVar[tuple[str, ...]]  # generate.scheduler's choices
+    license: ClassVar[str]  # the base model's licence: model card front matter, name and link for the card's text
+    license_name: ClassVar[str]
+    license_link: ClassVar[str]
+
+    def configured(self, params: dict) -> Family:
+        """This family with the settings of params `model` (validated); families without settings return self."""
+        return self
+
+    def recorded(self) -> dict[str, Any]:
+        """params `model` as it ran, by params name: a checkpoint made with other values is not resumed."""
+        return {"model.family": self.name}
+
+    def encoding_settings(self) -> dict[str, Any]:
+        """Settings beyond `encode` that a cached encoding depends on, by params name (index.json records them)."""
+        return {}
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keywords the pipeline's __call__ takes from this family's settings."""
+        return {}
 
     @abstractmethod
     def check_folder(self, path: Path) -> None:
@@ -178,6 +198,19 @@ class Family(ABC):
     @abstractmethod
     def use_fused_attention(self, pipe: Any) -> None:
         """Make the pipeline's attention run torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
+
+    @abstractmethod
+    def fuse_qkv(self, pipe: Any) -> None:
+        """One projection for q, k and v in the denoiser's attention."""
+
+    @abstractmethod
+    def set_scheduler(self, pipe: Any, name: str) -> None:
+        """Replace the pipeline's sampler by `name` (one of `schedulers`), keeping the model's noise schedule."""
+
+    @abstractmethod
+    def encode_prompts(self, pipe: Any, texts: list[str], guidance: bool, device: Any) -> dict[str, Any]:
+        """The pipeline's prompt embeddings of `texts` (and of "" for guidance) computed on `device`, as keywords of its
+        __call__."""
 
     def denoiser_of(self, pipe: Any) -> Any:
         """The denoiser of a loaded pipeline."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stylestudy.core.config import UserError
+from stylestudy.core.config import SCHEDULERS, UserError
 from stylestudy.models import loading
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
 
@@ -81,6 +81,10 @@ class StableDiffusion2(Family):
     denoiser_folder = "unet"
     encoder_folders = ("vae/", "text_encoder/", "tokenizer/")
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA example
+    schedulers = SCHEDULERS["sd2"]
+    license = "openrail++"
+    license_name = "CreativeML Open RAIL++-M"
+    license_link = "https://huggingface.co/stabilityai/stable-diffusion-2/blob/main/LICENSE-MODEL"
 
     def check_folder(self, path: Path) -> None:
         for component in COMPONENTS:
@@ -175,6 +179,26 @@ class StableDiffusion2(Family):
 
         for model in (pipe.unet, pipe.vae):
             model.set_attn_processor(AttnProcessor2_0())
+
+    def fuse_qkv(self, pipe: Any) -> None:
+        pipe.fuse_qkv_projections()
+
+    def set_scheduler(self, pipe: Any, name: str) -> None:
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+        config = pipe.scheduler.config
+        if name == "dpmsolver++":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+            return
+        classes = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+        pipe.scheduler = classes[name].from_config(config)
+
+    def encode_prompts(self, pipe: Any, texts: list[str], guidance: bool, device: Any) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            embeds, negative = pipe.encode_prompt(texts, device, 1, guidance)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
 
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
         from diffusers import StableDiffusionPipeline
