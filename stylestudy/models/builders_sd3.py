@@ -1,6 +1,7 @@
 """Random Stable Diffusion 3 pipelines built from configs, saved as the folders StableDiffusion3Pipeline loads.
 
-`tiny` serves the offline smoke setting; `full` has the shapes of stabilityai/stable-diffusion-3-medium-diffusers (the
+`tiny` serves the offline smoke setting (its transformer 128 wide: a 2x2 patch of 16 latent channels holds 64
+numbers, and a narrower one could not carry the noise it must remove); `full` has the shapes of stabilityai/stable-diffusion-3-medium-diffusers (the
 2B MMDiT, CLIP-L, OpenCLIP bigG and T5-v1.1-XXL, the 16-channel VAE), saved in fp16 like that repository, for speed and
 memory checks on a GPU without the Hub. The T5 tokenizer is a small word-level Unigram model built offline: the real
 one's sentencepiece file cannot be made without the Hub, and its ids only index rows of random embeddings here.
@@ -21,8 +22,8 @@ CLIP_COMMON = {"max_position_embeddings": 77, "vocab_size": 49408, "pad_token_id
 ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "transformer": {"sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
-                        "attention_head_dim": 8, "num_attention_heads": 4, "joint_attention_dim": 64,
-                        "caption_projection_dim": 32, "pooled_projection_dim": 64, "pos_embed_max_size": 16},
+                        "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 64,
+                        "caption_projection_dim": 128, "pooled_projection_dim": 64, "pos_embed_max_size": 16},
         "vae": {"layers_per_block": 1, "block_out_channels": (32, 64, 64), "sample_size": 32},
         "text_encoder": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
                          "projection_dim": 32, "hidden_act": "quick_gelu"},

@@ -1,0 +1,159 @@
+"""The SD3 family: flow matching as diffusers' training_utils define it, the three encoders' conditioning as the
+pipeline computes it, the settings params refuse for it, and generation that never holds every component at once."""
+from __future__ import annotations
+
+import json
+from unittest.mock import MagicMock
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import composed
+from PIL import Image
+
+from stages import generate
+from stylestudy.core.config import UserError, load_params
+from stylestudy.data import sketches
+from stylestudy.data.dataset import read_metadata, write_jsonl
+from stylestudy.models import builders_sd3, families
+from stylestudy.models.families import sd3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sd3") / "sd3"
+    builders_sd3.save_random_sd3(folder, 0, "tiny")
+    return folder
+
+
+def noise_process(scheme: str) -> sd3.FlowMatchNoise:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return sd3.FlowMatchNoise(scheduler, sd3.FlowMatchSettings(weighting_scheme=scheme, logit_mean=0.3, logit_std=0.8))
+
+
+def diffusers_sigmas(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Each timestep's sigma as diffusers' SD3 training script finds it: its index in the schedule."""
+    index = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
+    return scheduler.sigmas[index].view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"])
+def test_flow_matching_is_diffusers_sd3_recipe(scheme: str) -> None:
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    process = noise_process(scheme)
+    clean = torch.randn(6, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    noise, timesteps = process.draw(clean, 0.0)
+    torch.manual_seed(7)
+    expected_noise = torch.randn_like(clean)
+    u = compute_density_for_timestep_sampling(scheme, 6, 0.3, 0.8, 1.29)
+    expected_t = process.scheduler.timesteps[(u * 1000).long()]
+    torch.testing.assert_close(noise, expected_noise)
+    torch.testing.assert_close(timesteps, expected_t)
+    sigma = diffusers_sigmas(process.scheduler, timesteps)
+    noisy = process.noised(clean, noise, timesteps)
+    torch.testing.assert_close(noisy, (1 - sigma) * clean + sigma * noise)
+    torch.testing.assert_close(process.target(clean, noise, timesteps), noise - clean)
+    torch.testing.assert_close(process.predicted_x0(noisy, noise - clean, timesteps), clean, atol=1e-5, rtol=1e-5)
+    weights = process.loss_weights(timesteps, 0.0)
+    if scheme in ("sigma_sqrt", "cosmap"):
+        torch.testing.assert_close(weights, compute_loss_weighting_for_sd3(scheme, sigma.flatten()))
+    else:
+        assert weights is None  # all ones: the plain mean
+
+
+def test_logit_normal_draws_middle_noise_levels_more_than_uniform() -> None:
+    torch.manual_seed(0)
+    clean = torch.zeros(4000, 1, 1, 1)
+    middle = {scheme: ((lambda t: ((t > 250) & (t < 750)).float().mean())(noise_process(scheme).draw(clean, 0)[1]))
+              for scheme in ("logit_normal", "uniform")}
+    assert middle["logit_normal"] > middle["uniform"] + 0.1
+
+
+def test_latents_are_shifted_then_scaled() -> None:
+    config = type("VaeConfig", (), {"shift_factor": 0.0609, "scaling_factor": 1.5305})()
+    sample = torch.randn(2, 16, 4, 4)
+    latents = sd3.FAMILY.to_latents(config, sample)
+    torch.testing.assert_close(latents, (sample - 0.0609) * 1.5305)
+    torch.testing.assert_close(sd3.FAMILY.from_latents(config, latents), sample)
+
+
+def test_conditioning_is_the_pipeline_s_own(sd3_dir: Path) -> None:
+    family = sd3.FAMILY.configured({"family": "sd3", "weighting_scheme": "logit_normal", "logit_mean": 0.0,
+                                    "logit_std": 1.0, "mode_scale": 1.29, "max_sequence_length": 12})
+    encoders = family.load_encoders(sd3_dir, torch.device("cpu"), torch.float32)
+    texts = ["a horse near a tree", "zebra running"]
+    conditioning = encoders.encode_text(texts)
+    pipe = families.load_pipeline(sd3_dir)
+    embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device="cpu", do_classifier_free_guidance=False,
+                                              max_sequence_length=12)
+    assert conditioning.sequence.shape == (2, 77 + 12, 64) and conditioning.pooled.shape == (2, 64)
+    torch.testing.assert_close(conditioning.sequence, embeds)
+    torch.testing.assert_close(conditioning.pooled, pooled)
+    assert family.count_truncated(encoders, ["a " * 20, "a horse"]) == 1  # 20 T5 tokens and </s> exceed 12
+
+
+def params_with(tmp_path: Path, *overrides: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(composed(*overrides)))
+    return path
+
+
+@pytest.mark.parametrize("override, words", [
+    ("finetune.snr_gamma=5", "no meaning for flow matching"),
+    ("generate.scheduler=pndm", "not a sampler of model family sd3"),
+    ("model.weighting_scheme=lognorm", "model.weighting_scheme must be one of"),
+])
+def test_settings_sd3_cannot_honour_are_refused_in_one_line(tmp_path: Path, override: str, words: str) -> None:
+    with pytest.raises(UserError) as refused:
+        load_params("finetune", params_with(tmp_path, "model=sd3", override))
+    assert words in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_sd2_params_have_no_sd3_keys(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unknown key model.max_sequence_length"):
+        load_params("model", params_with(tmp_path, "+model.max_sequence_length=77"))
+    assert load_params("model", params_with(tmp_path, "model=sd3", "profile=smoke"))["family"] == "sd3"
+
+
+def test_gated_model_without_a_token_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    from stylestudy.models import hub
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("401 Client Error: access to model is restricted", response=MagicMock(status_code=401))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    monkeypatch.setattr(hub, "reachable", lambda: None)
+    with pytest.raises(UserError) as refused:
+        hub.download("sd", "stabilityai/stable-diffusion-3-medium-diffusers", "main")
+    message = str(refused.value)
+    assert "gated" in message and "HF_TOKEN" in message and "accept its licence" in message and "\n" not in message
+
+
+def generate_params(memory: str) -> dict:
+    return composed("profile=smoke", "model=sd3")["generate"] | {
+        "memory": memory, "images_per_prompt": 1, "prompts": ["a horse", "zebra running", "a tree"], "batch_size": 2}
+
+
+def test_sequential_generation_gives_the_same_images(sd3_dir: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split"
+    sketches.make_synthetic_sketches(tmp_path / "raw", 2, 32, 0)
+    write_jsonl(split / "test.jsonl", read_metadata(tmp_path / "raw"))
+    images = {}
+    for memory in ("none", "sequential"):
+        rows = generate.run("base", sd3_dir, split, tmp_path / memory, generate_params(memory), 0, sd3.FAMILY)
+        assert [row["memory"] for row in rows] == [memory] * len(rows)
+        images[memory] = np.stack([np.asarray(Image.open(tmp_path / memory / row["file_name"])) for row in rows])
+        manifest = [json.loads(line) for line in (tmp_path / memory / "manifest.jsonl").read_text().splitlines()]
+        assert len(manifest) == 3 + 2  # the study's prompts, then the held-out captions
+    assert np.array_equal(images["none"], images["sequential"])
