@@ -3,7 +3,9 @@
 Reads SD_DIR (pipeline folder from fetch), GUIDE_DIR (the guidance CLIP, used by `clip_loss` only), RAW_DIR
 (imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's latents and text embeddings, memory-mapped
 with `encode.cache_latents`; refused in one line when made with other settings) and params `finetune`, `encode` (how
-images and captions are encoded), `shared` and `generate.style_prompt` (the CLIP loss's pre-prompt). The model family
+images and captions are encoded), `shared` and `generate.style_prompt` (the CLIP loss's pre-prompt). Everything
+random in training draws from `finetune.seed` (shared.seed unless set), not from the split's or generation's seed, so
+runs that differ only in it are training replicates (docs/sweeps.md). The model family
 (stylestudy/models/families/) comes from SD_DIR's model_index.json. Writes OUT_DIR, a diffusers pipeline folder
 whose UNet is the fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the
 adapter alone (lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same
@@ -234,11 +236,11 @@ def main() -> None:
         config = launch.check(p)
         # one plain process trains right here, and run() checks the inputs and a checkpoint itself
         if checking or launch.needs_launcher(config, p["launch"]["num_processes"]):
-            preflight(folders, p, settings, shared["seed"], style_prompt)
+            preflight(folders, p, settings, p["seed"], style_prompt)
             if checking:
                 return
             launch.relaunch(p, sys.argv[1:])
-    run(folders, p, settings, shared["seed"], style_prompt)
+    run(folders, p, settings, p["seed"], style_prompt)
 
 
 if __name__ == "__main__":

@@ -149,10 +149,13 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
 
 
 def study_defaults(study_config: Path) -> dict:
-    """The study's settings: conf/config.yaml without Hydra's defaults list (the study profile changes nothing)."""
+    """The study's settings: conf/config.yaml without Hydra's defaults list (the study profile changes nothing), its
+    interpolations (finetune.seed: ${shared.seed}) resolved as Hydra composes them."""
+    from omegaconf import OmegaConf
+
     defaults = yaml.safe_load(study_config.read_text())
     defaults.pop("defaults", None)
-    return defaults
+    return OmegaConf.to_container(OmegaConf.create(defaults), resolve=True)
 
 
 def run(inputs: Inputs, out_md: Path, figures_dir: Path, p: dict) -> None:

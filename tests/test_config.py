@@ -143,3 +143,19 @@ def test_help_explains_every_argument_the_params_read_and_an_example(name, tmp_p
         section = section if isinstance(section, str) else next(iter(section))
         assert (f"`{section.split('.')[0]}" if section != "params.yaml" else "params.yaml") in text, section
     assert re.search(rf"^Example: python -m stages\.{name} \S", text, re.M)
+
+
+def test_the_training_seed_is_shared_seed_unless_set():
+    """finetune.seed follows shared.seed by default (the study's numbers), and alone moves only training."""
+    assert STUDY["finetune"]["seed"] == STUDY["shared"]["seed"]
+    assert composed("shared.seed=7")["finetune"]["seed"] == 7
+    replicate = composed("finetune.seed=3")
+    assert (replicate["finetune"]["seed"], replicate["shared"]["seed"]) == (3, STUDY["shared"]["seed"])
+
+
+def test_the_report_compares_with_the_study_defaults_resolved():
+    """conf/config.yaml read as the study's settings equals the composed study: `${shared.seed}` shows as its value,
+    not as a setting that differs."""
+    from stages.report import study_defaults
+
+    assert study_defaults(REPO / "conf/config.yaml") == STUDY
