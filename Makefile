@@ -58,13 +58,15 @@ test-all: setup
 bench: setup  # make bench AGAINST=<rev>: that commit's DAG too, side by side
 	python bench/smoke_dag.py $(if $(AGAINST),--against $(AGAINST))
 
+# Both also draw reports/comparison.png (style against held-out CLIP score, the Pareto front), a plot in dvc.yaml.
 compare: setup
-	@python scripts/compare.py
+	@mkdir -p reports
+	@python scripts/compare.py --chart reports/comparison.png
 
 # Written under a temporary name and renamed, so that a failed comparison leaves no half-written report.
 .PHONY: compare-md
 compare-md: setup
 	@mkdir -p reports
-	@python scripts/compare.py --markdown > reports/comparison.md.tmp || { rm -f reports/comparison.md.tmp; exit 1; }
+	@python scripts/compare.py --markdown --chart reports/comparison.png > reports/comparison.md.tmp || { rm -f reports/comparison.md.tmp; exit 1; }
 	@mv reports/comparison.md.tmp reports/comparison.md
 	@echo "reports/comparison.md"

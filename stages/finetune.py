@@ -4,8 +4,10 @@ Reads SD_DIR (pipeline folder from fetch), GUIDE_DIR (the guidance CLIP, used by
 (imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's latents and text embeddings, memory-mapped
 with `encode.cache_latents`; refused in one line when made with other settings) and params `finetune`, `encode` (how
 images and captions are encoded), `model` (the family, stylestudy/models/families/: SD_DIR must be one of its
-pipelines), `shared` and `generate.style_prompt` (the CLIP loss's pre-prompt). Writes OUT_DIR, a diffusers pipeline
-folder whose denoiser is the fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the
+pipelines), `shared` and `generate.style_prompt` (the CLIP loss's pre-prompt). Everything random in training draws
+from `finetune.seed` (shared.seed unless set), not from the split's or generation's seed, so runs that differ only in
+it are training replicates (docs/sweeps.md). Writes OUT_DIR, a diffusers pipeline folder whose denoiser is the
+fine-tuned (EMA) one, with training_info.json, a model card README.md and, with `method: lora`, the
 adapter alone (lora/pytorch_lora_weights.safetensors; the pipeline's UNet has it fused): the same inputs give the same
 folder, byte for byte. LIVE_DIR: dvclive (loss, loss_mse, loss_clip, lr, grad norm per step; val_loss and validation
 images every `validate_every` steps) and LIVE_DIR/timing.json (images/s, peak memory, seconds: they differ every
@@ -52,7 +54,7 @@ from stylestudy.core.config import UserError, cli, load_params, load_shared, par
 from stylestudy.core.outputs import MANIFEST, atomic_dir, fetch_origin, library_versions, write_json
 from stylestudy.data import dataset, latents
 from stylestudy.models import families, loading
-from stylestudy.models.families import Family, NoiseProcess
+from stylestudy.models.families import Family
 from stylestudy.train import batches, build, checkpoints, launch, lora, loop, losses, modelcard
 from stylestudy.train.validation import ValidationSet
 
@@ -139,7 +141,7 @@ def preflight(folders: Folders, p: dict, settings: latents.EncodeSettings, famil
         loading.precision_that_runs(p["mixed_precision"])))
 
 
-def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows: list[dict], noise: NoiseProcess,
+def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows: list[dict], trainee: losses.Trainee,
                    p: dict, settings: latents.EncodeSettings, seed: int, style_prompt: str,
                    accelerator: Accelerator) -> Inputs:
     """Load the frozen encoders, encode with them what validation needs, and build the training data. The encoders
@@ -149,11 +151,13 @@ def prepare_inputs(folders: Folders, family: Family, rows: list[dict], val_rows:
     encoders = family.load_encoders(folders.sd, device, settings.encoders_dtype(device))
     guide = None
     if p["clip_loss"]["weight"] > 0:
-        guide = losses.load_guide(folders.guide, device, encoders.vae, family, style_prompt)
+        kind = p["clip_loss"]["kind"]  # directional: the base model's x0 too, before any step changes the trainee
+        reference = losses.reference_denoiser(trainee, p["method"], device) if kind == "directional" else None
+        guide = losses.load_guide(folders.guide, device, encoders.vae, family, style_prompt, kind, reference)
     truncated = latents.count_truncated(encoders, [row["text"] for row in rows])
     validation = None
     if p["validate_every"] and accelerator.is_main_process:
-        validation = ValidationSet.build(folders.raw, val_rows, encoders, noise, p, settings.resolution, seed)
+        validation = ValidationSet.build(folders.raw, val_rows, encoders, trainee.noise, p, settings.resolution, seed)
     data = batches.training_data(folders.raw, rows, encoders, settings, p["caption_dropout"], folders.latents,
                                  folders.sd, show_progress=accelerator.is_local_main_process)
     return Inputs(data, validation, guide, truncated)
@@ -186,7 +190,7 @@ def run(folders: Folders, p: dict, settings: latents.EncodeSettings, seed: int, 
     found = checkpoints.find_resumable(folders.scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed, device_specific=True)  # seed + process index: each process draws its own noise and timesteps
     trainee = build.load_trainee(family, folders.sd, p)
-    inputs = prepare_inputs(folders, family, rows, val_rows, trainee.noise, p, settings, seed, style_prompt,
+    inputs = prepare_inputs(folders, family, rows, val_rows, trainee, p, settings, seed, style_prompt,
                             accelerator)
     build.release_memory(accelerator.device)
     dataloader = build.make_dataloader(inputs.data, p["train_batch_size"], p["dataloader_num_workers"], seed)
@@ -239,11 +243,11 @@ def main() -> None:
         config = launch.check(p)
         # one plain process trains right here, and run() checks the inputs and a checkpoint itself
         if checking or launch.needs_launcher(config, p["launch"]["num_processes"]):
-            preflight(folders, p, settings, family, shared["seed"], style_prompt)
+            preflight(folders, p, settings, family, p["seed"], style_prompt)
             if checking:
                 return
             launch.relaunch(p, sys.argv[1:])
-    run(folders, p, settings, shared["seed"], style_prompt, family)
+    run(folders, p, settings, p["seed"], style_prompt, family)
 
 
 if __name__ == "__main__":

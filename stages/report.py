@@ -149,10 +149,19 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
 
 
 def study_defaults(study_config: Path) -> dict:
-    """The study's settings: conf/config.yaml without Hydra's defaults list (the study profile changes nothing)."""
-    defaults = yaml.safe_load(study_config.read_text())
-    defaults.pop("defaults", None)
-    return defaults
+    """The study's settings: conf/config.yaml with the groups its defaults list names (conf/model/sd2.yaml,
+    conf/profile/study.yaml) merged in order, its interpolations (finetune.seed: ${shared.seed}) resolved as Hydra
+    composes them."""
+    from omegaconf import OmegaConf
+
+    config = yaml.safe_load(study_config.read_text())
+    merged = OmegaConf.create({k: v for k, v in config.items() if k != "defaults"})
+    for entry in config.get("defaults", []):
+        if isinstance(entry, dict):
+            (group, name), = entry.items()
+            group_file = study_config.parent / group / f"{name}.yaml"
+            merged = OmegaConf.merge(merged, yaml.safe_load(group_file.read_text()) or {})
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def run(inputs: Inputs, out_md: Path, figures_dir: Path, p: dict) -> None:

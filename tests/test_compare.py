@@ -1,8 +1,14 @@
-"""scripts/compare.py on a hand-written `dvc exp show --json` (the shape dvc 3.67 prints): choice and format."""
+"""scripts/compare.py on a hand-written `dvc exp show --json` (the shape dvc 3.67 prints): choice and format; the
+replicate groups, their tests and the chart (stylestudy/report/comparison.py) on synthetic runs."""
 import importlib.util
+import math
 
 import pytest
 from conftest import REPO
+from PIL import Image
+
+from stylestudy.evaluate.statistics import welch_t_test
+from stylestudy.report import comparison
 
 spec = importlib.util.spec_from_file_location("compare", REPO / "scripts/compare.py")
 compare = importlib.util.module_from_spec(spec)
@@ -88,3 +94,81 @@ def test_the_text_table_stays_the_default(shown, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["experiment", "generate.steps", "generate.style_to_generator", *compare.HEADLINE]
     assert [line.split()[0] for line in lines[1:]] == ["exp2-style-to-clip-only", "smoke-run", "exp1-style-to-both"]
+
+
+# ---------------------------------------------------------------------- replicates over training seeds, the chart
+
+def replicate(name: str, lr: float, seed: int, style: float, clip: float, half: float = 1.0) -> dict:
+    """One run as `dvc exp show --json` lists it, with the two charted metrics and their within-run intervals."""
+    metrics = {}
+    for key, value in (("style_similarity_finetuned", style), ("test_clip_score_finetuned", clip)):
+        metrics |= {key: value, f"{key}_ci_low": value - half, f"{key}_ci_high": value + half, f"{key}_n": 8}
+    return experiment(name, {"finetune": {"learning_rate": lr, "seed": seed}, "shared": {"seed": 42}}, metrics)
+
+
+# Setting A: three seeds; B: three seeds, more style and less fidelity; C: one run, beaten by A on both axes.
+REPLICATES = [{"rev": "a" * 40, "name": "main", "experiments": [
+    replicate("a1", 1e-4, 1, 50.0, 20.0), replicate("b1", 3e-4, 1, 53.0, 18.0),
+    replicate("a2", 1e-4, 2, 51.0, 21.0), replicate("b2", 3e-4, 2, 54.0, 18.5),
+    replicate("a3", 1e-4, 3, 52.0, 22.0), replicate("b3", 3e-4, 3, 55.0, 17.5),
+    replicate("c1", 1e-3, 1, 49.0, 19.0), replicate("a1-again", 1e-4, 1, 50.0, 20.0),
+]}]
+
+
+def test_runs_that_differ_only_in_the_training_seed_are_one_group():
+    groups = comparison.group_replicates(compare.experiments(REPLICATES))
+    assert [g.names for g in groups] == [("a1", "a2", "a3"), ("b1", "b2", "b3"), ("c1",)]
+    assert groups[0].seeds == (1, 2, 3) and "finetune.seed" not in groups[0].params  # a1-again: not a replicate
+    assert comparison.differing_settings(groups) == ["finetune.learning_rate"]
+    assert comparison.label(groups[1], ["finetune.learning_rate"]) == "learning_rate=0.0003"
+
+
+def test_a_summary_has_the_t_interval_over_runs_beside_the_within_run_interval():
+    """A's style: runs 50, 51, 52: mean 51, s = 1, t_{0.975, 2} / sqrt(3) either side; within-run [50, 52] on
+    average (each ±1, so standard error 1 / 1.96 and between/within sd ratio 1.96)."""
+    a = comparison.group_replicates(compare.experiments(REPLICATES))[0]
+    s = comparison.summarise(a, "style_similarity_finetuned")
+    half = 4.302652729911275 / 3**0.5
+    assert (s.mean, s.low, s.high, s.within_low, s.within_high, s.n) == pytest.approx((51, 51 - half, 51 + half, 50,
+                                                                                      52, 3))
+    assert s.spread_ratio == pytest.approx(comparison.Z_95)
+    assert comparison.summarise(a, "kid_finetuned") is None
+
+
+def test_a_difference_is_b_minus_a_by_welch_over_runs_and_flagged_below_three_runs():
+    a, b, c = comparison.group_replicates(compare.experiments(REPLICATES))
+    d = comparison.difference(a, b, "style_similarity_finetuned")
+    # B - A = 3 over runs of sd 1 each: t = 3 / sqrt(1/3 + 1/3), df = 4 (equal sizes and spreads)
+    assert (d.diff, d.t, d.df, d.n_a, d.n_b, d.flagged) == pytest.approx((3.0, 3 / (2 / 3) ** 0.5, 4.0, 3, 3, False))
+    assert d.p == pytest.approx(welch_t_test([53.0, 54.0, 55.0], [50.0, 51.0, 52.0])[2]) and d.p < 0.05
+    lone = comparison.difference(a, c, "style_similarity_finetuned")
+    assert lone.flagged and math.isnan(lone.p) and lone.diff == pytest.approx(-2.0)
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    points = [(50.0, 20.0), (53.0, 18.0), (49.0, 19.0), (53.0, 18.0 - 1e-9), (48.0, 21.0)]
+    assert comparison.pareto_front(points) == [4, 0, 1]
+
+
+def test_compare_prints_replicates_and_a_test_and_draws_the_chart(monkeypatch, capsys, tmp_path):
+    """Through the `dvc exp show --json` shape: the text form, the Markdown form and the PNG."""
+    monkeypatch.setattr(compare, "show", lambda: REPLICATES)
+    chart = tmp_path / "comparison.png"
+    compare.main(["--chart", str(chart)])
+    text = capsys.readouterr().out
+    assert "learning_rate=0.0001: 3 run(s), training seeds 1, 2, 3 (a1, a2, a3)" in text
+    assert "  style_similarity_finetuned: 51 [48.52, 53.48] over runs; within-run [50, 52]; runs=3" in text
+    assert "  style_similarity_finetuned: 3, Welch t=3.67, df=4, p=0.02131" in text
+    assert "  style_similarity_finetuned: -2, no test (1 run) (runs 3 vs 1: fewer than 3)" in text
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.size == (900, 600)
+    compare.main(["--markdown", "--chart", str(chart)])
+    report = capsys.readouterr().out
+    assert "](comparison.png)" in report and "## Over training seeds" in report
+    assert "| style_similarity_finetuned | 3, Welch t=3.67, df=4, p=0.02131 |" in report
+
+
+def test_no_chart_without_its_metrics(shown, capsys, tmp_path):
+    compare.main(["--chart", str(tmp_path / "comparison.png")])
+    assert "no chart" in capsys.readouterr().err and not (tmp_path / "comparison.png").exists()
+    assert "## Over training seeds" not in compare.markdown(compare.experiments(SHOWN))

@@ -56,9 +56,9 @@ def test_study_params_are_valid(section, tmp_path):
     ("finetune", "lora_rank", 0, "finetune.lora_rank must be a positive integer"),
     ("finetune", "snr_gamma", -1, "finetune.snr_gamma must be a number >= 0"),
     ("finetune", "caption_dropout", 1.5, "finetune.caption_dropout must be a number between 0 and 1"),
-    ("finetune", "clip_loss", {"weight": -0.1, "max_timestep": 200, "every": 1},
+    ("finetune", "clip_loss", {"weight": -0.1, "kind": "global", "max_timestep": 200, "every": 1},
      "finetune.clip_loss.weight must be a number >= 0"),
-    ("finetune", "clip_loss", {"weight": 0.1, "max_timestep": 200, "every": 0},
+    ("finetune", "clip_loss", {"weight": 0.1, "kind": "global", "max_timestep": 200, "every": 0},
      "finetune.clip_loss.every must be a positive integer"),
 ])
 def test_a_bad_value_in_any_section_stops_every_stage(tmp_path, section, key, value, words):
@@ -147,3 +147,19 @@ def test_help_explains_every_argument_the_params_read_and_an_example(name, tmp_p
             continue
         assert (f"`{section.split('.')[0]}" if section != "params.yaml" else "params.yaml") in text, section
     assert re.search(rf"^Example: python -m stages\.{name} \S", text, re.M)
+
+
+def test_the_training_seed_is_shared_seed_unless_set():
+    """finetune.seed follows shared.seed by default (the study's numbers), and alone moves only training."""
+    assert STUDY["finetune"]["seed"] == STUDY["shared"]["seed"]
+    assert composed("shared.seed=7")["finetune"]["seed"] == 7
+    replicate = composed("finetune.seed=3")
+    assert (replicate["finetune"]["seed"], replicate["shared"]["seed"]) == (3, STUDY["shared"]["seed"])
+
+
+def test_the_report_compares_with_the_study_defaults_resolved():
+    """conf/config.yaml read as the study's settings equals the composed study: `${shared.seed}` shows as its value,
+    not as a setting that differs."""
+    from stages.report import study_defaults
+
+    assert study_defaults(REPO / "conf/config.yaml") == STUDY

@@ -158,7 +158,8 @@ def test_killed_run_resumes_to_the_same_weights(inputs, uninterrupted):
 
 
 EVERY_OPTION = {"method": "lora", "lora_rank": 4, "lora_alpha": 8, "snr_gamma": 5.0, "noise_offset": 0.1,
-                "caption_dropout": 0.3, "clip_loss": {"weight": 0.5, "max_timestep": 600, "every": 2},
+                "caption_dropout": 0.3,
+                "clip_loss": {"weight": 0.5, "kind": "directional", "max_timestep": 600, "every": 2},
                 "validate_every": 3}
 
 

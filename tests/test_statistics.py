@@ -4,8 +4,9 @@ import logging
 import numpy as np
 import pytest
 
-from stylestudy.evaluate.statistics import (bootstrap_mmd2, cmmd, distance_metrics, kid, mcnemar_exact_p, mmd2, polynomial_kernel,
-                               resample_counts, sign_flip_p, wilson_interval)
+from stylestudy.evaluate.statistics import (bootstrap_mmd2, cmmd, distance_metrics, kid, mcnemar_exact_p, mmd2,
+                                             polynomial_kernel, resample_counts, sign_flip_p, student_t_p,
+                                             student_t_quantile, t_interval, welch_t_test, wilson_interval)
 
 SETTINGS = {"bootstrap_samples": 1000, "kid_subsets": 20, "kid_subset_size": 100, "seed": 0}
 
@@ -189,3 +190,49 @@ def test_mcnemar_exact_by_hand():
     assert mcnemar_exact_p(4, 4) == 1.0
     assert mcnemar_exact_p(0, 0) == 1.0
     assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)
+
+
+# ------------------------------------------------------------------------ replicates: Student's t over runs
+
+def test_student_t_against_closed_forms_and_sympy():
+    """df = 1 is Cauchy (quantile tan(pi (q - 1/2))), df = 2 has tail 1 - |t| / sqrt(2 + t²), the table's
+    t_{0.975, 2} = 4.302653, the normal limit 1.959964; a non-integer df against sympy's own Student t."""
+    import math
+
+    import sympy
+    import sympy.stats
+
+    assert student_t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)
+    assert student_t_quantile(0.975, 2) == pytest.approx(4.302652729911275, rel=1e-9)
+    assert student_t_quantile(0.975, 1e7) == pytest.approx(1.959963984540054, rel=1e-6)
+    for t in (0.3, 1.0, 2.5, 9.0):
+        assert student_t_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
+        assert student_t_p(-t, 2) == student_t_p(t, 2)
+    variable = sympy.stats.StudentT("T", sympy.Rational(37, 10))
+    assert student_t_p(2.5, 3.7) == pytest.approx(float(2 * (1 - sympy.stats.cdf(variable)(sympy.Float(2.5)))),
+                                                  rel=1e-9)
+
+
+def test_t_interval_by_hand():
+    """[1, 2, 3]: mean 2, s = 1, half-width t_{0.975, 2} / sqrt(3); one run has no interval."""
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / 3**0.5
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half), rel=1e-9)
+    assert np.isnan(t_interval([5.0])[1:]).all()
+
+
+def test_welch_t_by_hand_and_its_size_under_the_null():
+    """[0, 2] vs [3, 5]: t = -3 / sqrt(2), df = 2 (equal n and variances: 2 (n - 1)), p from the df = 2 closed form;
+    unequal sizes and spreads: df by Welch-Satterthwaite; under equal means about 5% of p values fall below 0.05."""
+    t, df, p = welch_t_test([0.0, 2.0], [3.0, 5.0])
+    assert (t, df) == pytest.approx((-3 / 2**0.5, 2.0))
+    assert p == pytest.approx(1 - 3 / 2**0.5 / (2 + 4.5) ** 0.5, rel=1e-10)
+    t, df, _ = welch_t_test([1.0, 2.0, 4.0], [10.0, 10.5, 11.0, 11.5, 12.0])
+    va, vb = np.var([1.0, 2.0, 4.0], ddof=1) / 3, np.var([10.0, 10.5, 11.0, 11.5, 12.0], ddof=1) / 5
+    assert df == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 4))
+    rng = np.random.default_rng(0)
+    rejections = [welch_t_test(rng.normal(0, 1, 3), rng.normal(0, 3, 4))[2] < 0.05 for _ in range(2000)]
+    assert 0.03 < np.mean(rejections) < 0.07  # Welch's test holds its size with unequal variances (approximately)
+    assert welch_t_test([1.0, 1.0], [1.0, 1.0])[2] == 1.0 and welch_t_test([1.0, 1.0], [2.0, 2.0])[2] == 0.0
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        welch_t_test([1.0], [2.0, 3.0])

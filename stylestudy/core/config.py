@@ -103,7 +103,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "encode": {"resolution": MULTIPLE_OF_8, "center_crop": BOOL, "random_flip": BOOL, "cache_latents": BOOL,
                "mixed_precision": one_of("no", "fp16", "bf16"), "dataloader_num_workers": NON_NEGATIVE_INT},
     "finetune": {
-        "epochs": POSITIVE_INT, "max_train_steps": NON_NEGATIVE_INT, "train_batch_size": POSITIVE_INT,
+        "seed": NON_NEGATIVE_INT, "epochs": POSITIVE_INT, "max_train_steps": NON_NEGATIVE_INT, "train_batch_size": POSITIVE_INT,
         "gradient_accumulation_steps": POSITIVE_INT, "learning_rate": POSITIVE_NUMBER,
         "lr_scheduler": one_of("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                "polynomial"),
@@ -115,7 +115,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "channels_last": BOOL, "compile_unet": BOOL, "method": one_of("full", "lora"), "lora_rank": POSITIVE_INT,
         "lora_alpha": POSITIVE_NUMBER, "snr_gamma": NON_NEGATIVE_NUMBER, "noise_offset": NON_NEGATIVE_NUMBER,
         "caption_dropout": FRACTION,
-        "clip_loss": {"weight": NON_NEGATIVE_NUMBER, "max_timestep": POSITIVE_INT, "every": POSITIVE_INT},
+        "clip_loss": {"weight": NON_NEGATIVE_NUMBER, "kind": one_of("global", "directional"),
+                      "max_timestep": POSITIVE_INT, "every": POSITIVE_INT},
         "validate_every": NON_NEGATIVE_INT, "validation_prompt": NON_EMPTY_STRING, "validation_images": POSITIVE_INT,
         "validation_steps": POSITIVE_INT,
         "launch": {"config_file": NON_EMPTY_STRING, "num_processes": POSITIVE_INT},
@@ -135,6 +136,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "blip_check": {"style_words": non_empty_list_of(NON_EMPTY_STRING), "max_new_tokens": POSITIVE_INT,
                    "batch_size": POSITIVE_INT},
     "report": {"captions_per_model": POSITIVE_INT, "training_examples": NON_NEGATIVE_INT},
+    "model": MODEL_SCHEMAS["sd2"],  # load_params checks `model` by the rules of the family it names (model_schema)
 }
 
 

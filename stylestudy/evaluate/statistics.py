@@ -1,5 +1,6 @@
 """Statistics for the evaluation stages: KID and CMMD on embeddings, style similarity, bootstrap intervals, paired
-tests. Pure numpy, deterministic given an explicit seed."""
+tests; and over training replicates (runs): Student-t intervals and Welch's t test. numpy (Student's t: mpmath's
+incomplete beta), deterministic given an explicit seed."""
 from __future__ import annotations
 
 import logging
@@ -206,3 +207,49 @@ def mcnemar_exact_p(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
     return min(1.0, 2 * tail / 2**n)
+
+
+# ------------------------------------------------------------------- over training replicates (runs, not images)
+
+def student_t_p(t: float, df: float) -> float:
+    """Two-sided P(|T| >= |t|) under Student's t with df degrees of freedom: I_{df/(df+t²)}(df/2, 1/2)."""
+    import mpmath  # torch's own dependency (through sympy); imported here, as numpy has no incomplete beta
+
+    if math.isinf(t):
+        return 0.0
+    return float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
+
+
+def student_t_quantile(q: float, df: float) -> float:
+    """The q quantile (0.5 < q < 1) of Student's t: the root of the two-sided tail = 2 (1 - q), by bisection."""
+    target, low, high = 2 * (1 - q), 0.0, 1.0
+    while student_t_p(high, df) > target:
+        low, high = high, 2 * high
+    for _ in range(100):  # the bracket halves each time: 2^-100 of it is far below float resolution
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_p(middle, df) > target else (low, middle)
+    return (low + high) / 2
+
+
+def t_interval(values: list[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval of the mean over independent runs: mean ± t_{n-1} s / sqrt(n); NaN bounds below 2."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan
+    half = student_t_quantile(0.5 + confidence / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+def welch_t_test(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> tuple[float, float, float]:
+    """Welch's unequal-variance t test of mean(a) = mean(b) (Welch 1947): t, Welch-Satterthwaite df, two-sided p."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if min(a.size, b.size) < 2:
+        raise ValueError(f"Welch's t needs at least 2 runs per setting, got {a.size} and {b.size}")
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    diff = float(a.mean() - b.mean())
+    if va + vb == 0:  # every run of both settings gave the same value: the test says equal or certainly not
+        return (0.0 if diff == 0 else math.copysign(math.inf, diff)), math.nan, float(diff == 0)
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    return t, float(df), student_t_p(t, df)

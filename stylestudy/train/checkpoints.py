@@ -103,7 +103,7 @@ def fingerprint(p: dict, seed: int, inputs: str, processes: int, device_type: st
     run = {f"finetune.{k}": v for k, v in p.items() if k not in (*RESUME_SAFE, "launch")}
     # Each process's RNG and data shard is in the checkpoint: another process count is refused by its own name.
     run["finetune.launch.config_file"] = p["launch"]["config_file"]
-    return run | {"shared.seed": seed, "training inputs": inputs, "number of processes": processes,
+    return run | {"training seed": seed, "training inputs": inputs, "number of processes": processes,
                   "device type": device_type, "mixed precision that ran": precision}
 
 

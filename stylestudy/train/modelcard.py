@@ -116,7 +116,8 @@ def recipe_rows(info: dict) -> list[tuple[str, str]]:
     losses = [f"min-SNR gamma {p['snr_gamma']:g}" if p["snr_gamma"] else "",
               f"noise offset {p['noise_offset']:g}" if p["noise_offset"] else "",
               f"caption dropout {p['caption_dropout']:g}" if p["caption_dropout"] else "",
-              f"CLIP-guided loss weight {p['clip_loss']['weight']:g}" if p["clip_loss"]["weight"] else ""]
+              f"CLIP-guided loss ({p['clip_loss']['kind']}) weight {p['clip_loss']['weight']:g}"
+              if p["clip_loss"]["weight"] else ""]
     return [
         ("epochs", f"{p['epochs']}" + (f" (at most {p['max_train_steps']} steps)" if p["max_train_steps"] else "")),
         ("batch", f"{p['train_batch_size']} per process x {p['gradient_accumulation_steps']} accumulation steps"),
