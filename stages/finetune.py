@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "lora"  # OUT_DIR/lora/pytorch_lora_weights.safetensors, for users who load it on the base model
-TIMING = ("images_per_s", "peak_memory_mb", "train_seconds", "resumed_from_step")  # differ from run to run
+TIMING = ("images_per_s", "peak_memory_mb", "train_seconds", "resumed_from_step", "skipped_steps")  # differ from run to run
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,11 @@ import pytest
 import yaml
 
 _HOME = Path(tempfile.mkdtemp(prefix="sketch-tests-"))
+# The suite runs on the CPU even on a GPU machine, in this process and every one it starts: the expected numbers
+# (tests/reference/, resumed runs bit for bit, the same metrics twice) hold on a CPU, and CUDA kernels are not
+# deterministic by default. What holds on a GPU is bench/gpu_check.sh's to measure (its determinism step).
 os.environ.update({
+    "CUDA_VISIBLE_DEVICES": "",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "HF_HOME": str(_HOME / "hf"),
@@ -129,3 +133,40 @@ def smoke_run(tmp_path_factory, user_env) -> SimpleNamespace:
     run = lambda *args, check=True: sh(root, *args, env=user_env, check=check)  # noqa: E731
     log = run(*SMOKE)
     return SimpleNamespace(root=root, log=log, run=run, metrics=read_metrics(root))
+
+
+# ------------------------------------------------------------------------------------------------ half precision
+
+def emulate_cuda_fp16(accelerator):
+    """An accelerator as fp16 mixed precision makes it on CUDA, on the CPU: fp16 autocast and a loss scaler (accelerate
+    gives neither on a CPU)."""
+    import torch
+
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True
+    return accelerator
+
+
+@pytest.fixture(params=["fp16", "bf16"])
+def half_precision(request, monkeypatch):
+    """Each stage's CUDA branch on the CPU, in fp16 then bf16: the inference dtype (CLIP loaded with half=True in fp16,
+    BLIP and the generating pipeline in the half type), the frozen VAE and text encoder of encode and finetune in it,
+    and the fine-tune's mixed precision with fp16 autocast and a loss scaler as on a GPU. A dtype mismatch then fails
+    here, not on the first GPU."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from stylestudy.models import loading
+    from stylestudy.train import build
+
+    # accelerate keeps one mixed precision per process: another would be refused
+    AcceleratorState._reset_state()
+    request.addfinalizer(AcceleratorState._reset_state)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[request.param]
+    monkeypatch.setattr(loading, "default_dtype", lambda device: dtype)
+    monkeypatch.setattr(loading, "frozen_dtype", lambda precision, device: dtype if precision != "no" else torch.float32)
+    monkeypatch.setattr(loading, "precision_that_runs", lambda requested: requested)
+    build_accelerator = build.build_accelerator
+    if request.param == "fp16":
+        monkeypatch.setattr(build, "build_accelerator", lambda p, seed: (
+            emulate_cuda_fp16(build_accelerator(p, seed)) if p["mixed_precision"] == "fp16" else build_accelerator(p, seed)))
+    return dtype

@@ -242,3 +242,23 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
     assert items[2].equal(first) and torch.get_rng_state().equal(state)
     items.set_epoch(1)
     assert not items[2].equal(first)
+
+
+def test_loading_an_item_leaves_the_cuda_generators_alone(monkeypatch):
+    """On a GPU, with the items loaded in the main process, reseeding the CUDA generators per item would seed each
+    batch's noise and timesteps from its last item: only the CPU generator (torchvision's) may be seeded."""
+    import torch
+
+    class Flip:
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int):
+            return bool(torch.rand(1) < 0.5)
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
+    items = checkpoints.SeededItems(Flip(), SEED)
+    assert [items[0], items[1]] == [items[0], items[1]]  # still seeded per item
+    assert seeded == []

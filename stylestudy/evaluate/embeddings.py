@@ -46,13 +46,26 @@ def batches(items: list, batch_size: int, what: str | None) -> Any:
     return tqdm(chunks, desc=what, unit="batch") if what else chunks
 
 
+def pixel_weight(model: Any) -> Any:
+    """The weight of the first layer the pixels meet (the image tower's first convolution or linear patch embedding).
+
+    open_clip's `precision="fp16"` (half=True) converts only the convolutions, linear and attention layers: the
+    embeddings and layer norms stay fp32, so the model's first parameter says nothing about what the pixels must be.
+    """
+    import torch
+
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    return next(m.weight for m in model.visual.modules() if isinstance(m, layers))
+
+
 def embed_images(model: Any, preprocess: Callable, images: list[Path | Image.Image], batch_size: int,
                  progress: str | None = "clip images") -> np.ndarray:
-    """Normalised image embeddings (n x d), batched on the model's device and dtype, normalised in fp32."""
+    """Normalised image embeddings (n x d), batched on the device and in the dtype of the image tower's first layer,
+    normalised in fp32."""
     import torch
     from PIL import Image
 
-    weight = next(model.parameters())
+    weight = pixel_weight(model)
     rows = []
     with torch.no_grad():
         for batch in batches(images, batch_size, progress):

@@ -116,6 +116,16 @@ def release_memory(device: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def denoiser_input_dtype(accelerator: Accelerator) -> Any:
+    """What the prepared denoiser's inputs must be cast to: DeepSpeed casts its weights to the half type and adds no
+    autocast, so fp32 latents and text embeddings (cached ones above all) meet bf16 weights; None elsewhere."""
+    import torch
+
+    if accelerator.distributed_type != "DEEPSPEED":
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+
+
 def prepare_training(trainee: Trainee, dataloader: Any, p: dict, accelerator: Accelerator) -> TrainingState:
     """Optimizer, LR schedule and EMA over the trainable parameters (all of the denoiser, or the LoRA adapter),
     prepared by accelerate; the EMA is registered so that checkpoints carry it."""
@@ -139,6 +149,6 @@ def prepare_training(trainee: Trainee, dataloader: Any, p: dict, accelerator: Ac
     denoiser, optimizer, lr_scheduler = accelerator.prepare(trainee.denoiser, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    prepared = Trainee(trainee.family, denoiser, trainee.noise)
+    prepared = Trainee(trainee.family, denoiser, trainee.noise, denoiser_input_dtype(accelerator))
     return TrainingState(prepared, accelerator.unwrap_model(denoiser), trainable, optimizer, lr_scheduler, ema,
                          dataloader, max_steps, steps_per_epoch)

@@ -72,8 +72,11 @@ class SeededItems:
         import torch
 
         key = hashlib.sha256(f"{self.seed}/{self.epoch}/{index}".encode()).digest()
+        # The CPU generator alone, which torchvision's transforms draw from: torch.manual_seed would reseed the CUDA
+        # generators too, which fork_rng(devices=[]) does not restore, so on a GPU with the items loaded in the main
+        # process (dataloader_num_workers: 0) the last item of each batch would seed that batch's noise and timesteps.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(key[:8], "big"))
+            torch.default_generator.manual_seed(int.from_bytes(key[:8], "big"))
             return self.dataset[index]
 
 

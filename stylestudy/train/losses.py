@@ -33,11 +33,13 @@ DIRECTION_FLOOR = 1e-4
 
 @dataclass(frozen=True)
 class Trainee:
-    """The denoiser being trained (a UNet or transformer, maybe wrapped by accelerate), its family and noise process."""
+    """The denoiser being trained (a UNet or transformer, maybe wrapped by accelerate), its family and noise process,
+    and the dtype its inputs are cast to (None: as they come; autocast casts them where it runs)."""
 
     family: Family
     denoiser: Any
     noise: NoiseProcess
+    input_dtype: Any = None
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,12 @@ def training_loss(inputs: TrainInputs, trainee: Trainee, p: dict, step: int, gui
     noise, timesteps = noise_process.draw(clean, p["noise_offset"])
     noisy = noise_process.noised(clean, noise, timesteps)
     target = noise_process.target(clean, noise, timesteps)
-    prediction = trainee.family.denoise(trainee.denoiser, noisy, timesteps, inputs.conditioning)
+    conditioning = inputs.conditioning
+    if trainee.input_dtype is not None:  # DeepSpeed: half weights and no autocast (build.denoiser_input_dtype)
+        noisy_in, conditioning = noisy.to(trainee.input_dtype), conditioning.to(noisy.device, trainee.input_dtype)
+    else:
+        noisy_in = noisy
+    prediction = trainee.family.denoise(trainee.denoiser, noisy_in, timesteps, conditioning)
     loss_mse = mse_loss(prediction, target, noise_process.loss_weights(timesteps, p["snr_gamma"]))
     applied = clip_samples(p["clip_loss"], step, timesteps)
     if applied is None:

@@ -1,0 +1,325 @@
+"""The one-call GPU check: every measurement a short GPU loan allows, each step time-boxed, one JSON per step and a
+summary Markdown under OUT_DIR. bench/gpu_check.sh sets up the environment and calls this.
+
+Steps, in order (each a subprocess with its own time limit, so a slow one cannot eat the rest):
+  1 full_profile   the `full` profile through `dvc repro` in a fresh copy, shortened (study-shaped random models, a few
+                   hundred synthetic 256 px images, a few dozen optimizer steps, the study's 5 prompts x 6 images at
+                   512 px, the study's precision settings): each stage's seconds and the device's peak memory during it
+  2 finetune_speed bench/finetune_speed.py at 256 px, eager: straightforward recipe, ours, LoRA, CLIP loss; batch 1, 32
+  3 generate_speed bench/generate_speed.py at 512 px, 30 images: naive, diffusers batched, ours; PSNR; evaluation time
+  4 sd3            bench/sd3_memory.py OUT_JSON, once the SD3 family brings it (else a recorded skip)
+  5 ddp            step 1's fine-tune again with conf/accelerate/ddp.yaml on 2 GPUs (a recorded skip with fewer)
+  6 determinism    the same short fine-tune twice: identical UNet weights or not, and by how much they differ
+  7 compiled       finetune_speed.py and generate_speed.py with --compile, warm-up apart, if time remains
+
+--dry-run: the same steps at tiny size on the CPU (tiny models in the full profile's shape, a few steps), the same
+files, marked "dry_run": true; tests/test_gpu_check.py runs it so the script cannot rot before a GPU comes.
+Run: bench/gpu_check.sh OUT_DIR [--dry-run]   (python bench/gpu_check.py OUT_DIR [--dry-run] in a set-up environment)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+BUDGET_S = 8 * 60  # the whole check on a GPU, the environment's set-up not included
+STEPS = ("full_profile", "finetune_speed", "generate_speed", "sd3", "ddp", "determinism", "compiled")
+# Shortened `full` profile: a few hundred 256 px images, a few dozen optimizer steps, the study's 30 images at 512 px
+FULL = ["profile=full", "fetch.data.n_images=300", "finetune.max_train_steps=40", "finetune.checkpoint_every=0",
+        "finetune.validate_every=20", "generate.test_captions=10", "clip_eval.kid_subsets=10"]
+# The dry run: the same shape with tiny models and sizes, on the CPU
+TINY = FULL + [f"fetch.{k}.source=tiny" for k in ("sd", "clip", "blip", "guide")] + [
+    "fetch.data.n_images=24", "fetch.data.image_size=64", "encode.resolution=32", "encode.dataloader_num_workers=0",
+    "finetune.max_train_steps=2", "finetune.train_batch_size=4", "finetune.gradient_accumulation_steps=1",
+    "finetune.validate_every=2", "finetune.validation_steps=2", "finetune.dataloader_num_workers=0",
+    "finetune.launch.config_file=conf/accelerate/cpu.yaml", "generate.images_per_prompt=1",
+    "generate.num_inference_steps=2", "generate.resolution=32", "generate.batch_size=5", "generate.test_captions=2",
+    "clip_eval.bootstrap_samples=50", "clip_eval.permutation_samples=50", "blip_check.max_new_tokens=4"]
+DETERMINISM_STEPS = 10
+DRY_RUN_BOX_S = 300  # each step's limit in a dry run: none is meant to reach it, even on a loaded CPU
+
+
+@dataclass
+class Check:
+    out: Path
+    dry_run: bool
+    started: float = field(default_factory=time.perf_counter)
+    clone: Path | None = None  # step 1's copy of the repository, reused by steps 5 and 6
+
+    def left(self) -> float:
+        return BUDGET_S - (time.perf_counter() - self.started)
+
+    def write(self, number: int, name: str, record: dict) -> dict:
+        record = {"step": number, "name": name, "dry_run": self.dry_run} | record
+        (self.out / f"{number:02d}_{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(f"step {number} {name}: {record['status']} ({record.get('seconds', 0):.0f} s)", flush=True)
+        return record
+
+
+class MemorySampler:
+    """The device's memory in use (nvidia-smi, every 0.5 s) while a command runs: the peak under each label."""
+
+    def __init__(self) -> None:
+        self.label, self.peaks, self.stop = "start", {}, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.5):
+            used = gpu_memory_mib()
+            if used is not None:
+                self.peaks[self.label] = max(self.peaks.get(self.label, 0), used)
+
+
+def gpu_memory_mib() -> int | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    result = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                            capture_output=True, text=True)
+    return sum(int(x) for x in result.stdout.split()) if result.returncode == 0 else None
+
+
+def run(command: list[str], cwd: Path, timeout: float, env: dict | None = None,
+        on_line=None) -> tuple[int | str, float, str]:
+    """(return code or "timeout", seconds, the output's tail), the command killed with its children at `timeout`."""
+    started, lines = time.perf_counter(), []
+    proc = subprocess.Popen(command, cwd=cwd, env=os.environ | (env or {}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    timer = threading.Timer(max(timeout, 1), lambda: os.killpg(proc.pid, 9))
+    timer.start()
+    for line in proc.stdout:
+        lines.append(line)
+        if on_line:
+            on_line(line)
+    proc.wait()
+    timed_out = not timer.is_alive() and proc.returncode < 0
+    timer.cancel()
+    return ("timeout" if timed_out else proc.returncode), time.perf_counter() - started, "".join(lines[-40:])
+
+
+def step_record(command: list[str], code: int | str, seconds: float, tail: str, figures: dict | None = None) -> dict:
+    status = "ok" if code == 0 else ("timeout" if code == "timeout" else "failed")
+    return {"status": status, "command": " ".join(command), "seconds": seconds, "returncode": code,
+            "figures": figures or {}, "log_tail": tail if status != "ok" else tail[-1500:]}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def fresh_copy(target: Path) -> Path:
+    """The working tree as a new one-commit git repository (uncommitted work included, what the pipeline and the
+    environment wrote left out): DVC needs git, and the copy carried to a GPU machine may have no .git."""
+    top = {".git", ".venv", "node_modules", "models", "reports", "scratch", "dvc_plots", "dvc.lock"}
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        skip = {"top": top, "data": set(names) - {"own"}, ".dvc": {"cache", "tmp"}}.get(
+            "top" if Path(folder) == REPO else Path(folder).name if Path(folder).parent == REPO else "", set())
+        return [n for n in names if n in skip or n == "__pycache__"]
+
+    shutil.copytree(REPO, target, ignore=ignore)
+    env = {"GIT_AUTHOR_NAME": "gpu-check", "GIT_AUTHOR_EMAIL": "gpu-check@example.com",
+           "GIT_COMMITTER_NAME": "gpu-check", "GIT_COMMITTER_EMAIL": "gpu-check@example.com"}
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "gpu check"]):
+        subprocess.run(command, cwd=target, env=os.environ | env, check=True, capture_output=True)
+    return target
+
+
+def full_profile(check: Check, timeout: float) -> dict:
+    """Step 1: a fresh copy of the repository, params composed for the shortened profile, `dvc repro`."""
+    import re
+
+    from stylestudy.core.config import compose_params
+
+    check.clone = fresh_copy(Path(tempfile.mkdtemp(prefix="gpu-check-")) / "clone")
+    overrides = TINY if check.dry_run else FULL
+    compose_params(check.clone / "params.yaml", check.clone, overrides)
+    sampler, marks = MemorySampler(), {}
+
+    def on_line(line: str) -> None:
+        if found := re.search(r"Running stage '([^']+)'", line):
+            sampler.label = found.group(1)
+            marks[sampler.label] = time.perf_counter()
+
+    sampler.thread.start()
+    command = [str(Path(sys.executable).parent / "dvc"), "repro"]
+    code, seconds, tail = run(command, check.clone, timeout, {"HF_HUB_OFFLINE": "1", "SKETCH_ALLOW_CPU": "1"}, on_line)
+    sampler.stop.set()
+    ends = list(marks.values())[1:] + [marks and time.perf_counter()]
+    stages = {name: {"seconds": end - start, "peak_device_memory_mib": sampler.peaks.get(name)}
+              for (name, start), end in zip(marks.items(), ends)}
+    figures = {"overrides": overrides, "stages": stages,
+               "finetune_timing": read_json(check.clone / "reports/finetune/timing.json")}
+    return step_record(command + [f"(params: -S {' -S '.join(overrides)})"], code, seconds, tail, figures)
+
+
+def bench_script(check: Check, timeout: float, script: str, args: list[str], tiny: list[str], name: str) -> dict:
+    """Steps 2, 3 and 7: a bench script with its --json figures."""
+    out = check.out / f"{name}.raw.json"
+    command = [sys.executable, str(REPO / "bench" / script), *(tiny if check.dry_run else args), "--json", str(out)]
+    code, seconds, tail = run(command, REPO, timeout)
+    return step_record(command, code, seconds, tail, read_json(out))
+
+
+def sd3(check: Check, timeout: float) -> dict:
+    script = REPO / "bench" / "sd3_memory.py"
+    if not script.is_file():
+        return {"status": "skipped", "seconds": 0.0, "reason": "bench/sd3_memory.py does not exist yet (the SD3 family "
+                "is being written): nothing to measure"}
+    out = check.out / "sd3.raw.json"
+    command = [sys.executable, str(script), str(out)] + (["--dry-run"] if check.dry_run else [])
+    code, seconds, tail = run(command, REPO, timeout)
+    return step_record(command, code, seconds, tail, read_json(out))
+
+
+def finetune_again(check: Check, timeout: float, overrides: list[str], out: str) -> tuple[list[str], int | str, float,
+                                                                                          str]:
+    """Step 1's fine-tune once more in its copy with more overrides, written to `out` (not a DVC output)."""
+    from stylestudy.core.config import compose_params
+
+    compose_params(check.clone / "params.yaml", check.clone, (TINY if check.dry_run else FULL) + overrides)
+    command = [sys.executable, "-m", "stages.finetune", "models/pretrained/sd", "models/pretrained/guide", "data/raw",
+               "data/split", "data/latents", out, f"{out}-live", f"{out}-scratch"]
+    code, seconds, tail = run(command, check.clone, timeout, {"HF_HUB_OFFLINE": "1", "SKETCH_ALLOW_CPU": "1"})
+    return command + [f"(params: -S {' -S '.join(overrides)})"], code, seconds, tail
+
+
+def ddp(check: Check, timeout: float) -> dict:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not check.dry_run and gpus < 2:
+        return {"status": "skipped", "seconds": 0.0, "reason": f"this machine has {gpus} GPU: DDP needs 2"}
+    config = "conf/accelerate/cpu.yaml" if check.dry_run else "conf/accelerate/ddp.yaml"
+    result = finetune_again(check, timeout, [f"finetune.launch.config_file={config}",
+                                             "finetune.launch.num_processes=2"], "ddp")
+    return step_record(*result, read_json(check.clone / "ddp-live/timing.json"))
+
+
+def determinism(check: Check, timeout: float) -> dict:
+    """The same short fine-tune twice: are the UNet weights identical? (reported, not promised)"""
+    from safetensors.torch import load_file
+
+    steps = 2 if check.dry_run else DETERMINISM_STEPS
+    overrides = [f"finetune.max_train_steps={steps}", "finetune.validate_every=0"]
+    records = [finetune_again(check, timeout / 2, overrides, f"determinism-{k}") for k in (1, 2)]
+    if any(code != 0 for _, code, _, _ in records):
+        return step_record(*next(r for r in records if r[1] != 0))
+    a, b = (load_file(str(check.clone / f"determinism-{k}/unet/diffusion_pytorch_model.safetensors")) for k in (1, 2))
+    differing = [k for k in a if not a[k].equal(b[k])]
+    largest = max(((a[k].float() - b[k].float()).abs().max().item() for k in differing), default=0.0)
+    figures = {"identical": not differing, "tensors_differing": len(differing), "tensors": len(a),
+               "max_abs_difference": largest, "steps": steps,
+               "note": "GPU kernels (cuDNN autotuning, atomics in backward) need not be deterministic; "
+                       "torch.use_deterministic_algorithms(True) with CUBLAS_WORKSPACE_CONFIG=:4096:8 and "
+                       "cudnn.benchmark off make them so, at a cost this step does not measure"}
+    return step_record(records[0][0], 0, sum(r[2] for r in records), records[1][3], figures)
+
+
+def compiled(check: Check, timeout: float) -> dict:
+    if check.dry_run:
+        return {"status": "skipped", "seconds": 0.0, "reason": "dry run: compiling takes minutes on a CPU"}
+    if timeout < 120:
+        return {"status": "skipped", "seconds": 0.0, "reason": f"only {timeout:.0f} s left of the {BUDGET_S} s budget"}
+    records = [bench_script(check, timeout * 0.6, "finetune_speed.py",
+                            ["--resolution", "256", "--batch-sizes", "32", "--steps", "5", "--compile"], [],
+                            "compiled_finetune"),
+               bench_script(check, timeout * 0.4, "generate_speed.py",
+                            ["--arch", "full", "--images-per-prompt", "6", "--compile"], [], "compiled_generate")]
+    status = "ok" if all(r["status"] == "ok" for r in records) else records[0]["status"]
+    return {"status": status, "seconds": sum(r["seconds"] for r in records), "parts": records}
+
+
+def run_steps(check: Check) -> list[dict]:
+    """Every step in order, each given its time box or what is left of the budget, whichever is less."""
+    tiny_finetune = ["--arch", "tiny", "--resolution", "32", "--batch-sizes", "1", "--steps", "2", "--warmup", "1"]
+    tiny_generate = ["--arch", "tiny", "--resolution", "32", "--prompts", "2", "--images-per-prompt", "1", "--steps",
+                     "2", "--naive-steps", "2", "--no-compile"]
+    plan = [
+        ("full_profile", 200, lambda t: full_profile(check, t)),
+        ("finetune_speed", 100, lambda t: bench_script(
+            check, t, "finetune_speed.py", ["--resolution", "256", "--batch-sizes", "1,32", "--steps", "5",
+                                            "--no-compile"], tiny_finetune, "finetune_speed")),
+        ("generate_speed", 80, lambda t: bench_script(
+            check, t, "generate_speed.py", ["--arch", "full", "--images-per-prompt", "6", "--no-compile"],
+            tiny_generate, "generate_speed")),
+        ("sd3", 60, lambda t: sd3(check, t)),
+        ("ddp", 45, lambda t: ddp(check, t)),
+        ("determinism", 60, lambda t: determinism(check, t)),
+        ("compiled", BUDGET_S, lambda t: compiled(check, t)),
+    ]
+    records = []
+    for number, (name, box, step) in enumerate(plan, 1):
+        needs_clone = name in ("ddp", "determinism")
+        if needs_clone and (check.clone is None or records[0]["status"] != "ok"):
+            record = {"status": "skipped", "seconds": 0.0, "reason": "step 1 (full_profile) did not complete"}
+        else:
+            record = step(DRY_RUN_BOX_S if check.dry_run else max(min(box, check.left()), 1))
+        records.append(check.write(number, name, record))
+    return records
+
+
+def environment(setup: str) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    smi = shutil.which("nvidia-smi")
+    driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                            text=True).stdout.strip() if smi else None
+    libraries = {name: metadata.version(name) for name in ("torch", "diffusers", "accelerate", "bitsandbytes",
+                                                           "transformers", "open-clip-torch", "dvc")}
+    return {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+            "gpus": torch.cuda.device_count(), "driver": driver, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "libraries": libraries, "environment_setup": setup}
+
+
+def summary(check: Check, env: dict, records: list[dict]) -> str:
+    lines = [f"# GPU check{' (dry run on the CPU: tiny sizes, figures mean nothing)' if check.dry_run else ''}", "",
+             f"- device: {env['device']} ({env['gpus']} GPU), driver {env['driver']}, CUDA {env['cuda']}",
+             f"- python {env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items()),
+             f"- environment: {env['environment_setup']}",
+             f"- total: {time.perf_counter() - check.started:.0f} s (budget {BUDGET_S} s on a GPU)", "",
+             "| step | status | seconds | command or reason |", "|---|---|---|---|"]
+    for r in records:
+        said = r.get("reason") or r.get("command") or "; ".join(p["command"] for p in r.get("parts", []))
+        lines.append(f"| {r['step']} {r['name']} | {r['status']} | {r['seconds']:.0f} | `{said}` |")
+    lines += ["", "Figures: the step JSON files beside this one (`figures`), the bench scripts' own JSON (*.raw.json)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the folder to write the step JSON files and summary.md into")
+    parser.add_argument("--dry-run", action="store_true", help="every step at tiny size on the CPU")
+    parser.add_argument("--setup", default="as found", help=argparse.SUPPRESS)  # what gpu_check.sh did
+    args = parser.parse_args()
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU here: bench/gpu_check.sh measures a GPU; --dry-run runs its steps on the CPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    check = Check(args.out.resolve(), args.dry_run)
+    env = environment(args.setup)
+    (check.out / "00_environment.json").write_text(json.dumps(env | {"dry_run": args.dry_run}, indent=1) + "\n")
+    records = run_steps(check)
+    (check.out / "summary.md").write_text(summary(check, env, records))
+    if check.clone is not None:
+        shutil.rmtree(check.clone.parent, ignore_errors=True)
+    print(f"wrote {check.out}/summary.md")
+
+
+if __name__ == "__main__":
+    main()
