@@ -128,7 +128,9 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
     prompts = list(dict.fromkeys(r["prompt"] for r in study_rows[MODELS[0]]))
     training = load_metrics(inputs.finetune / "metrics.json")
     split = load_metrics(inputs.split_metrics)
-    parts = [f"# Sketch-style fine-tune of Stable Diffusion: results ({params['shared']['profile']} profile)",
+    family = params["model"]["family"]
+    parts = [f"# Sketch-style fine-tune of {FAMILY_TITLES[family]}: results ({params['shared']['profile']} profile, "
+             f"model family {family})",
              *results_section(params, metrics, scorer, figures_rel),
              "## CLIP score per prompt (study prompts)", f"![CLIP score per prompt]({figures_rel}/clip_per_prompt.png)",
              "## Before and after: base (top row) and fine-tuned (bottom row), the same seeds"]
@@ -146,6 +148,9 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
               results.settings_table(params, study_defaults(inputs.study_config))
               + "\n\nEvery setting: [params.yaml](../params.yaml)."]
     return "\n\n".join(parts) + "\n"
+
+
+FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3"}
 
 
 def study_defaults(study_config: Path) -> dict:

@@ -5,6 +5,7 @@ DVC runs as `.venv/bin/dvc` from a PATH whose `python` is the system's (without 
 does who calls it without activating the environment: the stages must still run with the environment's interpreter.
 """
 import json
+import math
 import re
 import sys
 import time
@@ -170,3 +171,21 @@ def test_plots_diff_overlays_two_experiments_loss_curves_offline_in_a_browser(cl
     steps = json.loads((clone.root / "models/finetuned/training_info.json").read_text())["steps"]
     assert [curve["points"] for curve in loss] == [steps, steps]  # every step; the same smoke length in both
     assert loss[0]["end"] != loss[1]["end"]  # two curves apart: LoRA trains other weights from the same start
+
+
+def test_the_whole_study_runs_on_sd3_beside_sd2(clone):
+    """`-S model=sd3` runs every stage offline on a tiny SD3 pipeline; the report and model card name the family and
+    its licence, and compare sets it beside the SD2 experiment."""
+    stages = ran(clone.run(*SMOKE, "-n", "sd3", "-S", "model=sd3"))
+    assert {"fetch@sd", "encode", "finetune", "generate@base", "generate@finetuned", "clip_eval", "blip_check",
+            "report"} <= stages
+    assert not stages & {"fetch@clip", "fetch@blip", "fetch@data", "split", "embed_real"}  # the rest is reused
+    index = json.loads((clone.root / "models/pretrained/sd/model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert "model family sd3" in (clone.root / "reports/report.md").read_text().splitlines()[0]
+    card = (clone.root / "models/finetuned/README.md").read_text()
+    assert "Stability AI Community License" in card and "StableDiffusion3Pipeline" in card
+    metrics = json.loads((clone.root / "reports/clip_eval.json").read_text())
+    assert all(math.isfinite(metrics[key]) for key in ("clip_score_base", "clip_score_finetuned", "kid_diff"))
+    table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
+    assert "model.family" in table[0].split() and "sd3" in " ".join(table[1:])
