@@ -1,8 +1,9 @@
 """Time the smoke DAG as a user runs it, one `dvc repro` on a fresh clone, stage by stage; then the re-run after a
 training-only change (what an experiment with another learning rate costs: encode and embed_real are reused).
-With --against REV, the same for another commit (a branch, a tag, HEAD~1) in the same run, side by side.
+With --against REV, the same for another commit (a branch, a tag, HEAD~1) in the same run, side by side; with
+--models sd2,sd3, each model family's smoke DAG (`-S model=...`) side by side.
 
-Run: python bench/smoke_dag.py [--against REV]   (or `make bench`). Needs the project's virtual environment on PATH.
+Run: python bench/smoke_dag.py [--against REV] [--models sd2,sd3]   (or `make bench`). Needs the project's virtual environment on PATH.
 A stage's figure runs from DVC's "Running stage" line to the next one: its process, and DVC hashing its outputs.
 """
 from __future__ import annotations
@@ -53,14 +54,16 @@ def timed_repro(clone: Path) -> tuple[float, dict[str, float]]:
     return total, {name: end - at for (name, at), end in zip(marks, ends)}
 
 
-def measure(rev: str, workdir: Path) -> Timing:
-    """The DAG of commit `rev` on a fresh clone, composed for the smoke profile, and its training-only re-run."""
-    clone = workdir / rev.replace("/", "_")
+def measure(rev: str, workdir: Path, model: str = "sd2") -> Timing:
+    """The DAG of commit `rev` on a fresh clone, composed for the smoke profile and `model`, and its training-only
+    re-run."""
+    clone = workdir / f"{rev.replace('/', '_')}-{model}"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     subprocess.run(["git", "checkout", "-q", rev], cwd=clone, check=True)
-    compose_params(clone / "params.yaml", clone, ["profile=smoke"])
+    overrides = ["profile=smoke"] + ([] if model == "sd2" else [f"model={model}"])
+    compose_params(clone / "params.yaml", clone, overrides)
     total, stages = timed_repro(clone)
-    compose_params(clone / "params.yaml", clone, ["profile=smoke", "finetune.learning_rate=3e-4"])
+    compose_params(clone / "params.yaml", clone, overrides + ["finetune.learning_rate=3e-4"])
     rerun, rerun_stages = timed_repro(clone)
     return Timing(stages, total, rerun, list(rerun_stages))
 
@@ -99,11 +102,14 @@ def print_table(timings: dict[str, Timing], torch_seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", metavar="REV", help="another commit to time in the same run, after HEAD")
+    parser.add_argument("--models", default="sd2", help="model families to time, comma-separated (sd2,sd3)")
     args = parser.parse_args()
     revs = ["HEAD"] + ([args.against] if args.against else [])
+    models = args.models.split(",")
     torch_seconds = torch_import_seconds()
     with tempfile.TemporaryDirectory(prefix="smoke-bench-") as tmp:
-        timings = {rev: measure(rev, Path(tmp)) for rev in revs}
+        timings = {(rev if len(models) == 1 else f"{rev} {model}"): measure(rev, Path(tmp), model)
+                   for rev in revs for model in models}
     print_table(timings, torch_seconds)
 
 

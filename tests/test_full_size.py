@@ -87,7 +87,7 @@ def test_fetch_builds_a_full_source_and_records_its_size(tmp_path: Path, monkeyp
         (out / "weights.safetensors").write_bytes(b"w")
         return {"unet": 865_910_724}
 
-    monkeypatch.setitem(fetch.BUILDERS, "sd", fake_builder)
+    monkeypatch.setitem(fetch.SD_BUILDERS, "sd2", fake_builder)
     p = {"source": "full", "repo_id": "", "revision": "", "path": ""}
     fetch.run("sd", p, 42, tmp_path / "sd")
     manifest = json.loads((tmp_path / "sd" / "fetch_manifest.json").read_text())

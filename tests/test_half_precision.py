@@ -88,8 +88,8 @@ def test_generation_in_half_precision(folders, half_precision, tmp_path) -> None
 
 
 FINETUNES = {
-    "cached latents, CLIP loss": ({"cache_latents": True}, {"clip_loss": {"weight": 0.1, "max_timestep": 1000,
-                                                                          "every": 1}}),
+    "cached latents, CLIP loss": ({"cache_latents": True}, {"clip_loss": {"weight": 0.1, "kind": "global",
+                                                                          "max_timestep": 1000, "every": 1}}),
     "encoded every step": ({"cache_latents": False}, {}),
 }
 

@@ -62,25 +62,28 @@ def t5_tokenizer() -> T5TokenizerFast:
                            extra_ids=0, model_max_length=512)
 
 
-def build_sd3_modules(arch: str) -> dict[str, Any]:
-    """The transformer, VAE and three text encoders of `arch`, randomly initialised."""
+def build_sd3_modules(arch: str, only: str | None = None) -> dict[str, Any]:
+    """The transformer, VAE and three text encoders of `arch` (or the one named `only`), randomly initialised."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     quiet_libraries()
     config = ARCHITECTURES[arch]
     blocks = len(config["vae"]["block_out_channels"])
-    return {
-        "transformer": SD3Transformer2DModel(**config["transformer"]),
+    builders = {
+        "transformer": lambda: SD3Transformer2DModel(**config["transformer"]),
         # SD3's VAE: 16 channels, shifted and scaled latents, no quant convolutions
-        "vae": AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32,
-                             down_block_types=("DownEncoderBlock2D",) * blocks,
-                             up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=1.5305,
-                             shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False, **config["vae"]),
-        "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_COMMON, **config["text_encoder"])),
-        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_COMMON, **config["text_encoder_2"])),
-        "text_encoder_3": T5EncoderModel(T5Config(**T5_COMMON, **config["text_encoder_3"])),
+        "vae": lambda: AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32,
+                                     down_block_types=("DownEncoderBlock2D",) * blocks,
+                                     up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=1.5305,
+                                     shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+                                     **config["vae"]),
+        "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_COMMON, **config["text_encoder"])),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig(**CLIP_COMMON, **config["text_encoder_2"])),
+        "text_encoder_3": lambda: T5EncoderModel(T5Config(**T5_COMMON, **config["text_encoder_3"])),
     }
+    return {name: build() for name, build in builders.items() if only in (None, name)}
 
 
 def save_random_sd3(out_dir: Path, seed: int, arch: str) -> dict[str, int]:

@@ -64,10 +64,9 @@ def save_adapter(unet: UNet2DConditionModel, out_dir: Path, family: Family) -> P
     `unet` is the unwrapped model (after `accelerator.unwrap_model`). The adapter's config (rank, alpha, targets)
     goes into the file's metadata: without it `load_lora_weights` assumes alpha = rank and scales the LoRA wrongly.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     # peft keeps target_modules as a set, whose order changes with PYTHONHASHSEED, and safetensors writes metadata
     # in hash-map order: both sorted, the same weights give the same file (and the model folder its DVC hash).
     metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config[ADAPTER_NAME].to_dict().items()}

@@ -193,7 +193,7 @@ class Family(ABC):
 
     @abstractmethod
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
-        """Write an adapter's layers (diffusers' key format) the way this family's pipeline loads them."""
+        """Write an adapter's layers (peft's state dict) the way this family's pipeline loads them."""
 
     @abstractmethod
     def use_fused_attention(self, pipe: Any) -> None:

@@ -202,8 +202,10 @@ class StableDiffusion2(Family):
 
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
         from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
 
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+        # the UNet's adapter in diffusers' own key format (lora.down/up), as its LoRA training example saves it
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(layers), safe_serialization=True,
                                                   weight_name=weight_name, unet_lora_adapter_metadata=metadata)
 
 

@@ -243,6 +243,7 @@ class StableDiffusion3(Family):
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
         from diffusers import StableDiffusion3Pipeline
 
+        # peft's keys as they are, as diffusers' SD3 LoRA script saves them (its UNet conversion would rename some)
         StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True,
                                                    weight_name=weight_name, transformer_lora_adapter_metadata=metadata)
 
