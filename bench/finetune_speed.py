@@ -46,7 +46,8 @@ CONFIGURATIONS = {
 OURS = CONFIGURATIONS["b"][1]
 CONFIGURATIONS |= {
     "c": ("(c) ours, LoRA r4", OURS | {"method": "lora", "lora_rank": 4, "lora_alpha": 4}),
-    "d": ("(d) ours, CLIP loss", OURS | {"clip_loss": {"weight": 0.01, "max_timestep": 1000, "every": 1}}),
+    "d": ("(d) ours, CLIP loss", OURS | {"clip_loss": {"weight": 0.01, "kind": "global", "max_timestep": 1000,
+                                                       "every": 1}}),
 }
 STYLE_PROMPT = "A black and white sketch of"
 
