@@ -141,9 +141,20 @@ class Family(ABC):
         """Keywords the pipeline's __call__ takes from this family's settings."""
         return {}
 
-    @abstractmethod
+    components: ClassVar[tuple[str, ...]]  # the pipeline folder's subfolders
+    weighted: ClassVar[tuple[str, ...]]  # those that hold weights (safetensors only)
+
     def check_folder(self, path: Path) -> None:
-        """Cheap checks of a pipeline folder of this family (one-line UserError)."""
+        """Cheap checks of a pipeline folder of this family (one-line UserError): every component there, weights
+        in safetensors."""
+        from stylestudy.core.config import UserError
+        from stylestudy.models import loading
+
+        for component in self.components:
+            if not (path / component).is_dir():
+                raise UserError(f"{path}: missing the {component}/ folder of the pipeline; re-create or re-download it")
+        for component in self.weighted:
+            loading.require_safetensors(path / component)
 
     @abstractmethod
     def load_pipeline(self, path: Path) -> Any:

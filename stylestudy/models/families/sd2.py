@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stylestudy.core.config import SCHEDULERS, UserError
+from stylestudy.core.config import SCHEDULERS
 from stylestudy.models import loading
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
 
@@ -79,19 +79,13 @@ class StableDiffusion2(Family):
     name = "sd2"
     pipeline_class = "StableDiffusionPipeline"
     denoiser_folder = "unet"
+    components, weighted = COMPONENTS, WEIGHTED
     encoder_folders = ("vae/", "text_encoder/", "tokenizer/")
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA example
     schedulers = SCHEDULERS["sd2"]
     license = "openrail++"
     license_name = "CreativeML Open RAIL++-M"
     license_link = "https://huggingface.co/stabilityai/stable-diffusion-2/blob/main/LICENSE-MODEL"
-
-    def check_folder(self, path: Path) -> None:
-        for component in COMPONENTS:
-            if not (path / component).is_dir():
-                raise UserError(f"{path}: missing the {component}/ folder of the pipeline; re-create or re-download it")
-        for component in WEIGHTED:
-            loading.require_safetensors(path / component)
 
     def load_pipeline(self, path: Path) -> Any:
         from diffusers import StableDiffusionPipeline

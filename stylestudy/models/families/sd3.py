@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stylestudy.core.config import SCHEDULERS, UserError
+from stylestudy.core.config import SCHEDULERS
 from stylestudy.models import loading
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
 
@@ -95,6 +95,7 @@ class StableDiffusion3(Family):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_folder = "transformer"
+    components, weighted = COMPONENTS, WEIGHTED
     encoder_folders = ("vae/", "text_encoder/", "text_encoder_2/", "text_encoder_3/", "tokenizer/", "tokenizer_2/",
                        "tokenizer_3/")
     # the joint attention's projections of both streams, as diffusers' SD3 LoRA script targets them
@@ -116,13 +117,6 @@ class StableDiffusion3(Family):
 
     def encoding_settings(self) -> dict[str, Any]:
         return {"model.max_sequence_length": self.settings.max_sequence_length}
-
-    def check_folder(self, path: Path) -> None:
-        for component in COMPONENTS:
-            if not (path / component).is_dir():
-                raise UserError(f"{path}: missing the {component}/ folder of the pipeline; re-create or re-download it")
-        for component in WEIGHTED:
-            loading.require_safetensors(path / component)
 
     def load_pipeline(self, path: Path) -> Any:
         from diffusers import StableDiffusion3Pipeline
