@@ -2,8 +2,8 @@
 `smoke_run`, which test_pipeline.py's experiments then reuse in the full tier), with DVC started from a PATH whose
 `python` is the system's, as a user does who never activated the environment.
 
-Its metrics must equal the committed reference (tests/reference/smoke_metrics.json: the smoke DAG's metrics as main
-computed them before the package and family refactoring, unchanged since): to RELATIVE_TOLERANCE, which covers
+Its metrics must equal the committed reference (tests/reference/smoke_metrics.json: the smoke DAG's metrics,
+regenerated from a run when the smoke setting was made to show its fine-tune, the positive control of docs/study.md): to RELATIVE_TOLERANCE, which covers
 another CPU's float rounding; on one machine two runs agree bit for bit (test_pipeline.py checks that).
 """
 import json
@@ -98,3 +98,22 @@ def test_the_hub_token_is_written_nowhere(smoke_run):
     for path in smoke_run.root.rglob("*"):
         if path.is_file() and ".git" not in path.relative_to(smoke_run.root).parts:
             assert needle not in path.read_bytes(), path
+
+
+# The distances to the held-out real sketches, with the sign of fine-tuned - base that means "closer".
+CLOSER = {"style_similarity": 1, "kid": -1, "cmmd": -1}
+
+
+def test_positive_control_the_evaluation_sees_the_fine_tune_move_toward_the_sketches(smoke_run):
+    """The smoke fine-tune is made to change the model (docs/study.md "Controls"): every distance's difference points
+    toward the real held-out sketches with a 95% interval that excludes zero, and the report's first line says so.
+    Fails if the evaluation swaps base and fine-tuned (signs flip), compares a model with itself or the wrong image
+    sets (no difference left), or pairs the bootstrap draws of the two models apart (intervals widen past zero)."""
+    metrics = smoke_run.metrics["reports/clip_eval.json"]
+    for name, sign in CLOSER.items():
+        low, high = sorted(sign * metrics[f"{name}_diff_ci_{end}"] for end in ("low", "high"))
+        assert sign * metrics[f"{name}_diff"] > 0 and low > 0, (name, metrics[f"{name}_diff_ci_low"],
+                                                                  metrics[f"{name}_diff_ci_high"])
+        assert metrics[f"{name}_diff_p"] < 0.05, name
+    results = (smoke_run.root / "reports/report.md").read_text().split("## Results\n\n", 1)[1]
+    assert results.startswith("**The fine-tuned model's images are closer to the held-out sketches")

@@ -193,3 +193,25 @@ def test_clip_eval_writes_which_clip_scored(tmp_path, tiny_clip):
     assert described["name"] == "tiny (random weights, seed 0)" and described["embed_dim"] == 32
     manifest = json.loads((tiny_clip / "fetch_manifest.json").read_text())
     assert described["weights_sha256"] == manifest["files"]["open_clip_model.safetensors"]
+
+
+def distance_diffs(style: tuple, kid: tuple, cmmd: tuple) -> dict:
+    """Metrics with each distance's difference given as (value, ci_low, ci_high)."""
+    metrics = {}
+    for name, (value, low, high) in {"style_similarity": style, "kid": kid, "cmmd": cmmd}.items():
+        metrics |= {f"{name}_diff": value, f"{name}_diff_ci_low": low, f"{name}_diff_ci_high": high,
+                    f"{name}_diff_n": 18, f"{name}_diff_p": 0.01}
+    return metrics
+
+
+@pytest.mark.parametrize("style, kid, cmmd, opening", [
+    ((2.0, 1.0, 3.0), (-0.1, -0.2, -0.05), (-5.0, -8.0, -1.0), "**The fine-tuned model's images are closer"),
+    ((-2.0, -3.0, -1.0), (0.1, 0.05, 0.2), (5.0, 1.0, 8.0), "**The fine-tuned model's images are further"),
+    ((2.0, 1.0, 3.0), (-0.1, -0.2, 0.05), (-5.0, -8.0, -1.0), "**The evaluation cannot tell"),  # KID's includes 0
+    ((2.0, 1.0, 3.0), (0.1, 0.05, 0.2), (-5.0, -8.0, -1.0), "**The evaluation cannot tell"),  # KID points away
+    ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), "**The evaluation cannot tell"),  # identical models
+])
+def test_the_report_opens_with_which_way_the_distances_moved(style, kid, cmmd, opening):
+    line = results.distance_verdict(distance_diffs(style, kid, cmmd))
+    assert line.startswith(opening) and "kid " in line and "p=0.01" in line
+    assert results.distance_verdict({"n_real_sketches": 1}).startswith("No distance")

@@ -173,6 +173,40 @@ def test_plots_diff_overlays_two_experiments_loss_curves_offline_in_a_browser(cl
     assert loss[0]["end"] != loss[1]["end"]  # two curves apart: LoRA trains other weights from the same start
 
 
+def test_negative_control_with_the_fine_tune_switched_off_the_evaluation_finds_nothing(clone):
+    """`finetune.learning_rate=0` (docs/study.md "Controls"): the fine-tuned model is the base model, so every image
+    pair is the same picture, every paired difference is 0, every 95% interval contains zero and every p-value is
+    above 0.05, and the report's first line says the evaluation cannot tell the two apart. Fails if the evaluation
+    pairs an image with another prompt's or seed's (the paired differences and their intervals leave 0) or compares
+    other image sets."""
+    assert "finetune" in ran(clone.run(*SMOKE, "-n", "no-finetune", "-S", "finetune.learning_rate=0"))
+    assert_the_evaluation_finds_nothing(clone.root)
+
+
+def assert_the_evaluation_finds_nothing(root) -> None:
+    """The negative control's checks on a run's outputs (base and fine-tuned models the same)."""
+    import csv
+
+    with (root / "reports/clip_eval/per_image.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    scores = {(r["set"], r["file_name"]): {} for r in rows}
+    for r in rows:
+        scores[(r["set"], r["file_name"])][r["model"]] = float(r["clip_score"])
+    assert len(scores) == 18 and all(pair["base"] == pair["finetuned"] for pair in scores.values())
+    metrics = json.loads((root / "reports/clip_eval.json").read_text())
+    metrics |= json.loads((root / "reports/blip_check.json").read_text())
+    diffs = [key[: -len("_diff")] for key in metrics if key.endswith("_diff")]
+    assert set(diffs) == {"clip_score", "test_clip_score", "kid", "cmmd", "style_similarity", "style_share",
+                          "test_style_share"}
+    for name in diffs:  # every pair is the same picture: each paired resample's difference is 0 too
+        assert metrics[f"{name}_diff"] == 0, name
+        if f"{name}_diff_ci_low" in metrics:
+            assert metrics[f"{name}_diff_ci_low"] == 0 == metrics[f"{name}_diff_ci_high"], name
+        assert metrics[f"{name}_diff_p"] == 1, name
+    results = (root / "reports/report.md").read_text().split("## Results\n\n", 1)[1]
+    assert results.startswith("**The evaluation cannot tell the fine-tuned model's images from the base model's")
+
+
 def test_the_whole_study_runs_on_sd3_beside_sd2(clone):
     """`-S model=sd3` runs every stage offline on a tiny SD3 pipeline; the report and model card name the family and
     its licence, and compare sets it beside the SD2 experiment."""

@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import pytest
 
-from stylestudy.evaluate.statistics import (bootstrap_mmd2, cmmd, distance_metrics, kid, mcnemar_exact_p, mmd2,
+from stylestudy.evaluate.statistics import (bootstrap_mmd2, bootstrap_p, cmmd, distance_metrics, kid, mcnemar_exact_p, mmd2,
                                              polynomial_kernel, resample_counts, sign_flip_p, student_t_p,
                                              student_t_quantile, t_interval, welch_t_test, wilson_interval)
 
@@ -120,6 +120,7 @@ def test_same_distribution_is_near_zero_and_a_shift_is_clearly_far():
     assert m["cmmd_finetuned_ci_low"] > m["cmmd_base_ci_high"]
     assert m["cmmd_base"] < 0.2 * m["cmmd_finetuned"]
     assert m["kid_diff_ci_low"] > 0.0 and m["cmmd_diff_ci_low"] > 0.0
+    assert m["kid_diff_p"] < 0.05 and m["cmmd_diff_p"] < 0.05
 
 
 def test_distance_metrics_keys_diffs_and_clamped_subset(caplog):
@@ -129,7 +130,8 @@ def test_distance_metrics_keys_diffs_and_clamped_subset(caplog):
     m = distance_metrics(base, tuned, real, **{**SETTINGS, "kid_subset_size": 1000})
     expected = {f"{metric}_{model}{suffix}" for metric in ("kid", "cmmd", "style_similarity")
                 for model in ("base", "finetuned", "diff") for suffix in ("", "_ci_low", "_ci_high", "_n")}
-    assert set(m) == expected | {"n_real_sketches", "kid_subset_size"}
+    p_values = {f"{metric}_diff_p" for metric in ("kid", "cmmd", "style_similarity")}
+    assert set(m) == expected | p_values | {"n_real_sketches", "kid_subset_size"}
     assert m["kid_subset_size"] == 30 and m["n_real_sketches"] == 45 and m["kid_diff_n"] == 30
     assert "clamped to 30" in caplog.text
     for metric in ("kid", "cmmd", "style_similarity"):
@@ -236,3 +238,11 @@ def test_welch_t_by_hand_and_its_size_under_the_null():
     assert welch_t_test([1.0, 1.0], [1.0, 1.0])[2] == 1.0 and welch_t_test([1.0, 1.0], [2.0, 2.0])[2] == 0.0
     with pytest.raises(ValueError, match="at least 2 runs"):
         welch_t_test([1.0], [2.0, 3.0])
+
+
+def test_bootstrap_p_is_twice_the_smaller_tail_and_agrees_with_the_interval():
+    assert bootstrap_p(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.8)  # 2 x (1 + 1) / (4 + 1)
+    assert bootstrap_p(np.array([1.0, 2.0, np.nan])) == pytest.approx(2 / 3)  # nan (no pairs) left out; 2 x 1/3
+    assert bootstrap_p(np.zeros(5)) == 1.0  # identical models: every resample is 0
+    shifted = np.random.default_rng(0).normal(5.0, 1.0, 2000)  # 95% interval well above 0
+    assert bootstrap_p(shifted) == pytest.approx(2 / 2001) and np.percentile(shifted, 2.5) > 0

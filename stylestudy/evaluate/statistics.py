@@ -132,6 +132,16 @@ def _flat(name: str, value: float, replicates: np.ndarray, n: int) -> dict[str, 
     return {name: float(value), f"{name}_ci_low": float(low), f"{name}_ci_high": float(high), f"{name}_n": n}
 
 
+def bootstrap_p(replicates: np.ndarray) -> float:
+    """Two-sided p-value of "no difference" from B bootstrap replicates of a difference: twice the smaller tail,
+    (k + 1) / (B + 1) with k the replicates on that side of zero (so never 0: at least 2 / (B + 1)), capped at 1. It
+    is the test the 95% percentile interval inverts: p < 0.05 when the interval excludes zero, up to granularity."""
+    reps = np.asarray(replicates, dtype=np.float64)
+    reps = reps[~np.isnan(reps)]
+    tail = min((reps <= 0).sum(), (reps >= 0).sum())
+    return float(min(1.0, 2.0 * (tail + 1) / (len(reps) + 1)))
+
+
 def distance_metrics(base: np.ndarray, finetuned: np.ndarray, real: np.ndarray, *, bootstrap_samples: int,
                      kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, float | int]:
     """KID, CMMD and style similarity of both models against real sketches, their paired differences and 95% CIs."""
@@ -155,6 +165,7 @@ def distance_metrics(base: np.ndarray, finetuned: np.ndarray, real: np.ndarray, 
             metrics.update(_flat(f"{metric}_{model}", *values[model][metric], n))
         (base_value, base_reps), (tuned_value, tuned_reps) = values["base"][metric], values["finetuned"][metric]
         metrics.update(_flat(f"{metric}_diff", tuned_value - base_value, tuned_reps - base_reps, n))
+        metrics[f"{metric}_diff_p"] = bootstrap_p(tuned_reps - base_reps)
     metrics["n_real_sketches"] = n_real
     metrics["kid_subset_size"] = subset_size
     return metrics

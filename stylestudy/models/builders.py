@@ -124,6 +124,10 @@ def save_random_sd(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = build_sd_modules(arch)
+    if arch == "tiny":  # a random decoder ignores its latent: the smoke study could show no style (vae_shaping.py)
+        from stylestudy.models.vae_shaping import shape_vae
+
+        shape_vae(modules["vae"], modules["vae"].config.sample_size, seed)
     # SD2-base's scheduler_config.json values.
     scheduler = PNDMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

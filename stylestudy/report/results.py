@@ -115,3 +115,27 @@ def settings_table(params: dict, study: dict) -> str:
     if not rows:
         return "Every setting is the study's."
     return table(["setting", "this run", "study default"], rows)
+
+
+# Which sign of fine-tuned - base means "closer to the real sketches", per distance metric.
+CLOSER_SIGN = {"style_similarity": 1, "kid": -1, "cmmd": -1}
+
+
+def distance_verdict(metrics: dict) -> str:
+    """One sentence on whether the fine-tuned model's images moved toward the held-out sketches: closer (or further)
+    when every distance's 95% interval excludes zero on that side, else that the evaluation cannot tell."""
+    if "kid_diff" not in metrics:
+        return "No distance to held-out sketches was measured (too few real test sketches)."
+    sides = {name: sign * (metrics[f"{name}_diff_ci_low"] > 0) - sign * (metrics[f"{name}_diff_ci_high"] < 0)
+             for name, sign in CLOSER_SIGN.items()}
+    figures = "; ".join(f"{name.replace('_', ' ')} {with_ci(metrics, f'{name}_diff')}"
+                        + (f", p={number(metrics[f'{name}_diff_p'])}" if f"{name}_diff_p" in metrics else "")
+                        for name in CLOSER_SIGN)
+    if all(side == 1 for side in sides.values()):
+        return ("**The fine-tuned model's images are closer to the held-out sketches than the base model's: every "
+                f"distance's 95% interval excludes zero** (fine-tuned - base: {figures}).")
+    if all(side == -1 for side in sides.values()):
+        return ("**The fine-tuned model's images are further from the held-out sketches than the base model's** "
+                f"(fine-tuned - base: {figures}).")
+    return ("**The evaluation cannot tell the fine-tuned model's images from the base model's in distance to the "
+            f"held-out sketches: not every 95% interval excludes zero on one side** (fine-tuned - base: {figures}).")
