@@ -59,7 +59,7 @@ def test_smoke_run_goes_through_all_stages_with_the_environments_python(smoke_ru
     assert len(list((smoke_run.root / "reports/samples/finetuned").glob("[0-9]*.png"))) == 10  # the study's prompts
     assert len(list((smoke_run.root / "reports/samples/finetuned").glob("test_*.png"))) == 8  # held-out captions
     report = (smoke_run.root / "reports/report.md").read_text()
-    assert report.index("## Results") < report.index("## Settings") and "mean nothing about style" in report
+    assert report.index("## Results") < report.index("## Settings") and "mean nothing about a real model's style" in report
     assert "![loss](figures/loss.png)" in report and "| 36.48 |" in report
 
 

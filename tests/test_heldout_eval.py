@@ -177,7 +177,7 @@ def test_the_headline_table_reads_mean_ci_n_and_puts_the_study_beside_its_experi
     params["clip_eval"]["style_to_clip"] = False
     assert results.study_line(params)[1] is None
     warned = " ".join(results.warnings(params, clip_and_blip()))
-    assert "mean nothing about style" in warned and "rest on 8 images per set" in warned
+    assert "mean nothing about a real model's style" in warned and "rest on 8 images per set" in warned
 
 
 def test_the_settings_table_lists_only_what_differs_from_the_study():

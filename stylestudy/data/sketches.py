@@ -82,7 +82,7 @@ def _caption(kinds: list[str]) -> str:
     return text + (" under " + " and ".join(sky) if sky else "")
 
 
-def _sketch(size: int, rng: random.Random) -> tuple[Image.Image, str]:
+def random_sketch(size: int, rng: random.Random) -> tuple[Image.Image, str]:
     """One scene of 1-3 objects in black lines on white, and its caption."""
     kinds = rng.sample(KINDS, rng.randint(1, 3))
     image = Image.new("RGB", (size, size), "white")
@@ -109,7 +109,7 @@ def make_synthetic_sketches(out_dir: Path, n_images: int, size: int, seed: int) 
     rows = []
     for i in range(n_images):
         # One generator per image; string seeds go through sha512, so PYTHONHASHSEED does not change them.
-        image, caption = _sketch(size, random.Random(f"{seed}:{i}"))
+        image, caption = random_sketch(size, random.Random(f"{seed}:{i}"))
         file_name = f"{i:05d}.png"
         image.save(out_dir / file_name, format="PNG")
         rows.append({"file_name": file_name, "text": caption})

@@ -28,9 +28,9 @@ def sketch_batch(size: int, count: int, rng: random.Random):
     import numpy as np
     import torch
 
-    from stylestudy.data.sketches import _sketch
+    from stylestudy.data.sketches import random_sketch
 
-    images = [np.asarray(_sketch(size, rng)[0].convert("RGB"), dtype=np.float32) for _ in range(count)]
+    images = [np.asarray(random_sketch(size, rng)[0].convert("RGB"), dtype=np.float32) for _ in range(count)]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
