@@ -9,8 +9,9 @@ the mean score of each model and their paired difference, each with a 95% bootst
 sign-flip permutation p-value; per model the distance to the real sketches on CLIP image embeddings (kid_*, cmmd_*,
 style_similarity_*, with CIs and the fine-tuned minus base difference). A baseline generator whose samples folder
 holds images (SAMPLES_DIR/vd/: Versatile Diffusion, when fetch.vd.enabled) adds its own keys (clip_score_vd,
-test_clip_score_vd, kid_vd, cmmd_vd, style_similarity_vd, with CIs and n); its empty folder adds none. DETAIL_DIR gets per_image.csv,
-per_prompt.csv (study set) and scorer.json (which CLIP produced the numbers, and the sample sizes).
+test_clip_score_vd, kid_vd, cmmd_vd, style_similarity_vd, with CIs and n); its empty folder adds none.
+DETAIL_DIR gets per_image.csv, per_prompt.csv (study set) and scorer.json (which CLIP produced the numbers, and the
+sample sizes).
 Embeds and scores in batches on the GPU in fp16 when there is one, in fp32 on a CPU.
 
 Run: python -m stages.clip_eval CLIP_DIR SAMPLES_DIR REAL_DIR METRICS DETAIL_DIR (params.yaml is validated whole first)

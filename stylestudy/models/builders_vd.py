@@ -60,7 +60,8 @@ def save_hub_layout(out_dir: Path, seed: int) -> dict[str, int]:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # model_index.json as the Hub repository spells it: the all-in-one pipeline, the text UNet in VD's own module
     index = loading.read_json(out_dir / "model_index.json")
-    index |= {"_class_name": "VersatileDiffusionPipeline", "text_unet": ["versatile_diffusion", "UNetFlatConditionModel"]}
+    index |= {"_class_name": "VersatileDiffusionPipeline",
+              "text_unet": ["versatile_diffusion", "UNetFlatConditionModel"]}
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
     return parameter_counts("tiny Versatile Diffusion", modules)
 

@@ -169,7 +169,7 @@ def _distance_panel(ax: Any, metrics: dict, metric: str) -> None:
         ax.annotate(f"{value:.3g}", (x, value + above if value >= 0 else value - below), ha="center",
                     va="bottom" if value >= 0 else "top", fontsize=NOTE_PT, xytext=(0, 2), textcoords="offset points")
         n = f"\nn={metrics[f'{key}_n']}" if f"{key}_n" in metrics else ""
-        ticks.append(MODEL_LABELS[model] + n)
+        ticks.append(textwrap.fill(MODEL_LABELS[model], 12) + n)  # "Versatile Diffusion" on two lines
     ax.set_xticks(range(len(ticks)), ticks)
     ax.set_xlim(-0.6, len(ticks) - 0.4)
     ax.margins(y=0.12)

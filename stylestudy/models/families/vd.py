@@ -6,14 +6,15 @@ blocks per context type: the image_unet on the Hub holds the image-context (CLIP
 text_unet the text-context one. VersatileDiffusionTextToImagePipeline swaps the two sets when it is built, so that the
 image UNet attends to text. Our canonical folder (`convert`) is that pipeline saved after the swap without the
 text_unet (`remove_unused_weights`): the image_unet in it already attends to text, model_index.json names no text_unet,
-and loading it swaps nothing. It is also 40% smaller.
+and loading it swaps nothing (loading a saved pipeline that still had its text_unet would swap back, silently).
 
 diffusers 0.42.1 cannot load the text_unet through the pipeline's from_pretrained: its class UNetFlatConditionModel
 lives only in diffusers.pipelines.deprecated.versatile_diffusion, and the loader looks it up where model_index.json
-says (`["diffusers", ...]` as diffusers itself saves it: "`diffusers` has no class `UNetFlatConditionModel`"; the Hub
-repository's `["versatile_diffusion", ...]` is no pipeline module any more), and refuses it even when passed in
-(`text_unet=...`: "module diffusers has no attribute UNetFlatConditionModel"). `convert` loads the pipeline with
-text_unet=None, the text_unet from its subfolder, and builds the pipeline anew from both (which swaps).
+says: `["diffusers", ...]`, as diffusers itself saves it, fails with "`diffusers` has no class
+`UNetFlatConditionModel`"; the Hub repository's `["versatile_diffusion", ...]`, no pipeline module any more, with
+"versatile_diffusion is not one of the libraries Diffusers can load components from"; and it refuses the model even
+when passed in (`text_unet=...`: "module diffusers has no attribute UNetFlatConditionModel"). `convert` loads the
+pipeline with text_unet=None, the text_unet from its subfolder, and builds the pipeline anew from both (which swaps).
 """
 from __future__ import annotations
 
@@ -72,9 +73,13 @@ class VersatileDiffusion(Generator):
         pipe.vae.fuse_qkv_projections()
 
     def set_scheduler(self, pipe: Any, name: str) -> None:
+        from diffusers import PNDMScheduler
+
         from stylestudy.models.families import sd2
 
-        if name != SHIPPED:
+        if name == "pndm":  # PLMS as SD2's folder configures it; VD's DDIM config would also run Runge-Kutta steps
+            pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+        elif name != SHIPPED:
             sd2.FAMILY.set_scheduler(pipe, name)
 
     def encode_prompts(self, pipe: Any, texts: list[str], guidance: bool, device: Any) -> dict[str, Any]:
