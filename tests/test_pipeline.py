@@ -175,7 +175,7 @@ def test_plots_diff_overlays_two_experiments_loss_curves_offline_in_a_browser(cl
 
 def test_versatile_diffusion_switched_on_adds_a_third_column_and_moves_nothing_else(clone):
     """`-S fetch.vd.enabled=true`: fetch@vd builds the tiny VD, generate@vd renders the same plan, and clip_eval,
-    blip_check and the report gain *_vd keys, a column and a grid row; the pair's numbers stay those of the first run."""
+    blip_check and the report gain *_vd keys, a column and a grid row; the pair's numbers stay the first run's."""
     log = clone.run(*SMOKE, "-n", "vd", "-S", "fetch.vd.enabled=true")
     assert "Running stage 'fetch@vd'" in log and "Running stage 'generate@vd'" in log
     assert {"clip_eval", "blip_check", "report"} <= ran(log) and not ran(log) & {"encode", "finetune"}, log
