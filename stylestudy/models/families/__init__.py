@@ -69,7 +69,7 @@ def switched_off(path: Path) -> bool:
             and loading.read_json(manifest).get("enabled") is False)
 
 
-def generator_for(path: Path, family: Family) -> Generator:
+def generator_for(path: Path, family: Family | None) -> Generator:
     """The generator of a pipeline folder: a baseline's when model_index.json names its class (checked), else
     `family`'s (check_pipeline_folder)."""
     index = path / "model_index.json"
