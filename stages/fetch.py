@@ -114,7 +114,8 @@ def run(kind: str, p: dict, seed: int, out: Path, family: Family = families.FAMI
 @cli
 def main() -> None:
     args = parse_args(__doc__, {
-        "kind": {"choices": FETCH_KINDS, "help": "which input: the SD pipeline, the CLIP scorer, BLIP, or the dataset"},
+        "kind": {"choices": FETCH_KINDS,
+                 "help": "which input: the SD pipeline, the CLIP scorer, BLIP, the guidance CLIP, the dataset, or VD"},
         "out": "the folder to materialise it in (models/pretrained/<kind> or data/raw)",
     })
     p, shared = load_params("fetch")[args.kind], load_shared()
