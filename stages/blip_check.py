@@ -3,7 +3,9 @@
 Reads BLIP_DIR (transformers BLIP captioning folder), SAMPLES_DIR/{base,finetuned}/ and params `blip_check`.
 Writes METRICS (flat; per prompt set: the study's prompts style_share_*, the held-out captions test_style_share_*):
 the share of style captions per model with its Wilson 95% interval and n, and the fine-tuned minus base difference
-with McNemar's exact p-value (the same seeds pair the images), and DETAIL_DIR/captions.csv.
+with McNemar's exact p-value (the same seeds pair the images), and DETAIL_DIR/captions.csv. A baseline generator
+whose samples folder holds images (SAMPLES_DIR/vd/, when fetch.vd.enabled) adds its share (style_share_vd,
+test_style_share_vd, with interval and n); its empty folder adds none.
 Captions in batches on the GPU in fp16 when there is one, in fp32 on a CPU.
 
 Run: python -m stages.blip_check BLIP_DIR SAMPLES_DIR METRICS DETAIL_DIR (params.yaml is validated whole first)
@@ -65,6 +67,13 @@ def style_matcher(style_words: list[str]) -> re.Pattern:
     return re.compile(r"\b(?:" + words + r")" + INFLECTIONS + r"\b", re.IGNORECASE)
 
 
+def share_of(flags: list[bool], key: str) -> dict:
+    """The share of captions naming the style, its Wilson 95% interval and n, under `key`."""
+    n, named = len(flags), sum(flags)
+    low, high = statistics.wilson_interval(named, n)
+    return {key: named / n, f"{key}_ci_low": low, f"{key}_ci_high": high, f"{key}_n": n}
+
+
 def share_summary(table: list[dict], prefix: str) -> dict:
     """Flat metrics of one prompt set: each model's style share (Wilson 95% interval, n), and the paired difference
     with McNemar's exact p-value."""
@@ -72,10 +81,9 @@ def share_summary(table: list[dict], prefix: str) -> dict:
     name = f"{prefix}style_share"
     metrics = {}
     for model in MODELS:
-        n, named = len(flags[model]), sum(flags[model])
-        low, high = statistics.wilson_interval(named, n)
-        metrics |= {f"{name}_{model}": named / n, f"{name}_{model}_ci_low": low, f"{name}_{model}_ci_high": high,
-                    f"{name}_{model}_n": n}
+        metrics |= share_of(flags[model], f"{name}_{model}")
+    for model in dict.fromkeys(row["model"] for row in table if row["model"] not in MODELS):  # baselines
+        metrics |= share_of([row["names_style"] for row in table if row["model"] == model], f"{name}_{model}")
     only_base = sum(b and not f for b, f in zip(flags["base"], flags["finetuned"]))
     only_finetuned = sum(f and not b for b, f in zip(flags["base"], flags["finetuned"]))
     return metrics | {f"{name}_diff": metrics[f"{name}_finetuned"] - metrics[f"{name}_base"],
@@ -87,7 +95,7 @@ def run(blip_dir: Path, samples: Path, metrics_path: Path, detail: Path, p: dict
     """Caption all samples and write the style shares; return the metrics."""
     loading.check_blip_folder(blip_dir)
     rows = read_samples(samples)
-    all_rows = rows["base"] + rows["finetuned"]
+    all_rows = [row for model_rows in rows.values() for row in model_rows]
     texts = captions(blip_dir, [r["path"] for r in all_rows], p)
     matcher = style_matcher(p["style_words"])
     table = [

@@ -7,8 +7,11 @@ pre-prompt is `clip_eval.style_to_clip`.
 Writes METRICS (flat): per prompt set (the study's 5 prompts: clip_score_*; the held-out test captions: test_clip_*)
 the mean score of each model and their paired difference, each with a 95% bootstrap CI and n, and the difference's
 sign-flip permutation p-value; per model the distance to the real sketches on CLIP image embeddings (kid_*, cmmd_*,
-style_similarity_*, with CIs and the fine-tuned minus base difference). DETAIL_DIR gets per_image.csv,
-per_prompt.csv (study set) and scorer.json (which CLIP produced the numbers, and the sample sizes).
+style_similarity_*, with CIs and the fine-tuned minus base difference). A baseline generator whose samples folder
+holds images (SAMPLES_DIR/vd/: Versatile Diffusion, when fetch.vd.enabled) adds its own keys (clip_score_vd,
+test_clip_score_vd, kid_vd, cmmd_vd, style_similarity_vd, with CIs and n); its empty folder adds none.
+DETAIL_DIR gets per_image.csv, per_prompt.csv (study set) and scorer.json (which CLIP produced the numbers, and the
+sample sizes).
 Embeds and scores in batches on the GPU in fp16 when there is one, in fp32 on a CPU.
 
 Run: python -m stages.clip_eval CLIP_DIR SAMPLES_DIR REAL_DIR METRICS DETAIL_DIR (params.yaml is validated whole first)
@@ -60,12 +63,22 @@ def paired_summary(per_image: list[dict], p: dict, seed: int, prefix: str) -> di
     return metrics | {f"{name}_diff_p": statistics.sign_flip_p(differences, p["permutation_samples"], seed)}
 
 
+def baseline_summary(per_image: list[dict], p: dict, seed: int, prefix: str) -> dict:
+    """Flat metrics of one prompt set for each baseline present: its mean score with CI and n (no difference: it is
+    no fine-tune of the base)."""
+    metrics = {}
+    for model in dict.fromkeys(r["model"] for r in per_image if r["model"] not in MODELS):
+        scores = [r["clip_score"] for r in per_image if r["model"] == model]
+        metrics |= mean_with_ci(scores, p["bootstrap_samples"], seed, f"{prefix}clip_score_{model}")
+    return metrics
+
+
 def per_prompt(per_image: list[dict], n_samples: int, seed: int) -> list[dict]:
     """Mean score per prompt and model with its 95% CI, one row each (long format: one bar each in a chart)."""
     prompts = dict.fromkeys(r["prompt"] for r in per_image)
     rows = []
     for prompt in prompts:
-        for model in MODELS:
+        for model in dict.fromkeys(r["model"] for r in per_image):
             scores = [r["clip_score"] for r in per_image if r["prompt"] == prompt and r["model"] == model]
             low, high = bootstrap_ci(scores, n_samples, seed)
             rows.append({"prompt": prompt, "model": model, "label": f"{model}: {prompt}",
@@ -74,15 +87,18 @@ def per_prompt(per_image: list[dict], n_samples: int, seed: int) -> list[dict]:
 
 
 def distances(image_features: dict[str, np.ndarray], real: np.ndarray, p: dict, seed: int) -> dict:
-    """KID, CMMD and style similarity of each model's images to the real sketches; none (a recorded skip) when either
-    side has fewer than the 2 images an unbiased MMD needs."""
+    """KID, CMMD and style similarity of each model's images to the real sketches (baselines' too); none (a recorded
+    skip) when either side has fewer than the 2 images an unbiased MMD needs."""
     if min(len(real), len(image_features["base"])) < 2:
         log.warning("clip_eval: %d real test sketches and %d images per model: kid, cmmd and style_similarity need "
                     "2 of each and are skipped", len(real), len(image_features["base"]))
         return {"n_real_sketches": len(real)}
-    return statistics.distance_metrics(
-        image_features["base"], image_features["finetuned"], real, bootstrap_samples=p["bootstrap_samples"],
-        kid_subsets=p["kid_subsets"], kid_subset_size=p["kid_subset_size"], seed=seed)
+    settings = {"bootstrap_samples": p["bootstrap_samples"], "kid_subsets": p["kid_subsets"],
+                "kid_subset_size": p["kid_subset_size"], "seed": seed}
+    metrics = statistics.distance_metrics(image_features["base"], image_features["finetuned"], real, **settings)
+    for model in (m for m in image_features if m not in MODELS):
+        metrics |= statistics.single_distance_metrics(image_features[model], real, model, **settings)
+    return metrics
 
 
 def embed_samples(clip_dir: Path, rows: list[dict], texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +117,7 @@ def run(clip_dir: Path, samples: Path, real_dir: Path, metrics_path: Path, detai
     clip = embeddings.describe_clip(clip_dir)
     real = embeddings.load_real(real_dir, clip)
     rows = read_samples(samples)
-    all_rows = rows["base"] + rows["finetuned"]
+    all_rows = [row for model_rows in rows.values() for row in model_rows]
     texts = [styled(r["prompt"], r["style_prompt"], p["style_to_clip"]) for r in all_rows]
     image_features, text_features = embed_samples(clip_dir, all_rows, texts, p["batch_size"])
     per_image = [
@@ -113,8 +129,10 @@ def run(clip_dir: Path, samples: Path, real_dir: Path, metrics_path: Path, detai
     for name, prefix in SET_PREFIXES.items():
         if of_set(per_image, name):
             metrics |= paired_summary(of_set(per_image, name), p, seed, prefix)
+            metrics |= baseline_summary(of_set(per_image, name), p, seed, prefix)
     n_base = len(rows["base"])
-    metrics |= distances({"base": image_features[:n_base], "finetuned": image_features[n_base:]}, real, p, seed)
+    metrics |= distances({model: image_features[k * n_base:(k + 1) * n_base] for k, model in enumerate(rows)}, real,
+                         p, seed)
     with atomic_dir(detail) as tmp:
         write_csv(tmp / "per_image.csv", per_image, list(per_image[0]))
         prompt_rows = per_prompt(of_set(per_image, "study"), p["bootstrap_samples"], seed)

@@ -7,6 +7,8 @@ Reads params `fetch.<kind>` and `shared` (and `model` for sd). Writes OUT_DIR, o
   blip  a transformers BLIP captioning folder (safetensors)
   guide an open_clip folder: the CLIP that finetune.clip_loss trains against (never the scoring one)
   data  an imagefolder: images + metadata.jsonl (file_name, text)
+  vd    Versatile Diffusion's text-to-image pipeline folder, a baseline generator (stylestudy/models/families/vd.py);
+        with fetch.vd.enabled false (the default) nothing but the manifest, which says it is off
 and OUT_DIR/fetch_manifest.json (source, revision, resolved commit, sha256 of every file).
 
 Sources: `hub` (repo_id at revision; the only code in the project that talks to a hub), `local` (a folder: a model
@@ -23,8 +25,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stylestudy.models import builders, builders_sd3, families, hub, loading
-from stylestudy.models.families import Family
+from stylestudy.models import builders, builders_sd3, builders_vd, families, hub, loading
+from stylestudy.models.families import Family, vd
 from stylestudy.data import imagefolder, sketches
 from stylestudy.core.config import (
     FETCH_KINDS, NON_EMPTY_STRING, RANDOM_SOURCES, UserError, cli, load_params, load_shared, parse_args,
@@ -33,7 +35,8 @@ from stylestudy.core.outputs import MANIFEST, atomic_dir, file_hashes, library_v
 
 log = logging.getLogger(__name__)
 
-OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "guide": "tiny", "data": "synthetic"}
+OPTIONAL = ("vd",)  # inputs present only when fetch.<kind>.enabled: the stage still runs (DVC needs the output)
+OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "guide": "tiny", "data": "synthetic", "vd": "tiny"}
 
 
 def check_source(kind: str, p: dict) -> None:
@@ -50,10 +53,10 @@ def check_source(kind: str, p: dict) -> None:
 
 
 COPIERS = {"clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
-           "data": imagefolder.copy_dataset}
+           "data": imagefolder.copy_dataset, "vd": vd.convert}
 SD_BUILDERS = {"sd2": builders.save_random_sd, "sd3": builders_sd3.save_random_sd3}
 BUILDERS = {"clip": builders.save_random_clip, "blip": builders.save_random_blip,
-            "guide": builders.save_random_guide}
+            "guide": builders.save_random_guide, "vd": builders_vd.save_random_vd}
 
 
 def requested(kind: str, p: dict, seed: int) -> dict:
@@ -94,11 +97,15 @@ def materialise(kind: str, p: dict, seed: int, out: Path, family: Family) -> dic
 
 def run(kind: str, p: dict, seed: int, out: Path, family: Family = families.FAMILIES["sd2"]) -> None:
     """Materialise one input into `out`, whole or not at all; the pipeline (`sd`) of `family`."""
-    check_source(kind, p)
+    switched_off = kind in OPTIONAL and not p["enabled"]
+    if not switched_off:
+        check_source(kind, p)
     origin = requested(kind, p, seed) | ({"family": family.name} if kind == "sd" else {})
-    log.info("fetch %s from %s into %s", kind, p["source"], out)
+    origin |= {"enabled": not switched_off} if kind in OPTIONAL else {}
+    log.info("fetch %s from %s into %s%s", kind, p["source"], out, " (switched off)" if switched_off else "")
     with atomic_dir(out) as tmp:
-        origin |= materialise(kind, p, seed, tmp, family)
+        if not switched_off:
+            origin |= materialise(kind, p, seed, tmp, family)
         manifest = origin | {"libraries": library_versions(), "files": file_hashes(tmp)}
         write_json(tmp / MANIFEST, manifest)
     log.info("fetch %s: %d files", kind, len(manifest["files"]))
@@ -107,7 +114,8 @@ def run(kind: str, p: dict, seed: int, out: Path, family: Family = families.FAMI
 @cli
 def main() -> None:
     args = parse_args(__doc__, {
-        "kind": {"choices": FETCH_KINDS, "help": "which input: the SD pipeline, the CLIP scorer, BLIP, or the dataset"},
+        "kind": {"choices": FETCH_KINDS,
+                 "help": "which input: the SD pipeline, the CLIP scorer, BLIP, the guidance CLIP, the dataset, or VD"},
         "out": "the folder to materialise it in (models/pretrained/<kind> or data/raw)",
     })
     p, shared = load_params("fetch")[args.kind], load_shared()

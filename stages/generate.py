@@ -2,7 +2,9 @@
 
 Two prompt sets: the study's prompts (set `study`, images_per_prompt each) and, with generate.test_captions > 0, the
 captions of that many held-out test images (set `test`, one image each; images the model never trained on).
-Reads MODEL_DIR (a pipeline folder of params `model`'s family: the pretrained or the fine-tuned one),
+Reads MODEL_DIR (a pipeline folder of params `model`'s family: the pretrained or the fine-tuned one; or a baseline's,
+Versatile Diffusion, recognised by its model_index.json: the same plan, settings as its generator can run them, see
+stylestudy/models/families/vd.py; a baseline that fetch left switched off gives an empty OUT_DIR, no rows),
 SPLIT_DIR/test.jsonl and params `generate`, `model`, `shared`. Writes OUT_DIR/<prompt>_<image>.png, OUT_DIR/test_<caption>.png and OUT_DIR/manifest.jsonl
 (set, model, prompt, text given, seed, settings, and the device and dtype that computed it). Every image has its own
 generator (seed + index), so any one can be regenerated alone; both models get the same seeds.
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from stylestudy.data import dataset
 from stylestudy.models import families, loading, placement
-from stylestudy.models.families import Family
+from stylestudy.models.families import Family, Generator
 from stylestudy.core.config import cli, load_params, load_shared, parse_args, require_path
 from stylestudy.evaluate.samples import image_seed, styled
 from stylestudy.core.outputs import atomic_dir
@@ -84,7 +86,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def speed_up(pipe: DiffusionPipeline, family: Family, p: dict) -> None:
+def speed_up(pipe: DiffusionPipeline, family: Generator, p: dict) -> None:
     """What plain diffusers leaves on the table: fused QKV projections, channels_last, a compiled denoiser; SDPA
     always."""
     import torch
@@ -100,11 +102,11 @@ def speed_up(pipe: DiffusionPipeline, family: Family, p: dict) -> None:
         denoiser.compile(fullgraph=True)  # compiled at the first call (warm-up); the denoiser does >90% of the FLOPs
 
 
-def load_pipeline(model_dir: Path, p: dict, family: Family | None = None) -> DiffusionPipeline:
+def load_pipeline(model_dir: Path, p: dict, family: Generator | None = None) -> DiffusionPipeline:
     """The pipeline (of `family`; None: the folder's, with default settings) in generate.dtype, placed on the device
     accelerate picks as generate.memory says, with the scheduler and speed-ups asked for."""
     device, _ = loading.inference_device()
-    family = families.check_pipeline_folder(model_dir, family)
+    family = families.generator_for(model_dir, family)
     pipe = family.load_pipeline(model_dir)
     pipe.to(dtype=resolve_dtype(p["dtype"], device))
     family.set_scheduler(pipe, p["scheduler"])
@@ -114,7 +116,7 @@ def load_pipeline(model_dir: Path, p: dict, family: Family | None = None) -> Dif
     return pipe
 
 
-def decode(pipe: DiffusionPipeline, family: Family, latents: torch.Tensor, vae_batch_size: int) -> list[Image.Image]:
+def decode(pipe: DiffusionPipeline, family: Generator, latents: torch.Tensor, vae_batch_size: int) -> list[Image.Image]:
     """Decode latents vae_batch_size at a time: the decoder's activations, large at 512 px, stay bounded."""
     import torch
 
@@ -126,7 +128,7 @@ def decode(pipe: DiffusionPipeline, family: Family, latents: torch.Tensor, vae_b
     return images
 
 
-def generate_latents(pipe: DiffusionPipeline, family: Family, prompts: dict, seeds: list[int], p: dict) \
+def generate_latents(pipe: DiffusionPipeline, family: Generator, prompts: dict, seeds: list[int], p: dict) \
         -> torch.Tensor:
     """The latents of one batch (`prompts`: the texts, or their embeddings), one generator per image: an image does
     not depend on its batch."""
@@ -139,14 +141,14 @@ def generate_latents(pipe: DiffusionPipeline, family: Family, prompts: dict, see
 
 
 def generate_images(pipe: DiffusionPipeline, prompts: list[str] | dict, seeds: list[int], p: dict,
-                    family: Family | None = None) -> list[Image.Image]:
+                    family: Generator | None = None) -> list[Image.Image]:
     """One batch of images, decoded; `prompts`: the texts, or the pipeline's keywords for their embeddings."""
     family = family or families.family_of_pipeline(pipe)
     prompts = prompts if isinstance(prompts, dict) else {"prompt": prompts}
     return decode(pipe, family, generate_latents(pipe, family, prompts, seeds, p), p["vae_batch_size"])
 
 
-def render(pipe: DiffusionPipeline, family: Family, rows: list[dict], p: dict, out: Path) -> None:
+def render(pipe: DiffusionPipeline, family: Generator, rows: list[dict], p: dict, out: Path) -> None:
     """Render the planned images in batches of batch_size and save them as PNGs; with memory `sequential`, every
     prompt is encoded first and the text encoders freed before the denoiser runs."""
     batches = [rows[i:i + p["batch_size"]] for i in range(0, len(rows), p["batch_size"])]
@@ -164,8 +166,15 @@ def render(pipe: DiffusionPipeline, family: Family, rows: list[dict], p: dict, o
 
 def run(model: str, model_dir: Path, split: Path, out: Path, p: dict, seed: int,
         family: Family = families.FAMILIES["sd2"]) -> list[dict]:
-    """Render all images of one model (a pipeline of `family`) into `out`; return the manifest rows."""
-    family = families.check_pipeline_folder(model_dir, family)
+    """Render all images of one model (a pipeline of `family`, or a baseline's) into `out`; return the manifest rows
+    (none, in an empty folder, for a baseline switched off)."""
+    if families.switched_off(model_dir):
+        log.info("generate %s: switched off in %s; writing an empty manifest", model, model_dir)
+        with atomic_dir(out) as tmp:
+            dataset.write_jsonl(tmp / "manifest.jsonl", [])
+        return []
+    family = families.generator_for(model_dir, family)
+    p = family.runnable(p)
     held_out = held_out_captions(split, p["test_captions"], seed)
     pipe = load_pipeline(model_dir, p, family)
     # How the images were computed goes beside what was asked for: half precision moves pixels, the rest rounding.

@@ -5,7 +5,8 @@ SAMPLES_DIR, the metrics and detail tables of split, finetune (its dvclive folde
 training sketches (RAW_DIR, SPLIT_DIR/train.jsonl) and params `report`; dvc.yaml passes every path. Writes OUT_MD
 (Markdown) and FIGURES_DIR (matplotlib
 charts: loss and validation loss, CLIP score per prompt, distances to real sketches; a grid per study prompt, base row
-above fine-tuned row, the prompt written above; training examples), declared in dvc.yaml as image plots.
+above fine-tuned row (and a Versatile Diffusion row below when generate@vd ran), the prompt written above; training
+examples), declared in dvc.yaml as image plots. A baseline that ran adds a column to the headline table.
 
 Run: python -m stages.report SAMPLES_DIR SPLIT_JSON FINETUNE_DIR CLIP_JSON CLIP_DIR BLIP_JSON BLIP_DIR RAW_DIR SPLIT_DIR
      STUDY_CONF OUT_MD FIGURES_DIR (params.yaml is validated whole first)
@@ -115,7 +116,7 @@ def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str)
 def captions_section(blip_tables: Path, p: dict) -> list[str]:
     captions = read_csv(require_path(blip_tables / "captions.csv", "run blip_check first"))
     parts = ["## Sample BLIP captions (study prompts)"]
-    for model in MODELS:
+    for model in dict.fromkeys([*MODELS, *(row["model"] for row in captions)]):
         sample = [row for row in captions if row["model"] == model and row["set"] == "study"][: p["captions_per_model"]]
         parts.append(f"**{model}**\n\n" + "\n".join(f"- {row['prompt']}: *{row['caption']}*" for row in sample))
     return parts
@@ -134,7 +135,7 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
              f"model family {family})",
              *results_section(params, metrics, scorer, figures_rel),
              "## CLIP score per prompt (study prompts)", f"![CLIP score per prompt]({figures_rel}/clip_per_prompt.png)",
-             "## Before and after: base (top row) and fine-tuned (bottom row), the same seeds"]
+             grids_heading(study_rows)]
     if examples:
         parts.append(f"![training images]({figures_rel}/training_examples.png)")
     parts += [f"![{prompt}]({figures_rel}/{grid_name(i, prompt)})" for i, prompt in enumerate(prompts)]
@@ -152,6 +153,15 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
 
 
 FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3"}
+
+
+def grids_heading(study_rows: dict) -> str:
+    """What the rows of each grid are: base over fine-tuned, and the baselines that ran below them."""
+    if set(study_rows) == set(MODELS):
+        return "## Before and after: base (top row) and fine-tuned (bottom row), the same seeds"
+    others = ", ".join(results.BASELINE_TITLES[model] for model in study_rows if model not in MODELS)
+    return (f"## Before and after: base (top row), fine-tuned (second row) and, below, {others}: "
+            "the same prompts and seeds")
 
 
 def study_defaults(study_config: Path) -> dict:

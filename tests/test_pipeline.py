@@ -207,6 +207,27 @@ def assert_the_evaluation_finds_nothing(root) -> None:
     assert results.startswith("**The evaluation cannot tell the fine-tuned model's images from the base model's")
 
 
+def test_versatile_diffusion_switched_on_adds_a_third_column_and_moves_nothing_else(clone):
+    """`-S fetch.vd.enabled=true`: fetch@vd builds the tiny VD, generate@vd renders the same plan, and clip_eval,
+    blip_check and the report gain *_vd keys, a column and a grid row; the pair's numbers stay the first run's."""
+    log = clone.run(*SMOKE, "-n", "vd", "-S", "fetch.vd.enabled=true")
+    assert "Running stage 'fetch@vd'" in log and "Running stage 'generate@vd'" in log
+    assert {"clip_eval", "blip_check", "report"} <= ran(log) and not ran(log) & {"encode", "finetune"}, log
+    samples = [json.loads(line) for line in (clone.root / "reports/samples/vd/manifest.jsonl").read_text().splitlines()]
+    base = [json.loads(line) for line in (clone.root / "reports/samples/base/manifest.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["seed"], r["text_given"]) for r in samples] == [
+        (r["file_name"], r["seed"], r["text_given"]) for r in base]
+    metrics = read_metrics(clone.root)
+    for name, added in {"reports/clip_eval.json": ["clip_score_vd", "test_clip_score_vd", "kid_vd", "cmmd_vd",
+                                                   "style_similarity_vd"],
+                        "reports/blip_check.json": ["style_share_vd", "test_style_share_vd"]}.items():
+        assert all(math.isfinite(metrics[name][key]) for key in added), name
+        assert {k: v for k, v in metrics[name].items() if "_vd" not in k} == clone.metrics[name], name
+    report = (clone.root / "reports/report.md").read_text()
+    assert "| Versatile Diffusion (not fine-tuned) |" in report and "**vd**" in report
+    assert "fine-tuned (second row) and, below, Versatile Diffusion" in report
+
+
 def test_the_whole_study_runs_on_sd3_beside_sd2(clone):
     """`-S model=sd3` runs every stage offline on a tiny SD3 pipeline; the report and model card name the family and
     its licence, and compare sets it beside the SD2 experiment."""

@@ -66,15 +66,18 @@ def non_empty_list_of(rule: Rule) -> Rule:
 
 # ---------------------------------------------------------------------------------------------------- the sections
 
-FETCH_KINDS = ("sd", "clip", "blip", "guide", "data")
+FETCH_KINDS = ("sd", "clip", "blip", "guide", "data", "vd")
 RANDOM_SOURCES = ("tiny", "full")  # random weights built from configs: the smoke size and the study's size
 
 
 def fetch_schema(kind: str) -> dict[str, Rule]:
-    sources = ("hub", "local", "synthetic") if kind == "data" else ("hub", "local", *RANDOM_SOURCES)
+    special = {"data": ("hub", "local", "synthetic"), "vd": ("hub", "local", "tiny")}
+    sources = special.get(kind, ("hub", "local", *RANDOM_SOURCES))
     rules = {"source": one_of(*sources), "repo_id": STRING, "revision": STRING, "path": STRING}
     if kind == "data":
         rules |= {"n_images": POSITIVE_INT, "image_size": POSITIVE_INT}
+    if kind == "vd":  # the baseline generator: the one setting that turns generate@vd on
+        rules |= {"enabled": BOOL}
     return rules
 
 

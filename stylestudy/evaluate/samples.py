@@ -9,6 +9,8 @@ from stylestudy.data import dataset
 from stylestudy.core.config import UserError, require_path
 
 MODELS = ("base", "finetuned")
+# Generators beside the pair, never fine-tuned: scored when their folder holds images, with keys of their own (*_vd).
+BASELINES = ("vd",)
 # The prompt sets of generate's manifest and the prefix of their metric keys: the study's keys keep meaning its prompts.
 SET_PREFIXES = {"study": "", "test": "test_"}
 
@@ -40,15 +42,20 @@ def mean_with_ci(values: list[float], n_samples: int, seed: int, name: str) -> d
 
 
 def read_samples(samples: Path) -> dict[str, list[dict]]:
-    """The manifest rows of each model's samples, with the image path added."""
+    """The manifest rows of each model's samples, with the image path added: base and finetuned, then each baseline
+    whose folder holds images (an absent folder or an empty manifest, a baseline switched off, is left out)."""
     rows = {}
-    for model in MODELS:
+    for model in MODELS + BASELINES:
         folder = samples / model
+        if model in BASELINES and not (folder / "manifest.jsonl").is_file():
+            continue
         manifest = require_path(folder / "manifest.jsonl", f"run `dvc repro generate@{model}` first")
         rows[model] = [row | {"path": folder / row["file_name"]} for row in dataset.read_jsonl(manifest)]
-    pairs = {m: [(r["set"], r["prompt_index"], r["image_index"], r["seed"]) for r in rows[m]] for m in MODELS}
-    if pairs["base"] != pairs["finetuned"]:
-        raise UserError(f"{samples}: base and finetuned samples differ in prompts, seeds or counts; rerun generate")
+    rows = {model: model_rows for model, model_rows in rows.items() if model in MODELS or model_rows}
+    pairs = {m: [(r["set"], r["prompt_index"], r["image_index"], r["seed"]) for r in rows[m]] for m in rows}
+    for model in rows:
+        if pairs[model] != pairs["base"]:
+            raise UserError(f"{samples}: base and {model} samples differ in prompts, seeds or counts; rerun generate")
     return rows
 
 

@@ -142,6 +142,32 @@ def bootstrap_p(replicates: np.ndarray) -> float:
     return float(min(1.0, 2.0 * (tail + 1) / (len(reps) + 1)))
 
 
+def _resamples(n: int, n_real: int, bootstrap_samples: int, kid_subset_size: int,
+               seed: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """KID's subset size (clamped to both sets) and the bootstrap draw counts of generated and real rows."""
+    subset_size = min(kid_subset_size, n, n_real)
+    if subset_size < kid_subset_size:
+        logger.info("kid_subset_size %d clamped to %d (%d generated, %d real)", kid_subset_size, subset_size, n, n_real)
+    # One set of resamples for every metric and every model: the diff replicates are then paired by construction.
+    # The stream differs from kid's subset draws (seed alone), which all models share so kid_diff is paired too.
+    rng = np.random.default_rng([seed, 1])
+    return subset_size, resample_counts(rng, n, bootstrap_samples), resample_counts(rng, n_real, bootstrap_samples)
+
+
+def single_distance_metrics(generated: np.ndarray, real: np.ndarray, name: str, *, bootstrap_samples: int,
+                            kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, float | int]:
+    """KID, CMMD and style similarity of one more model (a baseline: <metric>_<name>) against the real sketches, with
+    the resamples and KID subsets distance_metrics gives the pair when it has as many images."""
+    generated, real = _rows(generated), _rows(real)
+    subset_size, gen_counts, real_counts = _resamples(len(generated), len(real), bootstrap_samples, kid_subset_size,
+                                                      seed)
+    values = _model_values(generated, real, gen_counts, real_counts, kid_subsets, subset_size, seed)
+    metrics: dict[str, float | int] = {}
+    for metric in METRICS:
+        metrics.update(_flat(f"{metric}_{name}", *values[metric], len(generated)))
+    return metrics
+
+
 def distance_metrics(base: np.ndarray, finetuned: np.ndarray, real: np.ndarray, *, bootstrap_samples: int,
                      kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, float | int]:
     """KID, CMMD and style similarity of both models against real sketches, their paired differences and 95% CIs."""
@@ -149,14 +175,7 @@ def distance_metrics(base: np.ndarray, finetuned: np.ndarray, real: np.ndarray, 
     if base.shape != finetuned.shape:
         raise ValueError(f"base {base.shape} and finetuned {finetuned.shape} embeddings must be paired row by row")
     n, n_real = len(base), len(real)
-    subset_size = min(kid_subset_size, n, n_real)
-    if subset_size < kid_subset_size:
-        logger.info("kid_subset_size %d clamped to %d (%d generated, %d real)", kid_subset_size, subset_size, n, n_real)
-    # One set of resamples for every metric and both models: the diff replicates are then paired by construction.
-    # The stream differs from kid's subset draws (seed alone), which both models share so kid_diff is paired too.
-    rng = np.random.default_rng([seed, 1])
-    gen_counts = resample_counts(rng, n, bootstrap_samples)
-    real_counts = resample_counts(rng, n_real, bootstrap_samples)
+    subset_size, gen_counts, real_counts = _resamples(n, n_real, bootstrap_samples, kid_subset_size, seed)
     values = {model: _model_values(gen, real, gen_counts, real_counts, kid_subsets, subset_size, seed)
               for model, gen in zip(MODELS, (base, finetuned))}
     metrics: dict[str, float | int] = {}

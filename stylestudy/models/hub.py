@@ -21,6 +21,9 @@ FILES = {
     "blip": ["*.json", "*.txt", "model.safetensors"],
     "guide": ["open_clip_config.json", "open_clip_model.safetensors"],
     "data": ["*.parquet"],
+    # what the text-to-image pipeline loads (no image_encoder weights); text_unet: its attention is swapped in
+    "vd": ["*.json", "*.txt", "image_unet/*.safetensors", "text_unet/*.safetensors", "vae/*.safetensors",
+           "text_encoder/*.safetensors"],
 }
 OFFLINE_HINT = ("to run offline, use `make demo` (the smoke setting) or set fetch.{kind}.source=local with "
                 "fetch.{kind}.path=<folder>")

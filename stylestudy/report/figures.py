@@ -16,7 +16,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 MODEL_COLORS = {"base": "#1f77b4", "finetuned": "#ff7f0e"}  # blue/orange: the pair colour-blind readers tell apart
-MODEL_LABELS = {"base": "base", "finetuned": "fine-tuned"}
+MODEL_LABELS = {"base": "base", "finetuned": "fine-tuned", "vd": "Versatile Diffusion"}
+BASELINE_COLORS = {"vd": "#7f7f7f"}  # a baseline (never fine-tuned) in neutral grey, beside the pair's two hues
 VALIDATION_COLOR = "#222222"  # validation loss is also the fine-tuned model: black, not a third hue
 TREND_COLOR = "#a64b00"  # the running mean of training loss: a darker shade of its orange
 DPI = 100
@@ -108,7 +109,8 @@ def _scores_by_prompt(rows: list[dict]) -> dict[str, dict[str, tuple[float, floa
 
 
 def clip_per_prompt_chart(rows: list[dict], path: Path) -> None:
-    """Horizontal grouped bars of CLIP score per prompt, base and fine-tuned, with 95% CI error bars."""
+    """Horizontal grouped bars of CLIP score per prompt, base and fine-tuned (and a baseline that ran), with 95% CI
+    error bars."""
     table = _scores_by_prompt(rows)
     if not table:
         raise ValueError("clip_per_prompt_chart needs at least one row")
@@ -117,14 +119,16 @@ def clip_per_prompt_chart(rows: list[dict], path: Path) -> None:
     figure = _figure(10, 1.6 + len(table) * max(0.8, 0.2 * lines + 0.45))
     ax = figure.add_subplot()
     left, right = 0.0, 0.0  # the axis holds 0 and every interval: cosines can be negative
-    for offset, model in zip((-0.2, 0.2), MODEL_COLORS):
+    colors = MODEL_COLORS | {m: c for m, c in BASELINE_COLORS.items() if any(m in scores for scores in table.values())}
+    offsets, height = ((-0.2, 0.2), 0.38) if len(colors) == 2 else ((-0.27, 0.0, 0.27), 0.26)
+    for offset, (model, color) in zip(offsets, colors.items()):
         label = MODEL_LABELS[model]  # on the model's first bar only, so the legend lists it once
         for y, scores in enumerate(table.values()):
             if model not in scores:
                 continue
             value, low, high = scores[model]
             below, above = _errors(value, low, high)
-            ax.barh(y + offset, value, height=0.38, color=MODEL_COLORS[model], xerr=[[below], [above]],
+            ax.barh(y + offset, value, height=height, color=color, xerr=[[below], [above]],
                     error_kw={"ecolor": "black", "capsize": 3, "linewidth": 1}, label=label)
             ax.text(max(value, 0) + above, y + offset, f" {value:.1f}", va="center", fontsize=NOTE_PT)
             left, right, label = min(left, value - below), max(right, max(value, 0) + above), None
@@ -150,21 +154,22 @@ def _difference_label(metrics: dict, metric: str) -> str:
 
 
 def _distance_panel(ax: Any, metrics: dict, metric: str) -> None:
-    """Two bars, base and fine-tuned, with CI error bars and n in the tick labels."""
+    """Two bars, base and fine-tuned (three with a baseline that ran), with CI error bars and n in the tick labels."""
     title, ylabel = DISTANCE_PANELS[metric]
     ticks = []
-    for x, model in enumerate(MODEL_COLORS):
+    colors = MODEL_COLORS | {m: c for m, c in BASELINE_COLORS.items() if f"{metric}_{m}" in metrics}
+    for x, (model, color) in enumerate(colors.items()):
         key = f"{metric}_{model}"
         value = float(metrics[key])
         # A metric without its CI keys is drawn without error bars.
         low, high = (float(metrics.get(f"{key}_ci_{end}", value)) for end in ("low", "high"))
         below, above = _errors(value, low, high)
-        ax.bar(x, value, width=0.6, color=MODEL_COLORS[model], yerr=[[below], [above]],
+        ax.bar(x, value, width=0.6, color=color, yerr=[[below], [above]],
                error_kw={"ecolor": "black", "capsize": 4, "linewidth": 1})
         ax.annotate(f"{value:.3g}", (x, value + above if value >= 0 else value - below), ha="center",
                     va="bottom" if value >= 0 else "top", fontsize=NOTE_PT, xytext=(0, 2), textcoords="offset points")
         n = f"\nn={metrics[f'{key}_n']}" if f"{key}_n" in metrics else ""
-        ticks.append(MODEL_LABELS[model] + n)
+        ticks.append(textwrap.fill(MODEL_LABELS[model], 12) + n)  # "Versatile Diffusion" on two lines
     ax.set_xticks(range(len(ticks)), ticks)
     ax.set_xlim(-0.6, len(ticks) - 0.4)
     ax.margins(y=0.12)

@@ -13,6 +13,8 @@ RANDOM_PROFILES = {"smoke": "tiny randomly initialised models", "full": "randoml
 # Below this many images per set, KID and CMMD move more between resamples than between models (their intervals
 # show it): read them as a smoke signal, not a measurement.
 STABLE_N = 100
+# Generators beside the pair (stylestudy/evaluate/samples.py BASELINES), as the report names them.
+BASELINE_TITLES = {"vd": "Versatile Diffusion (not fine-tuned)"}
 
 
 @dataclass(frozen=True)
@@ -53,18 +55,25 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def baselines_in(metrics: dict) -> list[str]:
+    """The baseline generators (BASELINE_TITLES) that have metrics: the ones that ran."""
+    return [name for name in BASELINE_TITLES if f"clip_score_{name}" in metrics]
+
+
 def headline_table(metrics: dict, study_score: float | None) -> str:
-    """Base, fine-tuned, their difference and its p-value for every metric family present; the study's score beside
-    the CLIP row of its prompts."""
-    rows = []
+    """Base, fine-tuned, each baseline that ran (a column after fine-tuned), the difference and its p-value for every
+    metric family present; the study's score beside the CLIP row of its prompts."""
+    rows, baselines = [], baselines_in(metrics)
     for row in CLIP_ROWS + BLIP_ROWS + DISTANCE_ROWS:
         if f"{row.key}_base" not in metrics:
             continue
         p_value = metrics.get(f"{row.key}_diff_p")
         published = f"{study_score}" if row.key == "clip_score" and study_score is not None else ""
         rows.append([row.label, row.unit, with_ci(metrics, f"{row.key}_base"), with_ci(metrics, f"{row.key}_finetuned"),
+                     *(with_ci(metrics, f"{row.key}_{name}") for name in baselines),
                      with_ci(metrics, f"{row.key}_diff"), "-" if p_value is None else number(p_value), published])
-    return table(["metric", "unit", "base", "fine-tuned", "fine-tuned - base", "p", "study (published)"], rows)
+    return table(["metric", "unit", "base", "fine-tuned", *(BASELINE_TITLES[name] for name in baselines),
+                  "fine-tuned - base", "p", "study (published)"], rows)
 
 
 def study_line(params: dict) -> tuple[str, float | None]:

@@ -1,18 +1,21 @@
 """The model families, one module each behind `base.Family`: chosen by params `model.family`, recognised in a pipeline
-folder by its model_index.json."""
+folder by its model_index.json. Baselines (Versatile Diffusion) are generators only, recognised the same way."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from stylestudy.core.config import UserError
+from stylestudy.core.outputs import MANIFEST
 from stylestudy.models import loading
-from stylestudy.models.families import sd2, sd3
-from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
+from stylestudy.models.families import sd2, sd3, vd
+from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, Generator, NoiseProcess
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (sd2.FAMILY, sd3.FAMILY)}
-__all__ = ["Conditioning", "Family", "FrozenEncoders", "NoiseProcess", "check_pipeline_folder", "copy_pipeline",
-           "family_of_pipeline", "from_params", "load_pipeline"]
+BASELINES: dict[str, Generator] = {vd.GENERATOR.name: vd.GENERATOR}
+__all__ = ["BASELINES", "Conditioning", "Family", "FrozenEncoders", "Generator", "NoiseProcess",
+           "check_pipeline_folder", "copy_pipeline", "family_of_pipeline", "from_params", "generator_for",
+           "load_pipeline", "switched_off"]
 
 
 def from_params(model: dict) -> Family:
@@ -57,3 +60,22 @@ def copy_pipeline(src: Path, out_dir: Path, expected: Family | None = None) -> N
 def family_of_pipeline(pipe: Any) -> Family:
     """The family of a loaded pipeline, by its class (default settings)."""
     return {family.pipeline_class: family for family in FAMILIES.values()}[type(pipe).__name__]
+
+
+def switched_off(path: Path) -> bool:
+    """Whether `path` is an optional model that fetch left out (its manifest says enabled: false, no pipeline)."""
+    manifest = path / MANIFEST
+    return (manifest.is_file() and not (path / "model_index.json").exists()
+            and loading.read_json(manifest).get("enabled") is False)
+
+
+def generator_for(path: Path, family: Family | None) -> Generator:
+    """The generator of a pipeline folder: a baseline's when model_index.json names its class (checked), else
+    `family`'s (check_pipeline_folder)."""
+    index = path / "model_index.json"
+    name = loading.read_json(index).get("_class_name") if index.is_file() else None
+    for baseline in BASELINES.values():
+        if name == baseline.pipeline_class:
+            baseline.check_folder(path)
+            return baseline
+    return check_pipeline_folder(path, family)

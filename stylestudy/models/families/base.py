@@ -8,6 +8,8 @@ validation, `generate` and the learning check talk to the family only, so they n
 - the training noise process (`NoiseProcess`): draw timesteps, noise the latents, the target, per-sample loss
   weights, the one-step x0 estimate;
 - the denoiser's forward pass, the modules LoRA targets and how an adapter is saved, and sampling for validation.
+`Generator` is the part `generate` needs alone (a family is one); Versatile Diffusion, a baseline that is never
+fine-tuned, is a generator only (vd.py).
 """
 from __future__ import annotations
 
@@ -112,18 +114,78 @@ class NoiseProcess(ABC):
         """n timesteps spread evenly over the whole schedule (validation's fixed noise levels)."""
 
 
-class Family(ABC):
-    """One model family: everything the pipeline asks of a model of that architecture."""
+class Generator(ABC):
+    """What `generate` asks of a model: check and load its pipeline folder, place it, set its sampler, encode prompts
+    and decode latents. A model family is one; so is a baseline that is never fine-tuned (Versatile Diffusion)."""
 
     name: ClassVar[str]
     pipeline_class: ClassVar[str]  # model_index.json's _class_name
     denoiser_folder: ClassVar[str]  # unet, transformer
+    schedulers: ClassVar[tuple[str, ...]]  # generate.scheduler's choices
+
+    def runnable(self, p: dict) -> dict:
+        """params `generate` as this generator runs them (what the manifest records); families run them as given."""
+        return p
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keywords the pipeline's __call__ takes from this family's settings."""
+        return {}
+
+    @abstractmethod
+    def check_folder(self, path: Path) -> None:
+        """Cheap checks of a pipeline folder of this family (one-line UserError)."""
+
+    @abstractmethod
+    def load_pipeline(self, path: Path) -> Any:
+        """The whole pipeline (safetensors only), for generation."""
+
+    @abstractmethod
+    def from_latents(self, vae_config: Any, latents: Any) -> Any:
+        """The inverse of to_latents: what the VAE's decoder takes."""
+
+    @abstractmethod
+    def use_fused_attention(self, pipe: Any) -> None:
+        """Make the pipeline's attention run torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
+
+    @abstractmethod
+    def fuse_qkv(self, pipe: Any) -> None:
+        """One projection for q, k and v in the denoiser's attention."""
+
+    @abstractmethod
+    def set_scheduler(self, pipe: Any, name: str) -> None:
+        """Replace the pipeline's sampler by `name` (one of `schedulers`), keeping the model's noise schedule."""
+
+    @abstractmethod
+    def encode_prompts(self, pipe: Any, texts: list[str], guidance: bool, device: Any) -> dict[str, Any]:
+        """The pipeline's prompt embeddings of `texts` (and of "" for guidance) computed on `device`, as keywords of its
+        __call__."""
+
+    def denoiser_of(self, pipe: Any) -> Any:
+        """The denoiser of a loaded pipeline."""
+        return getattr(pipe, self.denoiser_folder)
+
+
+class Family(Generator):
+    """One model family: everything the pipeline asks of a model of that architecture (training too)."""
+
     encoder_folders: ClassVar[tuple[str, ...]]  # the folders an encoding is made from ("vae/", ...)
     lora_targets: ClassVar[tuple[str, ...]]
-    schedulers: ClassVar[tuple[str, ...]]  # generate.scheduler's choices
     license: ClassVar[str]  # the base model's licence: model card front matter, name and link for the card's text
     license_name: ClassVar[str]
     license_link: ClassVar[str]
+    components: ClassVar[tuple[str, ...]]  # the pipeline folder's subfolders
+    weighted: ClassVar[tuple[str, ...]]  # those that hold weights (safetensors only)
+
+    def check_folder(self, path: Path) -> None:
+        """Every component there, weights in safetensors (one-line UserError)."""
+        from stylestudy.core.config import UserError
+        from stylestudy.models import loading
+
+        for component in self.components:
+            if not (path / component).is_dir():
+                raise UserError(f"{path}: missing the {component}/ folder of the pipeline; re-create or re-download it")
+        for component in self.weighted:
+            loading.require_safetensors(path / component)
 
     def configured(self, params: dict) -> Family:
         """This family with the settings of params `model` (validated); families without settings return self."""
@@ -136,29 +198,6 @@ class Family(ABC):
     def encoding_settings(self) -> dict[str, Any]:
         """Settings beyond `encode` that a cached encoding depends on, by params name (index.json records them)."""
         return {}
-
-    def generation_kwargs(self) -> dict[str, Any]:
-        """Keywords the pipeline's __call__ takes from this family's settings."""
-        return {}
-
-    components: ClassVar[tuple[str, ...]]  # the pipeline folder's subfolders
-    weighted: ClassVar[tuple[str, ...]]  # those that hold weights (safetensors only)
-
-    def check_folder(self, path: Path) -> None:
-        """Cheap checks of a pipeline folder of this family (one-line UserError): every component there, weights
-        in safetensors."""
-        from stylestudy.core.config import UserError
-        from stylestudy.models import loading
-
-        for component in self.components:
-            if not (path / component).is_dir():
-                raise UserError(f"{path}: missing the {component}/ folder of the pipeline; re-create or re-download it")
-        for component in self.weighted:
-            loading.require_safetensors(path / component)
-
-    @abstractmethod
-    def load_pipeline(self, path: Path) -> Any:
-        """The whole pipeline (safetensors only), for generation."""
 
     @abstractmethod
     def load_encoders(self, path: Path, device: Any, dtype: Any) -> FrozenEncoders:
@@ -185,10 +224,6 @@ class Family(ABC):
         """A VAE latent sample as the denoiser sees it (scaled, and shifted where the family shifts)."""
 
     @abstractmethod
-    def from_latents(self, vae_config: Any, latents: Any) -> Any:
-        """The inverse of to_latents: what the VAE's decoder takes."""
-
-    @abstractmethod
     def denoise(self, denoiser: Any, noisy: Any, timesteps: Any, conditioning: Conditioning) -> Any:
         """The denoiser's output on a batch."""
 
@@ -205,24 +240,3 @@ class Family(ABC):
     @abstractmethod
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
         """Write an adapter's layers (peft's state dict) the way this family's pipeline loads them."""
-
-    @abstractmethod
-    def use_fused_attention(self, pipe: Any) -> None:
-        """Make the pipeline's attention run torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
-
-    @abstractmethod
-    def fuse_qkv(self, pipe: Any) -> None:
-        """One projection for q, k and v in the denoiser's attention."""
-
-    @abstractmethod
-    def set_scheduler(self, pipe: Any, name: str) -> None:
-        """Replace the pipeline's sampler by `name` (one of `schedulers`), keeping the model's noise schedule."""
-
-    @abstractmethod
-    def encode_prompts(self, pipe: Any, texts: list[str], guidance: bool, device: Any) -> dict[str, Any]:
-        """The pipeline's prompt embeddings of `texts` (and of "" for guidance) computed on `device`, as keywords of its
-        __call__."""
-
-    def denoiser_of(self, pipe: Any) -> Any:
-        """The denoiser of a loaded pipeline."""
-        return getattr(pipe, self.denoiser_folder)
