@@ -1,4 +1,5 @@
-"""finetune: fine-tune the denoiser (SD2: the UNet; SD3: the transformer) on the training split (the study's recipe, and the options past it).
+"""finetune: fine-tune the denoiser (SD2: the UNet; SD3: the transformer) on the training split (the study's recipe,
+and the options past it).
 
 Reads SD_DIR (pipeline folder from fetch), GUIDE_DIR (the guidance CLIP, used by `clip_loss` only), RAW_DIR
 (imagefolder), SPLIT_DIR/{train,val}.jsonl, LATENTS_DIR (the encode stage's latents and text embeddings, memory-mapped
@@ -64,7 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "lora"  # OUT_DIR/lora/pytorch_lora_weights.safetensors, for users who load it on the base model
-TIMING = ("images_per_s", "peak_memory_mb", "train_seconds", "resumed_from_step", "skipped_steps")  # differ from run to run
+# differ from run to run
+TIMING = ("images_per_s", "peak_memory_mb", "train_seconds", "resumed_from_step", "skipped_steps")
 
 
 @dataclass(frozen=True)

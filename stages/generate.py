@@ -5,12 +5,12 @@ captions of that many held-out test images (set `test`, one image each; images t
 Reads MODEL_DIR (a pipeline folder of params `model`'s family: the pretrained or the fine-tuned one; or a baseline's,
 Versatile Diffusion, recognised by its model_index.json: the same plan, settings as its generator can run them, see
 stylestudy/models/families/vd.py; a baseline that fetch left switched off gives an empty OUT_DIR, no rows),
-SPLIT_DIR/test.jsonl and params `generate`, `model`, `shared`. Writes OUT_DIR/<prompt>_<image>.png, OUT_DIR/test_<caption>.png and OUT_DIR/manifest.jsonl
-(set, model, prompt, text given, seed, settings, and the device and dtype that computed it). Every image has its own
-generator (seed + index), so any one can be regenerated alone; both models get the same seeds.
-Speed settings (dtype, compile, channels_last, fuse_qkv, vae_batch_size) are
-what bench/generate_speed.py measures against plain diffusers; it imports this module's code path. `memory` decides
-which components share the GPU (stylestudy/models/placement.py): SD3 on a 16 GB card encodes every prompt first.
+SPLIT_DIR/test.jsonl and params `generate`, `model`, `shared`. Writes OUT_DIR/<prompt>_<image>.png,
+OUT_DIR/test_<caption>.png and OUT_DIR/manifest.jsonl (set, model, prompt, text given, seed, settings, and the device
+and dtype that computed it). Every image has its own generator (seed + index), so any one can be regenerated alone;
+both models get the same seeds. Speed settings (dtype, compile, channels_last, fuse_qkv, vae_batch_size) are what
+bench/generate_speed.py measures against plain diffusers; it imports this module's code path. `memory` decides which
+components share the GPU (stylestudy/models/placement.py): SD3 on a 16 GB card encodes every prompt first.
 
 Run: python -m stages.generate MODEL_NAME MODEL_DIR SPLIT_DIR OUT_DIR (params.yaml is validated whole before any work)
 Example: python -m stages.generate finetuned models/finetuned data/split reports/samples/finetuned
