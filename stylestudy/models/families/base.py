@@ -84,6 +84,17 @@ class FrozenEncoders:
             return self.vae.encode(pixels.to(self.device, dtype=self.dtype)).latent_dist
 
 
+def draw_noise(clean: Any, noise_offset: float) -> Any:
+    """Gaussian noise like `clean`, from the global (seeded) RNG; with noise_offset > 0, plus noise_offset times one
+    draw per sample and channel (the offset-noise trick); off, nothing more is drawn."""
+    import torch
+
+    noise = torch.randn_like(clean)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn((*clean.shape[:2], 1, 1), device=clean.device, dtype=clean.dtype)
+    return noise
+
+
 class NoiseProcess(ABC):
     """How training noises clean latents and what the denoiser learns to predict."""
 

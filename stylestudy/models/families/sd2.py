@@ -13,7 +13,7 @@ from typing import Any
 
 from stylestudy.core.config import SCHEDULERS
 from stylestudy.models import loading
-from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
+from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess, draw_noise
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
@@ -30,10 +30,7 @@ class DDPMNoise(NoiseProcess):
     def draw(self, clean: Any, noise_offset: float) -> tuple[Any, Any]:
         import torch
 
-        noise = torch.randn_like(clean)
-        if noise_offset > 0:
-            noise = noise + noise_offset * torch.randn(
-                (*clean.shape[:2], 1, 1), device=clean.device, dtype=clean.dtype)
+        noise = draw_noise(clean, noise_offset)
         timesteps = torch.randint(0, self.num_train_timesteps, (clean.shape[0],), device=clean.device)
         return noise, timesteps
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from stylestudy.core.config import SCHEDULERS
 from stylestudy.models import loading
-from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
+from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess, draw_noise
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -45,13 +45,9 @@ class FlowMatchNoise(NoiseProcess):
         self.num_train_timesteps = scheduler.config.num_train_timesteps
 
     def draw(self, clean: Any, noise_offset: float) -> tuple[Any, Any]:
-        import torch
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        noise = torch.randn_like(clean)
-        if noise_offset > 0:
-            noise = noise + noise_offset * torch.randn(
-                (*clean.shape[:2], 1, 1), device=clean.device, dtype=clean.dtype)
+        noise = draw_noise(clean, noise_offset)
         s = self.settings
         u = compute_density_for_timestep_sampling(s.weighting_scheme, clean.shape[0], s.logit_mean, s.logit_std,
                                                   s.mode_scale)
