@@ -84,19 +84,13 @@ def _dvc(repo: Path, env: dict | None, *args: str) -> str:
     return result.stdout
 
 
-# Declared in dvc.yaml but written by `make compare`, not by the pipeline: absent from a run that never compared.
-WRITTEN_BY_COMPARE = ("reports/comparison.png",)
-
-
 def declared(shown: dict) -> tuple[list[str], dict[str, str]]:
     """Problems DVC itself reports, and {file name in the page's static/: plot path} of every image it found."""
-    errors = [e for e in shown.get("errors", []) if e.get("name") not in WRITTEN_BY_COMPARE]
-    problems = [f"dvc could not load plot {e.get('name')}: {e.get('msg', '').splitlines()[0]}" for e in errors]
+    problems = [f"dvc could not load plot {e.get('name')}: {e.get('msg', '').splitlines()[0]}"
+                for e in shown.get("errors", [])]
     images = {}
     for name, entries in shown.get("data", {}).items():
-        if name in WRITTEN_BY_COMPARE:
-            continue
-        if not entries and not any(e.get("name") == name for e in errors):
+        if not entries and not any(e.get("name") == name for e in shown.get("errors", [])):
             problems.append(f"plot {name} is declared but dvc found nothing for it")
         images |= {Path(e["url"]).name: name for e in entries if e.get("type") == "image"}
     return problems, images
