@@ -244,9 +244,11 @@ class Family(Generator):
         """Latents of one image, conditioning row 0 unconditional and row 1 the prompt, from noise seeded with
         `seed` on the CPU (the same image on every device), drawing nothing from the global RNG."""
 
-    @abstractmethod
     def latent_shape(self, vae: Any, denoiser: Any, resolution: int) -> tuple[int, ...]:
-        """The latent shape (1, C, h, w) of one image at `resolution`."""
+        """The latent shape (1, C, h, w) of one image at `resolution`: the VAE halves the size at every block after
+        the first."""
+        size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        return 1, denoiser.config.in_channels, size, size
 
     @abstractmethod
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:

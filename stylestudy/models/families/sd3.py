@@ -202,10 +202,6 @@ class StableDiffusion3(Family):
             x = sampler.step(uncond + guidance_scale * (cond - uncond), t, x, return_dict=False)[0]
         return x
 
-    def latent_shape(self, vae: Any, denoiser: Any, resolution: int) -> tuple[int, ...]:
-        size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        return 1, denoiser.config.in_channels, size, size
-
     def use_fused_attention(self, pipe: Any) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
