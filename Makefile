@@ -58,8 +58,8 @@ test-all: setup
 bench: setup  # make bench AGAINST=<rev>: that commit's DAG too, side by side
 	python bench/smoke_dag.py $(if $(AGAINST),--against $(AGAINST))
 
-# Both also draw reports/comparison.png (style against held-out CLIP score, the Pareto front): `dvc plots show
-# reports/comparison.png` shows it.
+# Both also redraw reports/comparison.png (style against held-out CLIP score, the Pareto front), a plot of dvc.yaml
+# kept in git.
 compare: setup
 	@mkdir -p reports
 	@python scripts/compare.py --chart reports/comparison.png

@@ -151,8 +151,13 @@ def summary_cell(summary: comparison.Summary | None) -> str:
 def difference_cell(diff: comparison.Difference | None) -> str:
     if diff is None:
         return "-"
-    text = f"{cell(diff.diff)}, " + (f"Welch t={diff.t:.3g}, df={diff.df:.3g}, p={cell(diff.p)}"
-                                      if not math.isnan(diff.p) else "no test (1 run)")
+    if math.isnan(diff.p):
+        test = "no test (1 run)"
+    elif math.isnan(diff.df):  # no spread in either setting's runs: Welch's t is 0 or infinite
+        test = f"every run of each setting the same, p={cell(diff.p)}"
+    else:
+        test = f"Welch t={diff.t:.3g}, df={diff.df:.3g}, p={cell(diff.p)}"
+    text = f"{cell(diff.diff)}, {test}"
     return text + (f" (runs {diff.n_a} vs {diff.n_b}: fewer than {comparison.MIN_REPLICATES})" if diff.flagged else "")
 
 

@@ -54,6 +54,7 @@ def one_thread():
 
 # Written by the pipeline, never part of a clone: a copy made after `make demo` must look like a fresh clone.
 GENERATED = ("dvc.lock", "params.yaml", "reports/", "dvc_plots/")
+KEPT_IN_GIT = ("reports/comparison.png",)  # `make compare`'s chart, a plot of dvc.yaml that no stage writes
 # Written by `make setup`, never committed: a clone that ran it has them, as it has the environment the copy shares.
 SET_UP = (".dvc/plots_page.html",)
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
@@ -86,7 +87,7 @@ def fresh_copy(target: Path) -> Path:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
-        if (REPO / name).is_file() and not name.startswith(GENERATED):
+        if (REPO / name).is_file() and (name in KEPT_IN_GIT or not name.startswith(GENERATED)):
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, target / name)
     for name in SET_UP:

@@ -172,3 +172,11 @@ def test_no_chart_without_its_metrics(shown, capsys, tmp_path):
     compare.main(["--chart", str(tmp_path / "comparison.png")])
     assert "no chart" in capsys.readouterr().err and not (tmp_path / "comparison.png").exists()
     assert "## Over training seeds" not in compare.markdown(compare.experiments(SHOWN))
+
+
+def test_a_difference_between_settings_without_spread_says_so_instead_of_a_t():
+    """Every run of both settings gave one value (smoke's style_share: 1 everywhere): no t, no df, p from the means."""
+    same = comparison.Difference("style_share_finetuned", 0.0, *welch_t_test([1.0] * 3, [1.0] * 3), 3, 3)
+    moved = comparison.Difference("style_share_finetuned", 0.5, *welch_t_test([1.5] * 3, [1.0] * 3), 3, 3)
+    assert compare.difference_cell(same) == "0, every run of each setting the same, p=1"
+    assert compare.difference_cell(moved) == "0.5, every run of each setting the same, p=0"

@@ -163,7 +163,8 @@ def comparison_chart(groups: list[Group], path: Path, x_key: str = "style_simila
                     color=color)
     front = pareto_front([(x[0], y[0]) for _, x, y in drawn])
     ax.plot([drawn[i][1][0] for i in front], [drawn[i][2][0] for i in front], linestyle="--", color="#555555",
-            linewidth=1.2, zorder=1, label="Pareto front (no other setting higher on both)")
+            linewidth=1.2, marker="o", markersize=16, markerfacecolor="none", zorder=1,  # ringed: a front of one shows
+            label="Pareto front (no other setting higher on both)")
     _style(ax, "Which setting wins: style against prompt fidelity (fine-tuned models)",
            f"style: {x_key} (higher = closer to held-out real sketches)", f"prompt fidelity: {y_key}")
     ax.margins(x=0.15, y=0.1)  # room for the labels beside the outermost points
