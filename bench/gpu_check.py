@@ -7,7 +7,7 @@ Steps, in order (each a subprocess with its own time limit, so a slow one cannot
                    512 px, the study's precision settings): each stage's seconds and the device's peak memory during it
   2 finetune_speed bench/finetune_speed.py at 256 px, eager: straightforward recipe, ours, LoRA, CLIP loss; batch 1, 32
   3 generate_speed bench/generate_speed.py at 512 px, 30 images: naive, diffusers batched, ours; PSNR; evaluation time
-  4 sd3            bench/sd3_memory.py OUT_JSON, once the SD3 family brings it (else a recorded skip)
+  4 sd3            bench/sd3_memory.py OUT_JSON: SD3 Medium's shapes fine-tuned and sampled under 16 GB
   5 ddp            step 1's fine-tune again with conf/accelerate/ddp.yaml on 2 GPUs (a recorded skip with fewer)
   6 determinism    the same short fine-tune twice: identical UNet weights or not, and by how much they differ
   7 compiled       finetune_speed.py and generate_speed.py with --compile, warm-up apart, if time remains
@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+from gpu_check_tools import MemorySampler, fresh_copy, read_json, run, step_record  # noqa: E402
 
 BUDGET_S = 8 * 60  # the whole check on a GPU, the environment's set-up not included
 STEPS = ("full_profile", "finetune_speed", "generate_speed", "sd3", "ddp", "determinism", "compiled")
@@ -68,74 +69,6 @@ class Check:
         (self.out / f"{number:02d}_{name}.json").write_text(json.dumps(record, indent=1) + "\n")
         print(f"step {number} {name}: {record['status']} ({record.get('seconds', 0):.0f} s)", flush=True)
         return record
-
-
-class MemorySampler:
-    """The device's memory in use (nvidia-smi, every 0.5 s) while a command runs: the peak under each label."""
-
-    def __init__(self) -> None:
-        self.label, self.peaks, self.stop = "start", {}, threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self) -> None:
-        while not self.stop.wait(0.5):
-            used = gpu_memory_mib()
-            if used is not None:
-                self.peaks[self.label] = max(self.peaks.get(self.label, 0), used)
-
-
-def gpu_memory_mib() -> int | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    result = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                            capture_output=True, text=True)
-    return sum(int(x) for x in result.stdout.split()) if result.returncode == 0 else None
-
-
-def run(command: list[str], cwd: Path, timeout: float, env: dict | None = None,
-        on_line=None) -> tuple[int | str, float, str]:
-    """(return code or "timeout", seconds, the output's tail), the command killed with its children at `timeout`."""
-    started, lines = time.perf_counter(), []
-    proc = subprocess.Popen(command, cwd=cwd, env=os.environ | (env or {}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    timer = threading.Timer(max(timeout, 1), lambda: os.killpg(proc.pid, 9))
-    timer.start()
-    for line in proc.stdout:
-        lines.append(line)
-        if on_line:
-            on_line(line)
-    proc.wait()
-    timed_out = not timer.is_alive() and proc.returncode < 0
-    timer.cancel()
-    return ("timeout" if timed_out else proc.returncode), time.perf_counter() - started, "".join(lines[-40:])
-
-
-def step_record(command: list[str], code: int | str, seconds: float, tail: str, figures: dict | None = None) -> dict:
-    status = "ok" if code == 0 else ("timeout" if code == "timeout" else "failed")
-    return {"status": status, "command": " ".join(command), "seconds": seconds, "returncode": code,
-            "figures": figures or {}, "log_tail": tail if status != "ok" else tail[-1500:]}
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def fresh_copy(target: Path) -> Path:
-    """The working tree as a new one-commit git repository (uncommitted work included, what the pipeline and the
-    environment wrote left out): DVC needs git, and the copy carried to a GPU machine may have no .git."""
-    top = {".git", ".venv", "node_modules", "models", "reports", "scratch", "dvc_plots", "dvc.lock"}
-
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        skip = {"top": top, "data": set(names) - {"own"}, ".dvc": {"cache", "tmp"}}.get(
-            "top" if Path(folder) == REPO else Path(folder).name if Path(folder).parent == REPO else "", set())
-        return [n for n in names if n in skip or n == "__pycache__"]
-
-    shutil.copytree(REPO, target, ignore=ignore)
-    env = {"GIT_AUTHOR_NAME": "gpu-check", "GIT_AUTHOR_EMAIL": "gpu-check@example.com",
-           "GIT_COMMITTER_NAME": "gpu-check", "GIT_COMMITTER_EMAIL": "gpu-check@example.com"}
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "gpu check"]):
-        subprocess.run(command, cwd=target, env=os.environ | env, check=True, capture_output=True)
-    return target
 
 
 def full_profile(check: Check, timeout: float) -> dict:
@@ -175,12 +108,8 @@ def bench_script(check: Check, timeout: float, script: str, args: list[str], tin
 
 
 def sd3(check: Check, timeout: float) -> dict:
-    script = REPO / "bench" / "sd3_memory.py"
-    if not script.is_file():
-        return {"status": "skipped", "seconds": 0.0, "reason": "bench/sd3_memory.py does not exist yet (the SD3 family "
-                "is being written): nothing to measure"}
     out = check.out / "sd3.raw.json"
-    command = [sys.executable, str(script), str(out)] + (["--dry-run"] if check.dry_run else [])
+    command = [sys.executable, str(REPO / "bench" / "sd3_memory.py"), str(out)] + (["--dry-run"] if check.dry_run else [])
     code, seconds, tail = run(command, REPO, timeout)
     return step_record(command, code, seconds, tail, read_json(out))
 
