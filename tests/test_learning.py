@@ -35,14 +35,13 @@ import torch
 from conftest import composed
 from PIL import Image
 
-from stylestudy.models import builders, families
+from stylestudy.models import builders, families, vae_shaping
 from stylestudy.data import dataset, latents, sketches
 from stages.finetune import Folders, run
 
 SEED = 0
 RESOLUTION = 32
 INFERENCE_STEPS = 10
-LOGVAR = -20.0  # posterior std exp(-10) = 5e-5, against latents of std ~0.3 before scaling
 # Plain AdamW in fp32, one image a step; the EMA follows within the run (its decay is at most (1 + n) / (10 + n)).
 TRAINING = {"max_train_steps": 400, "learning_rate": 2e-3, "train_batch_size": 1, "gradient_accumulation_steps": 1,
             "lr_scheduler": "constant", "lr_warmup_steps": 0, "optimizer": "adamw", "gradient_checkpointing": False,
@@ -68,12 +67,8 @@ def make_memorisable(sd: Path, image: torch.Tensor) -> None:
     config_file = sd / "scheduler" / "scheduler_config.json"
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"prediction_type": "v_prediction"}))
     vae = AutoencoderKL.from_pretrained(sd / "vae")
-    channels = vae.config.latent_channels  # quant_conv gives the posterior's mean, then its log-variance
-    with torch.no_grad():
-        vae.quant_conv.weight[channels:] = 0
-        vae.quant_conv.bias[channels:] = LOGVAR
-        latent = vae.encode(image).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1 / latent.std()))
+    vae_shaping.make_posterior_deterministic(vae)
+    vae_shaping.scale_to_unit_variance(vae, image)
     vae.save_pretrained(sd / "vae", safe_serialization=True)
 
 

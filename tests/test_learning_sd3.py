@@ -31,13 +31,12 @@ from PIL import Image
 
 from stages.finetune import Folders, run
 from stylestudy.data import dataset, latents, sketches
-from stylestudy.models import builders_sd3, families
+from stylestudy.models import builders_sd3, families, vae_shaping
 from stylestudy.models.families import sd3
 
 SEED = 0
 RESOLUTION = 32
 INFERENCE_STEPS = 10
-LOGVAR = -20.0
 TRAINING = {"method": "full", "max_train_steps": 600, "learning_rate": 2e-3, "train_batch_size": 1, "gradient_accumulation_steps": 1,
             "lr_scheduler": "constant", "lr_warmup_steps": 0, "optimizer": "adamw", "gradient_checkpointing": False,
             "mixed_precision": "no", "use_ema": True, "ema_decay": 0.99, "checkpoint_every": 0, "validate_every": 0}
@@ -58,12 +57,8 @@ def make_memorisable(sd: Path, image: torch.Tensor) -> None:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(sd / "vae")
-    channels = vae.config.latent_channels
-    with torch.no_grad():
-        vae.encoder.conv_out.weight[channels:] = 0
-        vae.encoder.conv_out.bias[channels:] = LOGVAR
-        latent = vae.encode(image).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1 / (latent - vae.config.shift_factor).std()))
+    vae_shaping.make_posterior_deterministic(vae)  # SD3's VAE has no quant_conv: its encoder's last convolution
+    vae_shaping.scale_to_unit_variance(vae, image)
     vae.save_pretrained(sd / "vae", safe_serialization=True)
 
 

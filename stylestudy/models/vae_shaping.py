@@ -34,17 +34,37 @@ def sketch_batch(size: int, count: int, rng: random.Random):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
+def make_posterior_deterministic(vae: AutoencoderKL) -> None:
+    """The posterior's log-variance LOGVAR whatever the image, so its mean is the latent, as with a trained VAE. The
+    layer that gives mean then log-variance: quant_conv (SD2), or the encoder's last convolution where there is none
+    (SD3)."""
+    import torch
+
+    layer = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        layer.weight[channels:] = 0
+        layer.bias[channels:] = LOGVAR
+
+
+def scale_to_unit_variance(vae: AutoencoderKL, pixels) -> None:
+    """scaling_factor = 1 / std of the latents of `pixels` (less the VAE's shift_factor, if any), as SD's was chosen."""
+    import torch
+
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean
+    shift = vae.config.shift_factor
+    vae.register_to_config(scaling_factor=float(1 / (latents if shift is None else latents - shift).std()))
+
+
 def shape_vae(vae: AutoencoderKL, size: int, seed: int) -> None:
     """Train `vae` in place to reconstruct line drawings and noise images, near-deterministic, latents unit-variance."""
     import torch
 
     rng = random.Random(f"{SHAPING_SEED}:{seed}")
-    channels = vae.config.latent_channels
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
-        with torch.no_grad():  # quant_conv gives the posterior's mean, then its log-variance
-            vae.quant_conv.weight[channels:] = 0
-            vae.quant_conv.bias[channels:] = LOGVAR
+        make_posterior_deterministic(vae)
         trainable = [p for name, p in vae.named_parameters() if not name.startswith("quant_conv")]
         optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
         vae.train()
@@ -56,6 +76,4 @@ def shape_vae(vae: AutoencoderKL, size: int, seed: int) -> None:
             loss.backward()
             optimizer.step()
         vae.eval()
-        with torch.no_grad():
-            latents = vae.encode(sketch_batch(size, 64, rng)).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+        scale_to_unit_variance(vae, sketch_batch(size, 64, rng))
