@@ -107,8 +107,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                "mixed_precision": one_of("no", "fp16", "bf16"), "dataloader_num_workers": NON_NEGATIVE_INT},
     "finetune": {
         "seed": NON_NEGATIVE_INT, "epochs": POSITIVE_INT, "max_train_steps": NON_NEGATIVE_INT,
-        "train_batch_size": POSITIVE_INT,
-        "gradient_accumulation_steps": POSITIVE_INT, "learning_rate": NON_NEGATIVE_NUMBER,
+        "train_batch_size": POSITIVE_INT, "gradient_accumulation_steps": POSITIVE_INT,
+        "learning_rate": NON_NEGATIVE_NUMBER,
         "lr_scheduler": one_of("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                "polynomial"),
         "lr_warmup_steps": NON_NEGATIVE_INT, "optimizer": one_of("adamw8bit", "adamw_fused", "adamw"),

@@ -93,8 +93,8 @@ def warnings(params: dict, metrics: dict) -> list[str]:
     profile = params["shared"]["profile"]
     if profile in RANDOM_PROFILES:
         lines.append(f"**These numbers come from {RANDOM_PROFILES[profile]} (profile `{profile}`): they test the "
-                     "pipeline and the evaluation (the smoke study's controls: docs/study.md), and mean nothing about a real "
-                     "model's style.**")
+                     "pipeline and the evaluation (the smoke study's controls: docs/study.md), and mean nothing about "
+                     "a real model's style.**")
     if "kid_base" not in metrics:
         lines.append(f"The distances to real sketches are skipped: {metrics.get('n_real_sketches', 0)} real test "
                      "sketches were embedded, fewer than the 2 they need.")

@@ -192,8 +192,9 @@ class StableDiffusion2(Family):
         from diffusers.utils import convert_state_dict_to_diffusers
 
         # the UNet's adapter in diffusers' own key format (lora.down/up), as its LoRA training example saves it
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(layers), safe_serialization=True,
-                                                  weight_name=weight_name, unet_lora_adapter_metadata=metadata)
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                                  safe_serialization=True, weight_name=weight_name,
+                                                  unet_lora_adapter_metadata=metadata)
 
 
 FAMILY = StableDiffusion2()
