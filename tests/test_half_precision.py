@@ -92,13 +92,18 @@ FINETUNES = {
                                                                           "max_timestep": 1000, "every": 1}}),
     "encoded every step": ({"cache_latents": False}, {}),
 }
+DIRECTIONAL = {"clip_loss": {"weight": 0.1, "kind": "directional", "max_timestep": 1000, "every": 1}}
+# issue 29 defect 1: the full fine-tune's frozen reference copy, made before accelerate's autocast, stayed fp32 and met
+# the half-precision cached embeddings; LoRA's reference is the trainee with its adapter off
+SLOW_FINETUNES = {"directional CLIP loss, full": ({"cache_latents": True}, DIRECTIONAL),
+                  "directional CLIP loss, lora": ({"cache_latents": True}, {"method": "lora"} | DIRECTIONAL)}
 
 
-@pytest.mark.parametrize("variant", FINETUNES)
+@pytest.mark.parametrize("variant", [*FINETUNES, *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW_FINETUNES)])
 def test_finetune_in_half_precision_with_validation(folders, half_precision, tmp_path, variant: str) -> None:
     """The fine-tune as on a GPU: frozen VAE and text encoder in the half type, autocast (and in fp16 the loss scaler)
     around an fp32 UNet, validation loss and images, the CLIP loss through the fp16 VAE decoder."""
-    encoding, options = FINETUNES[variant]
+    encoding, options = (FINETUNES | SLOW_FINETUNES)[variant]
     p = P["finetune"] | {"max_train_steps": 2, "train_batch_size": 4, "validate_every": 2, "validation_images": 1,
                          "validation_steps": 2, "checkpoint_every": 0, "optimizer": "adamw", "use_ema": True,
                          "mixed_precision": "fp16" if half_precision == torch.float16 else "bf16"} | options
@@ -132,6 +137,29 @@ def test_under_deepspeed_cached_fp32_inputs_meet_the_half_unet_in_its_dtype(fold
     assert inputs.latents.dtype == torch.float32 and inputs.conditioning.sequence.dtype == torch.float32
     terms = losses.training_loss(inputs, trainee, P["finetune"] | {"clip_loss": {"weight": 0.0}}, 0, None)
     assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+
+
+def test_under_deepspeed_the_directional_loss_s_reference_gets_the_cast_inputs(folders) -> None:
+    """Issue 29 defect 1: with LoRA the reference is the trainee with its adapter off, which DeepSpeed cast to half in
+    place: it must get the inputs cast as the trainee does, not the fp32 cached ones."""
+    from stylestudy.train import lora
+
+    family = families.check_pipeline_folder(folders.sd)
+    unet = family.load_denoiser(folders.sd)
+    lora.add_lora(unet, 4, 4, family.lora_targets)
+    unet.to(torch.bfloat16)  # what DeepSpeed's bf16 does to the module, adapter included
+    trainee = losses.Trainee(family, unet, family.load_noise_process(folders.sd), torch.bfloat16)
+    encoders = family.load_encoders(folders.sd, torch.device("cpu"), torch.float32)
+    data = batches.training_data(folders.raw, folders.rows[:4], encoders, latents.EncodeSettings(**P["encode"]), 0.0,
+                                 show_progress=False)
+    inputs = data.to_inputs(data.collate([(i, data.items[i]) for i in range(4)]))
+    reference = losses.reference_denoiser(trainee, "lora", torch.device("cpu"))
+    guide = losses.load_guide(folders.guide, torch.device("cpu"), encoders.vae, family, "a sketch of", "directional",
+                              reference)
+    clip = {"weight": 0.1, "kind": "directional", "max_timestep": 1000, "every": 1}
+    torch.manual_seed(SEED)
+    terms = losses.training_loss(inputs, trainee, P["finetune"] | {"clip_loss": clip}, 0, guide)
+    assert torch.isfinite(terms["loss_clip"]) and terms["loss_clip"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ fix 4: skipped steps

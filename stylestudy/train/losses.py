@@ -99,9 +99,13 @@ def reference_denoiser(trainee: Trainee, method: str, device: Any) -> Callable:
     log.info("clip_loss.kind directional with a full fine-tune: a frozen copy of the denoiser is the reference "
              "(%.1f MB more memory on %s; LoRA needs none)", size, device)
 
+    dtype = next(frozen.parameters()).dtype
+
     def predict_frozen(noisy: Any, timesteps: Any, conditioning: Any) -> Any:
+        # the copy is made before accelerate wraps the trainee in autocast: its inputs (half-precision cached
+        # embeddings on a GPU) take its own dtype
         with torch.no_grad():
-            return family.denoise(frozen, noisy, timesteps, conditioning)
+            return family.denoise(frozen, noisy.to(dtype), timesteps, conditioning.to(noisy.device, dtype))
     return predict_frozen
 
 
@@ -211,7 +215,9 @@ def training_loss(inputs: TrainInputs, trainee: Trainee, p: dict, step: int, gui
     x0 = noise_process.predicted_x0(noisy[applied].float(), prediction[applied].float(), timesteps[applied])
     x0_reference = None
     if guide.kind == "directional":  # the base model on the whole batch: indexing the conditioning is family-specific
-        base = guide.reference(noisy, timesteps, inputs.conditioning)[applied]
+        # the inputs as the trainee got them: under DeepSpeed (half weights, no autocast) the adapter-disabled trainee
+        # needs them cast as well
+        base = guide.reference(noisy_in, timesteps, conditioning)[applied]
         x0_reference = noise_process.predicted_x0(noisy[applied].float(), base.float(), timesteps[applied])
     loss_clip = clip_loss(x0, [inputs.captions[i] for i in applied.tolist()], guide, x0_reference)
     return {"loss": loss_mse + p["clip_loss"]["weight"] * loss_clip, "loss_mse": loss_mse, "loss_clip": loss_clip}
