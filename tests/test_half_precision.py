@@ -99,7 +99,8 @@ SLOW_FINETUNES = {"directional CLIP loss, full": ({"cache_latents": True}, DIREC
                   "directional CLIP loss, lora": ({"cache_latents": True}, {"method": "lora"} | DIRECTIONAL)}
 
 
-@pytest.mark.parametrize("variant", [*FINETUNES, *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW_FINETUNES)])
+@pytest.mark.parametrize("variant", [*FINETUNES,
+                                     *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW_FINETUNES)])
 def test_finetune_in_half_precision_with_validation(folders, half_precision, tmp_path, variant: str) -> None:
     """The fine-tune as on a GPU: frozen VAE and text encoder in the half type, autocast (and in fp16 the loss scaler)
     around an fp32 UNet, validation loss and images, the CLIP loss through the fp16 VAE decoder."""
@@ -117,6 +118,20 @@ def test_finetune_in_half_precision_with_validation(folders, half_precision, tmp
     assert (tmp_path / "live/plots/metrics/val_loss.tsv").is_file()
     info = json.loads((tmp_path / "model/training_info.json").read_text())
     assert info["mixed_precision_ran"] == p["mixed_precision"]
+
+
+@pytest.mark.slow
+def test_finetune_without_mixed_precision_takes_half_precision_cached_inputs(folders, half_precision,
+                                                                            tmp_path) -> None:
+    """Issue 29 defect 2: finetune.mixed_precision no (fp32 denoiser, no autocast) with the encoders still in the half
+    type (encode.mixed_precision): the cached embeddings follow the denoiser's dtype."""
+    p = P["finetune"] | {"max_train_steps": 1, "train_batch_size": 4, "validate_every": 0, "checkpoint_every": 0,
+                         "optimizer": "adamw", "mixed_precision": "no"}
+    settings = latents.EncodeSettings(**P["encode"] | {"mixed_precision": "fp16"})
+    out = finetune.Folders(folders.sd, folders.guide, folders.raw, folders.split, tmp_path / "model", tmp_path / "live",
+                           tmp_path / "scratch")
+    summary = finetune.run(out, p, settings, SEED, P["generate"]["style_prompt"])
+    assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
 
 
 # ------------------------------------------------------------------------------------------------ fix 2: DeepSpeed
@@ -139,6 +154,7 @@ def test_under_deepspeed_cached_fp32_inputs_meet_the_half_unet_in_its_dtype(fold
     assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
 
 
+@pytest.mark.slow
 def test_under_deepspeed_the_directional_loss_s_reference_gets_the_cast_inputs(folders) -> None:
     """Issue 29 defect 1: with LoRA the reference is the trainee with its adapter off, which DeepSpeed cast to half in
     place: it must get the inputs cast as the trainee does, not the fp32 cached ones."""

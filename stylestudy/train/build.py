@@ -118,9 +118,13 @@ def release_memory(device: Any) -> None:
 
 def denoiser_input_dtype(accelerator: Accelerator) -> Any:
     """What the prepared denoiser's inputs must be cast to: DeepSpeed casts its weights to the half type and adds no
-    autocast, so fp32 latents and text embeddings (cached ones above all) meet bf16 weights; None elsewhere."""
+    autocast, so fp32 latents and text embeddings (cached ones above all) meet bf16 weights; without mixed precision
+    the fp32 weights have no autocast either, and the half-precision embeddings of encode.mixed_precision meet them;
+    None (autocast casts) elsewhere."""
     import torch
 
+    if accelerator.mixed_precision == "no":
+        return torch.float32
     if accelerator.distributed_type != "DEEPSPEED":
         return None
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)

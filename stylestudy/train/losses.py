@@ -203,7 +203,7 @@ def training_loss(inputs: TrainInputs, trainee: Trainee, p: dict, step: int, gui
     noisy = noise_process.noised(clean, noise, timesteps)
     target = noise_process.target(clean, noise, timesteps)
     conditioning = inputs.conditioning
-    if trainee.input_dtype is not None:  # DeepSpeed: half weights and no autocast (build.denoiser_input_dtype)
+    if trainee.input_dtype is not None:  # no autocast to cast them (build.denoiser_input_dtype)
         noisy_in, conditioning = noisy.to(trainee.input_dtype), conditioning.to(noisy.device, trainee.input_dtype)
     else:
         noisy_in = noisy
