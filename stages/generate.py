@@ -122,8 +122,9 @@ def decode(pipe: DiffusionPipeline, family: Generator, latents: torch.Tensor, va
 
     images = []
     with torch.no_grad():
+        device = placement.execution_device(pipe)  # with model offload the VAE waits elsewhere between calls
         for chunk in latents.split(vae_batch_size):
-            chunk = family.from_latents(pipe.vae.config, chunk.to(pipe.vae.device, pipe.vae.dtype))
+            chunk = family.from_latents(pipe.vae.config, chunk.to(device, pipe.vae.dtype))
             images += pipe.image_processor.postprocess(pipe.vae.decode(chunk, return_dict=False)[0], output_type="pil")
     return images
 

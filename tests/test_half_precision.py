@@ -87,6 +87,19 @@ def test_generation_in_half_precision(folders, half_precision, tmp_path) -> None
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0  # a real image, not NaN turned black
 
 
+def test_decode_under_model_offload_puts_latents_where_the_vae_computes(folders, monkeypatch) -> None:
+    """Issue 29 defect 3: with generate.memory cpu_offload the VAE waits on the CPU between calls and its hook moves it
+    to the GPU, not its arguments; decode must send the latents to the pipeline's execution device, not to where the
+    VAE is parked. Emulated on the CPU: offload hooks (execution device cpu) and a VAE that reports being parked on the
+    meta device."""
+    pipe = families.load_pipeline(folders.sd)
+    pipe.enable_model_cpu_offload(device="cpu")
+    monkeypatch.setattr(type(pipe.vae), "device", property(lambda self: torch.device("meta")))
+    family = families.family_of_pipeline(pipe)
+    images = generate.decode(pipe, family, torch.randn(2, 4, 8, 8), vae_batch_size=1)
+    assert len(images) == 2 and images[0].size == (32, 32)
+
+
 FINETUNES = {
     "cached latents, CLIP loss": ({"cache_latents": True}, {"clip_loss": {"weight": 0.1, "kind": "global",
                                                                           "max_timestep": 1000, "every": 1}}),
