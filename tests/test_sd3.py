@@ -157,3 +157,23 @@ def test_sequential_generation_gives_the_same_images(sd3_dir: Path, tmp_path: Pa
         manifest = [json.loads(line) for line in (tmp_path / memory / "manifest.jsonl").read_text().splitlines()]
         assert len(manifest) == 3 + 2  # the study's prompts, then the held-out captions
     assert np.array_equal(images["none"], images["sequential"])
+
+
+def t5_wo_dtypes(t5: torch.nn.Module) -> set[torch.dtype]:
+    return {w.dtype for name, w in t5.named_parameters() if ".wo." in name}
+
+
+def test_t5_keeps_its_fp32_projections_in_fp16(sd3_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29 defect 4: T5 v1.1 overflows in fp16 in its `wo` projections, which transformers keeps in fp32 when it
+    loads in fp16; a plain `.to(dtype=fp16)` (the encoders for encode and finetune, the pipeline for generate) cast
+    them too. Both now keep them, and the rest runs in fp16."""
+    from stylestudy.models import loading
+
+    encoders = sd3.FAMILY.load_encoders(sd3_dir, torch.device("cpu"), torch.float16)
+    t5 = encoders.text_encoders[2]
+    assert t5_wo_dtypes(t5) == {torch.float32} and t5.shared.weight.dtype == torch.float16
+    assert torch.isfinite(encoders.encode_text(["a horse"]).sequence).all()
+    monkeypatch.setattr(loading, "default_dtype", lambda device: torch.float16)
+    p = generate_params("none") | {"dtype": "auto"}
+    pipe = generate.load_pipeline(sd3_dir, p, sd3.FAMILY)
+    assert t5_wo_dtypes(pipe.text_encoder_3) == {torch.float32} and pipe.transformer.dtype == torch.float16

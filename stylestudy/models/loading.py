@@ -153,6 +153,22 @@ def default_dtype(device: Any) -> Any:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def cast(module: Any, device: Any = None, dtype: Any = None) -> Any:
+    """`module.to(device, dtype=dtype)`, keeping in fp32 what transformers keeps there when it loads a model in fp16
+    (`_keep_in_fp32_modules`: T5's `wo` projections, which overflow in fp16), as `from_pretrained(dtype=...)` does and
+    a plain `.to(dtype=...)` does not."""
+    import torch
+
+    module.to(device, dtype=dtype)
+    if dtype == torch.float16:
+        for model in module.modules():
+            keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+            for name, child in model.named_modules():
+                if set(name.split(".")) & set(keep):
+                    child.to(dtype=torch.float32)
+    return module
+
+
 def inference_device() -> tuple[Any, Any]:
     """Where inference runs: the device accelerate picks, and its default dtype."""
     from accelerate import PartialState

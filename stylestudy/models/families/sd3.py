@@ -136,7 +136,7 @@ class StableDiffusion3(Family):
                           CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
                           T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3"))
         for frozen in (vae, *encoders):
-            frozen.requires_grad_(False).eval().to(device, dtype=dtype)
+            loading.cast(frozen.requires_grad_(False).eval(), device, dtype)  # T5's wo stays fp32 in fp16
         return FrozenEncoders(self, vae, tokenizers, encoders, device, dtype)
 
     def load_denoiser(self, path: Path) -> Any:
