@@ -7,11 +7,13 @@ pre-prompt is `clip_eval.style_to_clip`.
 Writes METRICS (flat): per prompt set (the study's 5 prompts: clip_score_*; the held-out test captions: test_clip_*)
 the mean score of each model and their paired difference, each with a 95% bootstrap CI and n, and the difference's
 sign-flip permutation p-value; per model the distance to the real sketches on CLIP image embeddings (kid_*, cmmd_*,
-style_similarity_*, with CIs and the fine-tuned minus base difference). A baseline generator whose samples folder
-holds images (SAMPLES_DIR/vd/: Versatile Diffusion, when fetch.vd.enabled) adds its own keys (clip_score_vd,
-test_clip_score_vd, kid_vd, cmmd_vd, style_similarity_vd, with CIs and n); its empty folder adds none.
-DETAIL_DIR gets per_image.csv, per_prompt.csv (study set) and scorer.json (which CLIP produced the numbers, and the
-sample sizes).
+style_similarity_*, with CIs and the fine-tuned minus base difference); how varied each model's images are
+(diversity_vendi_*, diversity_pairwise_distance_*: fine-tuned minus base, and fine-tuned against the real images at
+equal n; docs/evaluation.md "Diversity"). A baseline generator whose samples folder holds images (SAMPLES_DIR/vd/:
+Versatile Diffusion, when fetch.vd.enabled) adds its own keys (clip_score_vd, test_clip_score_vd, kid_vd, cmmd_vd,
+style_similarity_vd, diversity_*_vd, with CIs and n); its empty folder adds none.
+DETAIL_DIR gets per_image.csv, per_prompt.csv and diversity_per_prompt.csv (study set), and scorer.json (which CLIP
+produced the numbers, and the sample sizes).
 Embeds and scores in batches on the GPU in fp16 when there is one, in fp32 on a CPU.
 
 Run: python -m stages.clip_eval CLIP_DIR SAMPLES_DIR REAL_DIR METRICS DETAIL_DIR (params.yaml is validated whole first)
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from stylestudy.evaluate import embeddings, statistics
+from stylestudy.evaluate import diversity, embeddings, statistics
 from stylestudy.models import loading
 from stylestudy.core.config import cli, load_params, load_shared, parse_args
 from stylestudy.evaluate.samples import MODELS, SET_PREFIXES, bootstrap_ci, mean_with_ci, of_set, read_samples, styled
@@ -96,9 +98,25 @@ def distances(image_features: dict[str, np.ndarray], real: np.ndarray, p: dict, 
     settings = {"bootstrap_samples": p["bootstrap_samples"], "kid_subsets": p["kid_subsets"],
                 "kid_subset_size": p["kid_subset_size"], "seed": seed}
     metrics = statistics.distance_metrics(image_features["base"], image_features["finetuned"], real, **settings)
+    metrics |= diversity.diversity_metrics(image_features["base"], image_features["finetuned"], real,
+                                           bootstrap_samples=p["bootstrap_samples"], seed=seed)
     for model in (m for m in image_features if m not in MODELS):
         metrics |= statistics.single_distance_metrics(image_features[model], real, model, **settings)
+        metrics |= diversity.set_metrics(image_features[model], f"diversity_{{measure}}_{model}", p["bootstrap_samples"],
+                                         seed)
     return metrics
+
+
+def diversity_per_prompt(per_image: list[dict], image_features: np.ndarray, n_samples: int, seed: int) -> list[dict]:
+    """Each model's diversity among the images of each prompt (those with several), with 95% intervals."""
+    rows = []
+    for prompt in dict.fromkeys(r["prompt"] for r in per_image):
+        for model in dict.fromkeys(r["model"] for r in per_image):
+            index = [i for i, r in enumerate(per_image) if r["prompt"] == prompt and r["model"] == model]
+            if len(index) > 1:
+                rows.append({"prompt": prompt, "model": model}
+                            | diversity.set_metrics(image_features[index], "{measure}", n_samples, seed))
+    return rows
 
 
 def embed_samples(clip_dir: Path, rows: list[dict], texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +155,11 @@ def run(clip_dir: Path, samples: Path, real_dir: Path, metrics_path: Path, detai
         write_csv(tmp / "per_image.csv", per_image, list(per_image[0]))
         prompt_rows = per_prompt(of_set(per_image, "study"), p["bootstrap_samples"], seed)
         write_csv(tmp / "per_prompt.csv", prompt_rows, list(prompt_rows[0]))
+        study = [i for i, r in enumerate(per_image) if r["set"] == "study"]
+        spread = diversity_per_prompt([per_image[i] for i in study], image_features[study], p["bootstrap_samples"],
+                                      seed)
+        if spread:
+            write_csv(tmp / "diversity_per_prompt.csv", spread, list(spread[0]))
         write_json(tmp / "scorer.json", {"clip": clip, "images_per_model": n_base, "n_real_sketches": len(real)})
     write_json(metrics_path, metrics)
     log.info("clip_eval: base %.2f, finetuned %.2f", metrics["clip_score_base"], metrics["clip_score_finetuned"])

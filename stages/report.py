@@ -100,7 +100,8 @@ def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str)
     """Warnings, the headline table, which CLIP produced the numbers, the distance chart."""
     line, study_score = results.study_line(params)
     clip = scorer["clip"]
-    parts = ["## Results", results.distance_verdict(metrics), *results.warnings(params, metrics),
+    verdict = " ".join(filter(None, (results.distance_verdict(metrics), results.diversity_verdict(metrics))))
+    parts = ["## Results", verdict, *results.warnings(params, metrics),
              results.headline_table(metrics, study_score),
              line + " Compare CLIP scores only at equal generation settings and with the same CLIP model.",
              f"Scored by the CLIP `{clip['name']}` (image tower: {clip['vision']}; embeddings of {clip['embed_dim']} "

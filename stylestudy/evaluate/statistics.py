@@ -25,7 +25,7 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _normalised(x: np.ndarray) -> np.ndarray:
+def normalised(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm."""
     rows = _rows(x)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
@@ -78,7 +78,7 @@ def kid(x: np.ndarray, y: np.ndarray, subsets: int, subset_size: int, seed: int)
 
 def cmmd(x: np.ndarray, y: np.ndarray) -> float:
     """CMMD: 1000 x biased RBF MMD² (σ=10) of L2-normalised embeddings (google-research `cmmd/distance.py`)."""
-    x, y = _normalised(x), _normalised(y)
+    x, y = normalised(x), normalised(y)
     return CMMD_SCALE * mmd2(rbf_kernel(x, x), rbf_kernel(y, y), rbf_kernel(x, y), unbiased=False)
 
 
@@ -90,7 +90,7 @@ def resample_counts(rng: np.random.Generator, n: int, replicates: int) -> np.nda
     return np.bincount((draws + offsets).ravel(), minlength=replicates * n).reshape(replicates, n).astype(np.float64)
 
 
-def _within_means(k: np.ndarray, counts: np.ndarray, unbiased: bool) -> np.ndarray:
+def within_means(k: np.ndarray, counts: np.ndarray, unbiased: bool) -> np.ndarray:
     """Within-set kernel mean of each resample given by counts; unbiased leaves out pairs of draws of one sample."""
     m = counts.sum(1)
     total = ((counts @ k) * counts).sum(1)
@@ -107,14 +107,14 @@ def bootstrap_mmd2(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, counts_
                    counts_y: np.ndarray, unbiased: bool) -> np.ndarray:
     """MMD² of each bootstrap resample from full-set kernels and draw counts, so no kernel is recomputed."""
     cross = ((counts_x @ k_xy) * counts_y).sum(1) / (counts_x.sum(1) * counts_y.sum(1))
-    return _within_means(k_xx, counts_x, unbiased) + _within_means(k_yy, counts_y, unbiased) - 2.0 * cross
+    return within_means(k_xx, counts_x, unbiased) + within_means(k_yy, counts_y, unbiased) - 2.0 * cross
 
 
 def _model_values(gen: np.ndarray, real: np.ndarray, gen_counts: np.ndarray, real_counts: np.ndarray,
                   kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, tuple[float, np.ndarray]]:
     """Point value and bootstrap replicates of each metric for one model's generated images."""
     poly = (polynomial_kernel(gen, gen), polynomial_kernel(real, real), polynomial_kernel(gen, real))
-    gen_unit, real_unit = _normalised(gen), _normalised(real)
+    gen_unit, real_unit = normalised(gen), normalised(real)
     rbf = (rbf_kernel(gen_unit, gen_unit), rbf_kernel(real_unit, real_unit), rbf_kernel(gen_unit, real_unit))
     centroid = real_unit.mean(0)
     style = 100.0 * gen_unit @ (centroid / np.linalg.norm(centroid))
@@ -126,7 +126,7 @@ def _model_values(gen: np.ndarray, real: np.ndarray, gen_counts: np.ndarray, rea
     }
 
 
-def _flat(name: str, value: float, replicates: np.ndarray, n: int) -> dict[str, float | int]:
+def flat(name: str, value: float, replicates: np.ndarray, n: int) -> dict[str, float | int]:
     """Flat metrics for one value: name, name_ci_low, name_ci_high (95% percentile bootstrap), name_n."""
     low, high = np.nanpercentile(replicates, [_TAIL, 100.0 - _TAIL])
     return {name: float(value), f"{name}_ci_low": float(low), f"{name}_ci_high": float(high), f"{name}_n": n}
@@ -164,7 +164,7 @@ def single_distance_metrics(generated: np.ndarray, real: np.ndarray, name: str, 
     values = _model_values(generated, real, gen_counts, real_counts, kid_subsets, subset_size, seed)
     metrics: dict[str, float | int] = {}
     for metric in METRICS:
-        metrics.update(_flat(f"{metric}_{name}", *values[metric], len(generated)))
+        metrics.update(flat(f"{metric}_{name}", *values[metric], len(generated)))
     return metrics
 
 
@@ -181,9 +181,9 @@ def distance_metrics(base: np.ndarray, finetuned: np.ndarray, real: np.ndarray, 
     metrics: dict[str, float | int] = {}
     for metric in METRICS:
         for model in MODELS:
-            metrics.update(_flat(f"{metric}_{model}", *values[model][metric], n))
+            metrics.update(flat(f"{metric}_{model}", *values[model][metric], n))
         (base_value, base_reps), (tuned_value, tuned_reps) = values["base"][metric], values["finetuned"][metric]
-        metrics.update(_flat(f"{metric}_diff", tuned_value - base_value, tuned_reps - base_reps, n))
+        metrics.update(flat(f"{metric}_diff", tuned_value - base_value, tuned_reps - base_reps, n))
         metrics[f"{metric}_diff_p"] = bootstrap_p(tuned_reps - base_reps)
     metrics["n_real_sketches"] = n_real
     metrics["kid_subset_size"] = subset_size

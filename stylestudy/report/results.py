@@ -34,6 +34,10 @@ DISTANCE_ROWS = [Row("kid", "KID to the real test sketches (lower: closer)", "MM
                  Row("cmmd", "CMMD to the real test sketches (lower: closer)", "x1000"),
                  Row("style_similarity", "Style similarity to the real sketches' centroid (higher: closer)",
                      "100 x cos")]
+DIVERSITY_ROWS = [Row("diversity_vendi", "Vendi score: how varied a model's images are (effective number of distinct "
+                      "images)", "CLIP features"),
+                  Row("diversity_pairwise_distance", "Mean pairwise cosine distance between a model's images",
+                      "1 - cos")]
 
 
 def number(value: float) -> str:
@@ -64,7 +68,7 @@ def headline_table(metrics: dict, study_score: float | None) -> str:
     """Base, fine-tuned, each baseline that ran (a column after fine-tuned), the difference and its p-value for every
     metric family present; the study's score beside the CLIP row of its prompts."""
     rows, baselines = [], baselines_in(metrics)
-    for row in CLIP_ROWS + BLIP_ROWS + DISTANCE_ROWS:
+    for row in CLIP_ROWS + BLIP_ROWS + DISTANCE_ROWS + DIVERSITY_ROWS:
         if f"{row.key}_base" not in metrics:
             continue
         p_value = metrics.get(f"{row.key}_diff_p")
@@ -149,3 +153,22 @@ def distance_verdict(metrics: dict) -> str:
                 f"(fine-tuned - base: {figures}).")
     return ("**The evaluation cannot tell the fine-tuned model's images from the base model's in distance to the "
             f"held-out sketches: not every 95% interval excludes zero on one side** (fine-tuned - base: {figures}).")
+
+
+def diversity_verdict(metrics: dict) -> str:
+    """One sentence on how varied the fine-tuned model's images are (Vendi score): significantly less than the base
+    model's and the real images' (a collapse: a fine-tune that draws the same few images can still move every
+    distance), less than one of them, or as varied as the real images (neither interval below zero)."""
+    if "diversity_vendi_diff" not in metrics:
+        return ""
+    fewer_than_base = metrics["diversity_vendi_diff_ci_high"] < 0
+    fewer_than_real = metrics["diversity_vendi_real_diff_ci_high"] < 0
+    figures = (f"Vendi score fine-tuned - base {with_ci(metrics, 'diversity_vendi_diff')}, "
+               f"fine-tuned - real {with_ci(metrics, 'diversity_vendi_real_diff')}")
+    if fewer_than_base and fewer_than_real:
+        return ("**But it collapsed: its images are significantly less varied than the base model's and than the "
+                f"held-out real images** ({figures}).")
+    if fewer_than_base or fewer_than_real:
+        which = "the base model's" if fewer_than_base else "the held-out real images"
+        return f"Its images are significantly less varied than {which}, not than the other ({figures})."
+    return f"Its images are as varied as the held-out real images: no interval lies below zero ({figures})."
