@@ -180,3 +180,11 @@ def test_a_difference_between_settings_without_spread_says_so_instead_of_a_t():
     moved = comparison.Difference("style_share_finetuned", 0.5, *welch_t_test([1.5] * 3, [1.0] * 3), 3, 3)
     assert compare.difference_cell(same) == "0, every run of each setting the same, p=1"
     assert compare.difference_cell(moved) == "0.5, every run of each setting the same, p=0"
+
+
+def test_the_placeholder_chart_says_no_experiment_was_compared(tmp_path) -> None:
+    """A clone's committed chart is this one (issue 32): it names no runs, so nobody reads another's as their own."""
+    comparison.placeholder_chart(tmp_path / "a.png")
+    comparison.placeholder_chart(tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert Image.open(tmp_path / "a.png").size == Image.open(REPO / "reports/comparison.png").size

@@ -173,3 +173,18 @@ def comparison_chart(groups: list[Group], path: Path, x_key: str = "style_simila
     figure.supxlabel(note, fontsize=9, color="#555555")
     _save(figure, path)
     return True
+
+
+def placeholder_chart(path: Path) -> None:
+    """The chart a clone starts with: it says that no experiment of this workspace has been compared yet, and how to
+    draw the real one (a chart of somebody else's runs would read as the user's own)."""
+    from stylestudy.report.figures import _figure, _save
+
+    figure = _figure(9, 6)
+    ax = figure.add_subplot()
+    ax.set_axis_off()
+    ax.text(0.5, 0.6, "No experiments of this workspace compared yet", ha="center", va="center", fontsize=16)
+    ax.text(0.5, 0.42, "Run experiments (dvc exp run ..., docs/sweeps.md), then `make compare`:\nthis chart then "
+            "shows style against prompt fidelity, one point per setting.", ha="center", va="center", fontsize=11,
+            color="#555555")
+    _save(figure, path)
