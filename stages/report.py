@@ -30,7 +30,7 @@ from stylestudy.data import dataset
 from stylestudy.report import figures, results
 from stylestudy.core.config import PARAMS_FILE, cli, load_params, parse_args, require_path
 from stylestudy.evaluate.samples import MODELS, of_set, read_samples
-from stylestudy.core.outputs import atomic_dir, atomic_file, read_csv
+from stylestudy.core.outputs import atomic_dir, atomic_file, fetch_origin, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +96,22 @@ def load_metrics(path: Path) -> dict:
     return json.loads(require_path(path, f"run the stage that writes {path.name}").read_text())
 
 
-def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str) -> list[str]:
-    """Warnings, the headline table, which CLIP produced the numbers, the distance chart."""
+def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str, noun: str) -> list[str]:
+    """Warnings, the headline table, which CLIP produced the numbers, the distance chart; `noun`: what the dataset's
+    images are (sketches, real images)."""
     line, study_score = results.study_line(params)
     clip = scorer["clip"]
-    verdict = " ".join(filter(None, (results.distance_verdict(metrics), results.diversity_verdict(metrics))))
-    parts = ["## Results", verdict, *results.warnings(params, metrics),
-             results.headline_table(metrics, study_score),
+    verdicts = results.distance_verdict(metrics, noun), results.diversity_verdict(metrics, noun)
+    parts = ["## Results", " ".join(filter(None, verdicts)), *results.warnings(params, metrics, noun),
+             results.headline_table(metrics, study_score, noun),
              line + " Compare CLIP scores only at equal generation settings and with the same CLIP model.",
              f"Scored by the CLIP `{clip['name']}` (image tower: {clip['vision']}; embeddings of {clip['embed_dim']} "
              f"dimensions): it produced every CLIP score, KID, CMMD and style similarity above. Intervals are 95% "
              f"bootstrap percentile intervals (BLIP shares: Wilson); p: paired sign-flip permutation test (CLIP), "
              f"McNemar's exact test (BLIP). KID, CMMD and style similarity compare all {scorer['images_per_model']} "
-             f"images a model generated with the {scorer['n_real_sketches']} real sketches of the test split."]
+             f"images a model generated with the {scorer['n_real_sketches']} {noun} of the test split."]
     if "kid_base" in metrics:
-        parts.append(f"![distances to real sketches]({figures_rel}/distances.png)")
+        parts.append(f"![distances to the held-out {noun}]({figures_rel}/distances.png)")
     return parts
 
 
@@ -132,9 +133,10 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
     training = load_metrics(inputs.finetune / "metrics.json")
     split = load_metrics(inputs.split_metrics)
     family = params["model"]["family"]
+    noun = dataset.images_noun(fetch_origin(inputs.raw))
     parts = [f"# Sketch-style fine-tune of {FAMILY_TITLES[family]}: results ({params['shared']['profile']} profile, "
              f"model family {family})",
-             *results_section(params, metrics, scorer, figures_rel),
+             *results_section(params, metrics, scorer, figures_rel, noun),
              "## CLIP score per prompt (study prompts)", f"![CLIP score per prompt]({figures_rel}/clip_per_prompt.png)",
              grids_heading(study_rows)]
     if examples:
@@ -144,7 +146,7 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
               results.table(["at the last logged step", "loss", "val_loss"],
                             [[str(training["step"]), results.number(training["loss"]),
                               results.number(training["val_loss"]) if "val_loss" in training else "-"]]),
-              f"Data: {split['n_train']} training, {split['n_val']} validation and {split['n_test']} test sketches; "
+              f"Data: {split['n_train']} training, {split['n_val']} validation and {split['n_test']} test {noun}; "
               f"{split['n_skipped']} of {split['n_examples']} examples skipped (data/split/skipped.csv).",
               *captions_section(inputs.blip_tables, p),
               "## Settings that differ from the study's",

@@ -63,3 +63,19 @@ def test_a_collapsed_model_is_less_varied_than_the_base_and_the_real_images() ->
     assert metrics["diversity_vendi_real_n"] == metrics["diversity_vendi_real_diff_n"] == 12
     varied = diversity.diversity_metrics(base, RNG.normal(size=(12, 8)), real, bootstrap_samples=200, seed=1)
     assert varied["diversity_vendi_diff_ci_low"] < 0 < varied["diversity_vendi_diff_ci_high"]
+
+
+def test_the_verdict_names_a_user_s_images_by_what_they_are() -> None:
+    """Issue 32: with someone else's dataset the report speaks of real images, not of sketches; a collapse is said."""
+    from stylestudy.data.dataset import images_noun
+    from stylestudy.report import results
+
+    assert images_noun({"source": "hub", "repo_id": "zoheb/sketch-scene"}) == "sketches"
+    assert images_noun({"source": "synthetic"}) == "sketches"
+    assert images_noun({"source": "local", "path": "/data/shapes"}) == images_noun({}) == "real images"
+    base, real = RNG.normal(size=(12, 8)), RNG.normal(size=(20, 8))
+    collapsed = np.tile(RNG.normal(size=(1, 8)), (12, 1)) + 0.01 * RNG.normal(size=(12, 8))
+    metrics = diversity.diversity_metrics(base, collapsed, real, bootstrap_samples=200, seed=1)
+    said = results.diversity_verdict(metrics, "real images")
+    assert said.startswith("**But it collapsed") and "held-out real images" in said and "sketch" not in said
+    assert "sketch" not in results.distance_verdict({}, "real images")

@@ -255,3 +255,13 @@ class CaptionedImages:
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{path}: cannot read image ({e}); run the split stage again to drop bad files") from None
         return {"pixel_values": self.transform(image), "text": row["text"]}
+
+
+STYLE_DATASETS = ("zoheb/sketch-scene",)  # the study's: its images are sketches
+
+
+def images_noun(origin: dict) -> str:
+    """What the report and the model card call the dataset's images, from its fetch manifest: "sketches" for the
+    study's dataset and the synthetic one, "real images" for anyone else's (a user's own style)."""
+    study = origin.get("source") == "hub" and origin.get("repo_id") in STYLE_DATASETS
+    return "sketches" if study or origin.get("source") == "synthetic" else "real images"

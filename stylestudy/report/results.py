@@ -30,9 +30,10 @@ CLIP_ROWS = [Row("clip_score", "CLIP score, the study's prompts", "100 x cos"),
              Row("test_clip_score", "CLIP score, held-out test captions", "100 x cos")]
 BLIP_ROWS = [Row("style_share", "BLIP captions naming the style, the study's prompts", "share"),
              Row("test_style_share", "BLIP captions naming the style, held-out test captions", "share")]
-DISTANCE_ROWS = [Row("kid", "KID to the real test sketches (lower: closer)", "MMD², CLIP features"),
-                 Row("cmmd", "CMMD to the real test sketches (lower: closer)", "x1000"),
-                 Row("style_similarity", "Style similarity to the real sketches' centroid (higher: closer)",
+# {noun}: what the dataset's images are called (stylestudy/data/dataset.py images_noun): sketches, real images
+DISTANCE_ROWS = [Row("kid", "KID to the held-out {noun} (lower: closer)", "MMD², CLIP features"),
+                 Row("cmmd", "CMMD to the held-out {noun} (lower: closer)", "x1000"),
+                 Row("style_similarity", "Style similarity to the centroid of the held-out {noun} (higher: closer)",
                      "100 x cos")]
 DIVERSITY_ROWS = [Row("diversity_vendi", "Vendi score: how varied a model's images are (effective number of distinct "
                       "images)", "CLIP features"),
@@ -64,7 +65,7 @@ def baselines_in(metrics: dict) -> list[str]:
     return [name for name in BASELINE_TITLES if f"clip_score_{name}" in metrics]
 
 
-def headline_table(metrics: dict, study_score: float | None) -> str:
+def headline_table(metrics: dict, study_score: float | None, noun: str = "sketches") -> str:
     """Base, fine-tuned, each baseline that ran (a column after fine-tuned), the difference and its p-value for every
     metric family present; the study's score beside the CLIP row of its prompts."""
     rows, baselines = [], baselines_in(metrics)
@@ -73,7 +74,8 @@ def headline_table(metrics: dict, study_score: float | None) -> str:
             continue
         p_value = metrics.get(f"{row.key}_diff_p")
         published = f"{study_score}" if row.key == "clip_score" and study_score is not None else ""
-        rows.append([row.label, row.unit, with_ci(metrics, f"{row.key}_base"), with_ci(metrics, f"{row.key}_finetuned"),
+        rows.append([row.label.format(noun=noun), row.unit, with_ci(metrics, f"{row.key}_base"),
+                     with_ci(metrics, f"{row.key}_finetuned"),
                      *(with_ci(metrics, f"{row.key}_{name}") for name in baselines),
                      with_ci(metrics, f"{row.key}_diff"), "-" if p_value is None else number(p_value), published])
     return table(["metric", "unit", "base", "fine-tuned", *(BASELINE_TITLES[name] for name in baselines),
@@ -91,7 +93,7 @@ def study_line(params: dict) -> tuple[str, float | None]:
             "5 prompts x 6 images, its CLIP model unnamed)."), score
 
 
-def warnings(params: dict, metrics: dict) -> list[str]:
+def warnings(params: dict, metrics: dict, noun: str = "sketches") -> list[str]:
     """Lines a reader must see before the numbers: random models, small samples, a skipped comparison."""
     lines = []
     profile = params["shared"]["profile"]
@@ -100,8 +102,8 @@ def warnings(params: dict, metrics: dict) -> list[str]:
                      "pipeline and the evaluation (the smoke study's controls: docs/study.md), and mean nothing about "
                      "a real model's style.**")
     if "kid_base" not in metrics:
-        lines.append(f"The distances to real sketches are skipped: {metrics.get('n_real_sketches', 0)} real test "
-                     "sketches were embedded, fewer than the 2 they need.")
+        lines.append(f"The distances to the held-out {noun} are skipped: {metrics.get('n_real_sketches', 0)} "
+                     f"{noun} of the test split were embedded, fewer than the 2 they need.")
     else:
         n = min(metrics["n_real_sketches"], metrics["kid_base_n"])
         if n < STABLE_N:
@@ -135,27 +137,27 @@ def settings_table(params: dict, study: dict) -> str:
 CLOSER_SIGN = {"style_similarity": 1, "kid": -1, "cmmd": -1}
 
 
-def distance_verdict(metrics: dict) -> str:
+def distance_verdict(metrics: dict, noun: str = "sketches") -> str:
     """One sentence on whether the fine-tuned model's images moved toward the held-out sketches: closer (or further)
     when every distance's 95% interval excludes zero on that side, else that the evaluation cannot tell."""
     if "kid_diff" not in metrics:
-        return "No distance to held-out sketches was measured (too few real test sketches)."
+        return f"No distance to the held-out {noun} was measured (too few in the test split)."
     sides = {name: sign * (metrics[f"{name}_diff_ci_low"] > 0) - sign * (metrics[f"{name}_diff_ci_high"] < 0)
              for name, sign in CLOSER_SIGN.items()}
     figures = "; ".join(f"{name.replace('_', ' ')} {with_ci(metrics, f'{name}_diff')}"
                         + (f", p={number(metrics[f'{name}_diff_p'])}" if f"{name}_diff_p" in metrics else "")
                         for name in CLOSER_SIGN)
     if all(side == 1 for side in sides.values()):
-        return ("**The fine-tuned model's images are closer to the held-out sketches than the base model's: every "
+        return (f"**The fine-tuned model's images are closer to the held-out {noun} than the base model's: every "
                 f"distance's 95% interval excludes zero** (fine-tuned - base: {figures}).")
     if all(side == -1 for side in sides.values()):
-        return ("**The fine-tuned model's images are further from the held-out sketches than the base model's** "
+        return (f"**The fine-tuned model's images are further from the held-out {noun} than the base model's** "
                 f"(fine-tuned - base: {figures}).")
     return ("**The evaluation cannot tell the fine-tuned model's images from the base model's in distance to the "
-            f"held-out sketches: not every 95% interval excludes zero on one side** (fine-tuned - base: {figures}).")
+            f"held-out {noun}: not every 95% interval excludes zero on one side** (fine-tuned - base: {figures}).")
 
 
-def diversity_verdict(metrics: dict) -> str:
+def diversity_verdict(metrics: dict, noun: str = "sketches") -> str:
     """One sentence on how varied the fine-tuned model's images are (Vendi score): significantly less than the base
     model's and the real images' (a collapse: a fine-tune that draws the same few images can still move every
     distance), less than one of them, or as varied as the real images (neither interval below zero)."""
@@ -167,8 +169,8 @@ def diversity_verdict(metrics: dict) -> str:
                f"fine-tuned - real {with_ci(metrics, 'diversity_vendi_real_diff')}")
     if fewer_than_base and fewer_than_real:
         return ("**But it collapsed: its images are significantly less varied than the base model's and than the "
-                f"held-out real images** ({figures}).")
+                f"held-out {noun}** ({figures}).")
     if fewer_than_base or fewer_than_real:
-        which = "the base model's" if fewer_than_base else "the held-out real images"
+        which = "the base model's" if fewer_than_base else f"the held-out {noun}"
         return f"Its images are significantly less varied than {which}, not than the other ({figures})."
-    return f"Its images are as varied as the held-out real images: no interval lies below zero ({figures})."
+    return f"Its images are as varied as the held-out {noun}: no interval lies below zero ({figures})."

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stylestudy.data.dataset import images_noun
 from stylestudy.models.families import FAMILIES, Family
 from stylestudy.train.lora import ADAPTER_FILE
 from stylestudy.core.outputs import atomic_file
@@ -154,7 +155,8 @@ def body(info: dict, lora: bool) -> str:
     """The card's Markdown after the front matter."""
     base, dataset, family = info["base_model"], info["dataset"], family_of(info)
     table = "\n".join(["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in recipe_rows(info))])
-    return f"""# {TITLES[family.name]} fine-tuned on scene sketches
+    data = "scene sketches" if images_noun(dataset) == "sketches" else describe(dataset, "dataset")
+    return f"""# {TITLES[family.name]} fine-tuned on {data}
 
 {method_text(info['params'], lora, family)}
 
