@@ -170,7 +170,10 @@ def diversity_verdict(metrics: dict, noun: str = "sketches") -> str:
     if fewer_than_base and fewer_than_real:
         return ("**But it collapsed: its images are significantly less varied than the base model's and than the "
                 f"held-out {noun}** ({figures}).")
-    if fewer_than_base or fewer_than_real:
-        which = "the base model's" if fewer_than_base else f"the held-out {noun}"
-        return f"Its images are significantly less varied than {which}, not than the other ({figures})."
+    if fewer_than_base:
+        return (f"Its images are significantly less varied than the base model's, not than the held-out {noun} "
+                f"({figures}).")
+    if fewer_than_real:
+        return (f"Its images are significantly less varied than the held-out {noun}, not than the base model's "
+                f"({figures}).")
     return f"Its images are as varied as the held-out {noun}: no interval lies below zero ({figures})."
