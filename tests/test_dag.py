@@ -117,3 +117,5 @@ def test_positive_control_the_evaluation_sees_the_fine_tune_move_toward_the_sket
         assert metrics[f"{name}_diff_p"] < 0.05, name
     results = (smoke_run.root / "reports/report.md").read_text().split("## Results\n\n", 1)[1]
     assert results.startswith("**The fine-tuned model's images are closer to the held-out sketches")
+    # not a collapse (issue 32): the fine-tuned images are not significantly less varied than the real sketches
+    assert metrics["diversity_vendi_real_diff_ci_high"] > 0 and "collapsed" not in results.split("\n\n")[0]
