@@ -9,6 +9,8 @@ Reads params `fetch.<kind>` and `shared` (and `model` for sd). Writes OUT_DIR, o
   data  an imagefolder: images + metadata.jsonl (file_name, text)
   vd    Versatile Diffusion's text-to-image pipeline folder, a baseline generator (stylestudy/models/families/vd.py);
         with fetch.vd.enabled false (the default) nothing but the manifest, which says it is off
+  csd   the CSD style embedder (stylestudy/models/csd.py): config.json + model.safetensors, converted from the
+        published pickle (loaded weights-only)
 and OUT_DIR/fetch_manifest.json (source, revision, resolved commit, sha256 of every file).
 
 Sources: `hub` (repo_id at revision; the only code in the project that talks to a hub), `local` (a folder: a model
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stylestudy.models import builders, builders_sd3, builders_vd, families, hub, loading
+from stylestudy.models import builders, builders_sd3, builders_vd, csd, families, hub, loading
 from stylestudy.models.families import Family, vd
 from stylestudy.data import imagefolder, sketches
 from stylestudy.core.config import (
@@ -36,7 +38,8 @@ from stylestudy.core.outputs import MANIFEST, atomic_dir, file_hashes, library_v
 log = logging.getLogger(__name__)
 
 OPTIONAL = ("vd",)  # inputs present only when fetch.<kind>.enabled: the stage still runs (DVC needs the output)
-OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "guide": "tiny", "data": "synthetic", "vd": "tiny"}
+OFFLINE_SOURCE = {"sd": "tiny", "clip": "tiny", "blip": "tiny", "guide": "tiny", "data": "synthetic", "vd": "tiny",
+                  "csd": "tiny"}
 
 
 def check_source(kind: str, p: dict) -> None:
@@ -53,10 +56,10 @@ def check_source(kind: str, p: dict) -> None:
 
 
 COPIERS = {"clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
-           "data": imagefolder.copy_dataset, "vd": vd.convert}
+           "data": imagefolder.copy_dataset, "vd": vd.convert, "csd": csd.convert}
 SD_BUILDERS = {"sd2": builders.save_random_sd, "sd3": builders_sd3.save_random_sd3}
 BUILDERS = {"clip": builders.save_random_clip, "blip": builders.save_random_blip,
-            "guide": builders.save_random_guide, "vd": builders_vd.save_random_vd}
+            "guide": builders.save_random_guide, "vd": builders_vd.save_random_vd, "csd": csd.save_random}
 
 
 def requested(kind: str, p: dict, seed: int) -> dict:
@@ -115,7 +118,7 @@ def run(kind: str, p: dict, seed: int, out: Path, family: Family = families.FAMI
 def main() -> None:
     args = parse_args(__doc__, {
         "kind": {"choices": FETCH_KINDS,
-                 "help": "which input: the SD pipeline, the CLIP scorer, BLIP, the guidance CLIP, the dataset, or VD"},
+                 "help": "which input: the SD pipeline, the CLIP scorer, BLIP, the guidance CLIP, the dataset, VD or CSD"},
         "out": "the folder to materialise it in (models/pretrained/<kind> or data/raw)",
     })
     p, shared = load_params("fetch")[args.kind], load_shared()

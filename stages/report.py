@@ -109,7 +109,8 @@ def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str,
              f"dimensions): it produced every CLIP score, KID, CMMD and style similarity above. Intervals are 95% "
              f"bootstrap percentile intervals (BLIP shares: Wilson); p: paired sign-flip permutation test (CLIP), "
              f"McNemar's exact test (BLIP). KID, CMMD and style similarity compare all {scorer['images_per_model']} "
-             f"images a model generated with the {scorer['n_real_sketches']} {noun} of the test split."]
+             f"images a model generated with the {scorer['n_real_sketches']} {noun} of the test split.",
+             *([CSD_CAVEAT.format(name=scorer["csd"]["name"])] if "csd" in scorer else [])]
     if "kid_base" in metrics:
         parts.append(f"![distances to the held-out {noun}]({figures_rel}/distances.png)")
     return parts
@@ -155,6 +156,11 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
     return "\n\n".join(parts) + "\n"
 
 
+# CSD's known limits, said where its rows are read (docs/evaluation.md "Style measured by a style model")
+CSD_CAVEAT = ("The rows \"in CSD's style space\" measure the same distances with {name}, a model trained to embed "
+              "style apart from content (Somepalli et al. 2024), instead of CLIP. Its authors note that the released "
+              "weights do not reproduce every number of their paper, and an open issue of theirs reports them below "
+              "CLIP ViT-L on their own benchmark: read them beside CLIP's rows, not instead of them.")
 FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3"}
 
 

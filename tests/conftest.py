@@ -136,6 +136,16 @@ def smoke_run(tmp_path_factory, user_env) -> SimpleNamespace:
     return SimpleNamespace(root=root, log=log, run=run, metrics=read_metrics(root))
 
 
+@pytest.fixture(scope="session")
+def tiny_csd(tmp_path_factory) -> Path:
+    """The smoke setting's CSD style embedder, as fetch@csd builds it."""
+    from stages import fetch
+
+    out = tmp_path_factory.mktemp("csd") / "csd"
+    fetch.run("csd", {"source": "tiny", "repo_id": "", "revision": "", "path": ""}, 0, out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ half precision
 
 def emulate_cuda_fp16(accelerator):

@@ -30,7 +30,7 @@ SEED = 0
 def folders(tmp_path_factory) -> SimpleNamespace:
     """The smoke setting's tiny models and a few synthetic sketches, split by hand: 8 to train, 2 val, 4 test."""
     root = tmp_path_factory.mktemp("half")
-    for kind in ("sd", "clip", "blip", "guide"):
+    for kind in ("sd", "clip", "blip", "guide", "csd"):
         fetch.run(kind, {"source": "tiny", "repo_id": "", "revision": "", "path": ""}, SEED, root / kind)
     fetch.run("data", P["fetch"]["data"] | {"n_images": 14}, SEED, root / "raw")
     rows = dataset.read_metadata(root / "raw")
@@ -38,6 +38,7 @@ def folders(tmp_path_factory) -> SimpleNamespace:
     for name, part in (("train", rows[:8]), ("val", rows[8:10]), ("test", rows[10:])):
         write_jsonl(root / "split" / f"{name}.jsonl", part)
     return SimpleNamespace(root=root, sd=root / "sd", clip=root / "clip", blip=root / "blip", guide=root / "guide",
+                           csd=root / "csd",
                            raw=root / "raw", split=root / "split", rows=rows)
 
 
@@ -62,7 +63,7 @@ def test_the_scoring_clip_loaded_with_half_true_embeds_images_as_in_fp32(folders
 
 
 def test_embed_real_and_clip_eval_run_in_half_precision(folders, half_precision, tmp_path) -> None:
-    info = embed_real.run(folders.clip, folders.raw, folders.split, tmp_path / "real", {"batch_size": 3})
+    info = embed_real.run(folders.clip, folders.csd, folders.raw, folders.split, tmp_path / "real", {"batch_size": 3})
     assert info["n_embedded"] == 4
     rows = [{"path": folders.raw / row["file_name"]} for row in folders.rows[10:]]
     image_features, text_features = clip_eval.embed_samples(folders.clip, rows, ["a", "b", "c", "d"], 3)

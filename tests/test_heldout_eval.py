@@ -63,9 +63,9 @@ def sketch_folder(root: Path, n: int, broken: tuple[int, ...] = ()) -> tuple[Pat
     return raw, split
 
 
-def test_real_sketches_are_embedded_once_with_an_undecodable_one_skipped_and_counted(tmp_path, tiny_clip):
+def test_real_sketches_are_embedded_once_with_an_undecodable_one_skipped_and_counted(tmp_path, tiny_clip, tiny_csd):
     raw, split = sketch_folder(tmp_path, 5, broken=(2,))
-    info = embed_real.run(tiny_clip, raw, split, tmp_path / "out", {"batch_size": 2})
+    info = embed_real.run(tiny_clip, tiny_csd, raw, split, tmp_path / "out", {"batch_size": 2})
     assert (info["n_test_rows"], info["n_embedded"], info["n_skipped"]) == (5, 4, 1)
     skipped = (tmp_path / "out/skipped.csv").read_text()
     assert "2.png" in skipped and "not decodable" in skipped
@@ -81,19 +81,19 @@ def test_real_sketches_are_embedded_once_with_an_undecodable_one_skipped_and_cou
     assert torch.allclose(torch.from_numpy(alone[0]), torch.from_numpy(vectors[2]), atol=1e-5)
 
 
-def test_an_image_with_several_captions_is_one_real_sketch(tmp_path, tiny_clip):
+def test_an_image_with_several_captions_is_one_real_sketch(tmp_path, tiny_clip, tiny_csd):
     raw, split = sketch_folder(tmp_path, 3)
     rows = [{"file_name": "0.png", "text": f"caption {k}"} for k in range(5)] + [
         {"file_name": "./1.png", "text": "x"}, {"file_name": "1.png", "text": "y"}, {"file_name": "2.png", "text": "x"}]
     write_jsonl(split / "test.jsonl", rows)
-    info = embed_real.run(tiny_clip, raw, split, tmp_path / "out", {"batch_size": 2})
+    info = embed_real.run(tiny_clip, tiny_csd, raw, split, tmp_path / "out", {"batch_size": 2})
     assert (info["n_test_rows"], info["n_test_images"], info["n_embedded"]) == (8, 3, 3)
 
 
-def test_no_test_images_is_a_recorded_skip_and_clip_eval_leaves_the_distances_out(tmp_path, tiny_clip, caplog):
+def test_no_test_images_is_a_recorded_skip_and_clip_eval_leaves_the_distances_out(tmp_path, tiny_clip, tiny_csd, caplog):
     raw, split = sketch_folder(tmp_path, 0)
     with caplog.at_level(logging.WARNING):
-        info = embed_real.run(tiny_clip, raw, split, tmp_path / "out", {"batch_size": 2})
+        info = embed_real.run(tiny_clip, tiny_csd, raw, split, tmp_path / "out", {"batch_size": 2})
         real = embeddings.load_real(tmp_path / "out", embeddings.describe_clip(tiny_clip))
         distances = clip_eval.distances({"base": np.ones((3, 32)), "finetuned": np.ones((3, 32))}, real, {}, 0)
         one = clip_eval.distances({"base": np.ones((3, 32)), "finetuned": np.ones((3, 32))}, np.ones((1, 32)), {}, 0)
@@ -103,9 +103,9 @@ def test_no_test_images_is_a_recorded_skip_and_clip_eval_leaves_the_distances_ou
     assert "fewer than the 2 they need" in " ".join(results.warnings({"shared": {"profile": "study"}}, one))
 
 
-def test_embeddings_from_another_clip_are_refused_with_one_line(tmp_path, tiny_clip):
+def test_embeddings_from_another_clip_are_refused_with_one_line(tmp_path, tiny_clip, tiny_csd):
     raw, split = sketch_folder(tmp_path, 2)
-    embed_real.run(tiny_clip, raw, split, tmp_path / "out", {"batch_size": 2})
+    embed_real.run(tiny_clip, tiny_csd, raw, split, tmp_path / "out", {"batch_size": 2})
     other = embeddings.describe_clip(tiny_clip) | {"weights_sha256": "0" * 64, "name": "ViT-B-32"}
     with pytest.raises(UserError, match="embedded with another CLIP .* not ViT-B-32.*dvc repro embed_real"):
         embeddings.load_real(tmp_path / "out", other)
@@ -171,7 +171,7 @@ def test_the_headline_table_reads_mean_ci_n_and_puts_the_study_beside_its_experi
     assert score == 36.48 and "experiment 1" in line
     text = results.headline_table(clip_and_blip(), score)
     assert "| CLIP score, the study's prompts | 100 x cos | 1.5 [1, 2], n=30 |" in text
-    assert "| 0.04 | 36.48 |" in text and "held-out" not in text  # families without keys are left out
+    assert "| 0.04 | 36.48 |" in text and "held-out test captions" not in text  # families without keys: left out
     params["generate"]["style_to_generator"] = False
     assert results.study_line(params)[1] == 33.58
     params["clip_eval"]["style_to_clip"] = False

@@ -66,7 +66,7 @@ def non_empty_list_of(rule: Rule) -> Rule:
 
 # ---------------------------------------------------------------------------------------------------- the sections
 
-FETCH_KINDS = ("sd", "clip", "blip", "guide", "data", "vd")
+FETCH_KINDS = ("sd", "clip", "blip", "guide", "data", "vd", "csd")
 RANDOM_SOURCES = ("tiny", "full")  # random weights built from configs: the smoke size and the study's size
 
 

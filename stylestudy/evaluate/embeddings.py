@@ -18,8 +18,9 @@ from stylestudy.core.outputs import MANIFEST, write_json
 if TYPE_CHECKING:
     from PIL import Image
 
-EMBEDDINGS = "embeddings.safetensors"  # one tensor, "embeddings": n x d, the rows in the order of files.csv
-INFO = "info.json"  # which CLIP made them, how many, how many images were skipped
+EMBEDDINGS = "embeddings.safetensors"  # n x d tensors, the rows in the order of files.csv:
+EMBEDDINGS_KEY, CSD_KEY = "embeddings", "csd"  # the scoring CLIP's, the CSD style embedder's
+INFO = "info.json"  # which CLIP and CSD made them, how many, how many images were skipped
 
 
 def describe_clip(clip_dir: Path) -> dict[str, Any]:
@@ -38,6 +39,14 @@ def describe_clip(clip_dir: Path) -> dict[str, Any]:
             "vision": f"width {vision['width']}, {vision['layers']} layers, patch {vision.get('patch_size')}, "
                       f"{vision['image_size']} px",
             "weights_sha256": manifest["files"][weights]}
+
+
+def describe_csd(csd_dir: Path) -> dict[str, Any]:
+    """Which CSD a folder holds, in words a report can print, and the hash of its weights to compare by."""
+    manifest = json.loads(require_path(csd_dir / MANIFEST, "run `dvc repro fetch@csd` first").read_text())
+    origin = manifest.get("repo_id") if manifest["source"] == "hub" else manifest["source"]
+    return {"name": f"CSD ({origin})", "source": manifest["source"],
+            "weights_sha256": manifest["files"]["model.safetensors"]}
 
 
 def batches(items: list, batch_size: int, what: str | None) -> Any:
@@ -89,20 +98,24 @@ def embed_texts(model: Any, tokenizer: Callable, texts: list[str], batch_size: i
     return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
 
-def save_real(folder: Path, embeddings: np.ndarray, info: dict[str, Any]) -> None:
-    """Write the real-sketch embeddings and what made them into `folder` (which the caller creates)."""
+def save_real(folder: Path, embeddings: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+    """Write the real-sketch embeddings (by embedder: EMBEDDINGS_KEY, CSD_KEY) and what made them into `folder`
+    (which the caller creates)."""
     from safetensors.numpy import save_file
 
-    save_file({"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32)}, str(folder / EMBEDDINGS))
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in embeddings.items()}, str(folder / EMBEDDINGS))
     write_json(folder / INFO, info)
 
 
-def load_real(folder: Path, clip: dict[str, Any]) -> np.ndarray:
-    """The real-sketch embeddings (n x d; n may be 0), refused with one line when another CLIP made them."""
+def load_real(folder: Path, made_by: dict[str, Any], key: str = EMBEDDINGS_KEY) -> np.ndarray:
+    """The real-sketch embeddings of one embedder (n x d; n may be 0): the scoring CLIP's, or with key CSD_KEY the
+    style embedder's; refused with one line when another model made them."""
     from safetensors.numpy import load_file
 
     info = json.loads(require_path(folder / INFO, "run `dvc repro embed_real` first").read_text())
-    if info["clip"]["weights_sha256"] != clip["weights_sha256"]:
-        raise UserError(f"{folder}: embedded with another CLIP ({info['clip']['name']}, not {clip['name']}); "
+    recorded = info["clip" if key == EMBEDDINGS_KEY else key]
+    if recorded["weights_sha256"] != made_by["weights_sha256"]:
+        model = "CLIP" if key == EMBEDDINGS_KEY else key.upper()
+        raise UserError(f"{folder}: embedded with another {model} ({recorded['name']}, not {made_by['name']}); "
                         "run `dvc repro embed_real`")
-    return load_file(str(folder / EMBEDDINGS))["embeddings"] if info["n_embedded"] else np.zeros((0, 0), np.float32)
+    return load_file(str(folder / EMBEDDINGS))[key] if info["n_embedded"] else np.zeros((0, 0), np.float32)

@@ -22,6 +22,7 @@ FILES = {
     "guide": ["open_clip_config.json", "open_clip_model.safetensors"],
     "data": ["*.parquet"],
     # what the text-to-image pipeline loads (no image_encoder weights); text_unet: its attention is swapped in
+    "csd": ["pytorch_model.bin"],  # the published pickle: stylestudy/models/csd.py converts it, loading it safely
     "vd": ["*.json", "*.txt", "image_unet/*.safetensors", "text_unet/*.safetensors", "vae/*.safetensors",
            "text_encoder/*.safetensors"],
 }

@@ -32,9 +32,12 @@ BLIP_ROWS = [Row("style_share", "BLIP captions naming the style, the study's pro
              Row("test_style_share", "BLIP captions naming the style, held-out test captions", "share")]
 # {noun}: what the dataset's images are called (stylestudy/data/dataset.py images_noun): sketches, real images
 DISTANCE_ROWS = [Row("kid", "KID to the held-out {noun} (lower: closer)", "MMD², CLIP features"),
-                 Row("cmmd", "CMMD to the held-out {noun} (lower: closer)", "x1000"),
+                 Row("cmmd", "CMMD to the held-out {noun} (lower: closer)", "x1000, CLIP features"),
                  Row("style_similarity", "Style similarity to the centroid of the held-out {noun} (higher: closer)",
-                     "100 x cos")]
+                     "100 x cos, CLIP features")]
+# The same distances in the style embedder's space (CSD, stylestudy/models/csd.py): *_csd_* keys
+CSD_ROWS = [Row(f"{row.key}_csd", row.label.replace(" (", " in CSD's style space (", 1), "CSD style features")
+            for row in DISTANCE_ROWS]
 DIVERSITY_ROWS = [Row("diversity_vendi", "Vendi score: how varied a model's images are (effective number of distinct "
                       "images)", "CLIP features"),
                   Row("diversity_pairwise_distance", "Mean pairwise cosine distance between a model's images",
@@ -69,7 +72,7 @@ def headline_table(metrics: dict, study_score: float | None, noun: str = "sketch
     """Base, fine-tuned, each baseline that ran (a column after fine-tuned), the difference and its p-value for every
     metric family present; the study's score beside the CLIP row of its prompts."""
     rows, baselines = [], baselines_in(metrics)
-    for row in CLIP_ROWS + BLIP_ROWS + DISTANCE_ROWS + DIVERSITY_ROWS:
+    for row in CLIP_ROWS + BLIP_ROWS + DISTANCE_ROWS + CSD_ROWS + DIVERSITY_ROWS:
         if f"{row.key}_base" not in metrics:
             continue
         p_value = metrics.get(f"{row.key}_diff_p")
