@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def full_profile(check: Check, timeout: float) -> dict:
             marks[sampler.label] = time.perf_counter()
 
     sampler.thread.start()
-    command = [str(Path(sys.executable).parent / "dvc"), "repro"]
+    command = [shutil.which("dvc") or str(Path(sys.executable).parent / "dvc"), "repro"]
     code, seconds, tail = run(command, check.clone, timeout, {"HF_HUB_OFFLINE": "1", "SKETCH_ALLOW_CPU": "1"}, on_line)
     sampler.stop.set()
     ends = list(marks.values())[1:] + [marks and time.perf_counter()]
@@ -210,9 +211,12 @@ def environment(setup: str) -> dict:
                             text=True).stdout.strip() if smi else None
     libraries = {name: metadata.version(name) for name in ("torch", "diffusers", "accelerate", "bitsandbytes",
                                                            "transformers", "open-clip-torch", "dvc")}
+    # where the carried packages come from: gpu-wheels/'s temporary folder on a GPU machine, .venv in the dry run
+    sources = {name: find_spec(name).origin for name in ("diffusers", "dvc", "bitsandbytes", "open_clip")}
     return {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
             "gpus": torch.cuda.device_count(), "driver": driver, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "libraries": libraries, "environment_setup": setup}
+            "python": f"{platform.python_version()} ({sys.executable})", "libraries": libraries,
+            "sources": sources, "environment_setup": setup}
 
 
 def summary(check: Check, env: dict, records: list[dict]) -> str:

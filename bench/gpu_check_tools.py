@@ -66,7 +66,7 @@ def read_json(path: Path) -> dict:
 def fresh_copy(target: Path) -> Path:
     """The working tree as a new one-commit git repository (uncommitted work included, what the pipeline and the
     environment wrote left out): DVC needs git, and the copy carried to a GPU machine may have no .git."""
-    top = {".git", ".venv", "node_modules", "models", "reports", "scratch", "dvc_plots", "dvc.lock"}
+    top = {".git", ".venv", "gpu-wheels", "node_modules", "models", "reports", "scratch", "dvc_plots", "dvc.lock"}
 
     def ignore(folder: str, names: list[str]) -> list[str]:
         skip = {"top": top, "data": set(names) - {"own"}, ".dvc": {"cache", "tmp"}}.get(

@@ -110,6 +110,20 @@ def uncovered(requirements: dict[str, str], wheels: list[dict], machine: dict[st
             if carried.get(name) != version and name not in machine and name not in NOT_CARRIED]
 
 
+def compatible(folder: Path) -> None:
+    """Print the folder's wheels this Python can install, one a line; name the others on stderr. On the GPU machine
+    (CPython 3.12) that is all of them; the dry run's --system-python on another Python leaves the binary ones out."""
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+
+    supported = set(sys_tags())
+    wheels = sorted(folder.glob("*.whl"))
+    fits = {wheel: bool(parse_wheel_filename(wheel.name)[3] & supported) for wheel in wheels}
+    print("\n".join(str(wheel) for wheel, fit in fits.items() if fit))
+    if left := [wheel.name for wheel, fit in fits.items() if not fit]:
+        print(f"not for this Python, left out: {' '.join(left)}", file=sys.stderr)
+
+
 def check_installed() -> None:
     """On the GPU machine, after installing the folder: every carried wheel's needs met by what this Python sees."""
     wheels = json.loads(MANIFEST.read_text())["wheels"]
@@ -216,9 +230,12 @@ def main() -> None:
     parser.add_argument("folder", type=Path, nargs="?", default=REPO / "gpu-wheels")
     parser.add_argument("--lock", action="store_true", help=f"rewrite {PINS.name} from this environment")
     parser.add_argument("--check-installed", action="store_true", help="the carried wheels' needs met here?")
+    parser.add_argument("--compatible", action="store_true", help="list FOLDER's wheels this Python can install")
     args = parser.parse_args()
     if args.check_installed:
         return check_installed()
+    if args.compatible:
+        return compatible(args.folder)
     if args.lock:
         header = [line for line in PINS.read_text().splitlines() if line.startswith("#")]
         PINS.write_text("\n".join(header + [f"{n}=={v}" for n, v in lock().items()]) + "\n")
