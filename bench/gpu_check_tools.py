@@ -53,6 +53,16 @@ def run(command: list[str], cwd: Path, timeout: float, env: dict | None = None,
     return ("timeout" if timed_out else proc.returncode), time.perf_counter() - started, "".join(lines[-40:])
 
 
+def stage_times(marks: dict[str, float], ended: float, completed: bool) -> tuple[dict, set[str]]:
+    """Each stage's seconds from the times `dvc repro` announced them, and the stages that ran to their end: every
+    one followed by another, the last one too when the command completed."""
+    names, starts = list(marks), list(marks.values())
+    ends = starts[1:] + [ended]
+    stages = {name: {"seconds": end - start, "finished": completed or i < len(names) - 1}
+              for i, (name, start, end) in enumerate(zip(names, starts, ends))}
+    return stages, {name for name, stage in stages.items() if stage["finished"]}
+
+
 def step_record(command: list[str], code: int | str, seconds: float, tail: str, figures: dict | None = None) -> dict:
     status = "ok" if code == 0 else ("timeout" if code == "timeout" else "failed")
     return {"status": status, "command": " ".join(command), "seconds": seconds, "returncode": code,

@@ -19,7 +19,7 @@ import gpu_wheels  # noqa: E402
 MANIFEST = json.loads(gpu_wheels.MANIFEST.read_text())
 MACHINE = gpu_wheels.machine_packages()
 REQUIREMENTS = gpu_wheels.read_pins(REPO / "requirements.txt")
-OURS = {"stylestudy", "stages", "gpu_check_tools", "conftest", "scripts"}
+OURS = {"stylestudy", "stages", "scripts"} | {path.stem for path in [*REPO.glob("bench/*.py"), *REPO.glob("scripts/*.py")]}
 
 
 def test_the_manifest_is_the_pinned_set_within_the_size_with_only_cuda13_and_cpu_bitsandbytes() -> None:
