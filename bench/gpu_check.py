@@ -15,8 +15,9 @@ Steps, in order (each a subprocess with its own time box in seconds, so a slow o
   6 determinism    the same short fine-tune twice: identical UNet weights or not, and by how much they differ
   7 compiled       finetune_speed.py and generate_speed.py with --compile, warm-up apart, if time remains
 The bench scripts rewrite their JSON after each part, so a step stopped by its box keeps what it finished; steps 5 and
-6 need only step 1's stages up to `encode`. Disk: about 16 GB in step 1's copy (models and the fine-tuned UNet, DVC's
-cache hard-linked), 4 GB per fine-tune of steps 5 and 6 (removed once read), under 25 GB in all.
+6 need only step 1's stages up to `encode`. Disk, from the study-shaped models' sizes (SD 4.9 GB, CLIP 3.7, BLIP 0.9,
+bench/RESULTS.md): about 17 GB in step 1's copy with the fine-tuned model (DVC's cache hard-linked, not a second
+copy); up to 10 GB more while a step fine-tunes twice or builds its own models (removed after): under 30 GB at worst.
 
 --dry-run: the same steps at tiny size on the CPU (tiny models in the full profile's shape, a few steps), the same
 files, marked "dry_run": true; tests/test_gpu_check.py runs it so the script cannot rot before a GPU comes.

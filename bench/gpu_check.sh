@@ -38,7 +38,7 @@ else
     $(cat "$site.list") >"$site.log" 2>&1 || { echo "error: installing gpu-wheels/ failed: $(tail -1 "$site.log")"; exit 1; }
   mkdir -p "$site/bin" && ln -sf "$(command -v "$py")" "$site/bin/python"  # dvc.yaml's `python -m stages...`
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
-  "$py" scripts/gpu_wheels.py --check-installed 2>&1 | tail -1 | grep . && exit 1
+  if ! unmet=$("$py" scripts/gpu_wheels.py --check-installed 2>&1); then echo "${unmet##*$'\n'}"; exit 1; fi
   setup="$("$py" -c 'import sys; print(sys.executable)') with $(wc -l <"$site.list") wheels of gpu-wheels/ installed \
 in $(( $(date +%s) - started )) s${left:+ ($left)}"
   rm -f "$site.list" "$site.log"
