@@ -10,7 +10,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 PATH_HOOK := import os, sys; b = os.path.dirname(sys.executable); p = os.environ.get("PATH", ""); b in p.split(os.pathsep) or os.environ.update(PATH=b + os.pathsep + p)
 ACTIVATE := @echo "In a new shell, run 'source .venv/bin/activate' first so that 'dvc' and 'python' are this project's."
 
-.PHONY: setup demo study test test-all bench compare
+.PHONY: setup demo study test test-all bench compare gpu-wheels
 
 $(VENV)/installed: requirements.txt Makefile
 	python3 -m venv $(VENV)
@@ -54,6 +54,11 @@ test-all: setup
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \
 	  || echo "chromium not installed: the offline plots-page test will be skipped"; }
 	python -m pytest -q tests
+
+# The wheels a bare GPU machine lacks (CPython 3.12, manylinux x86_64; bitsandbytes with its CUDA 13 and CPU libraries
+# only), into git-ignored gpu-wheels/ for bench/gpu_check.sh to install there; needs PyPI. bench/GPU_WHEELS.md.
+gpu-wheels: setup
+	python scripts/gpu_wheels.py gpu-wheels
 
 bench: setup  # make bench AGAINST=<rev>: that commit's DAG too, side by side
 	python bench/smoke_dag.py $(if $(AGAINST),--against $(AGAINST))

@@ -14,7 +14,9 @@ images/s over the steady-state steps (warm-up steps, compilation included, timed
 (torch.cuda.max_memory_allocated on CUDA; the process's peak RSS on a CPU, which never goes down, so batch sizes run
 in increasing order) and, on CUDA, MFU: UNet model FLOPs (forward+backward per image, counted with
 torch.utils.flop_counter.FlopCounterMode over one uncompiled step of (b) without gradient checkpointing, where the
-UNet is the only model that runs) x images/s / --peak-flops.
+UNet is the only model that runs) x images/s / the device's dense bf16 peak (bench/device_peaks.py, by its name; a
+device not listed gets no MFU unless --peak-flops gives its peak). --json is rewritten after every batch size of every
+configuration, so a run stopped part-way keeps what it measured ("complete": false).
 
 Run on a GPU:  python bench/finetune_speed.py   (study-shaped random SD2-base at 256 px, batch 1, 8, 32, 64), or
 --sd models/pretrained/sd for a fetched pipeline. On a CPU it defaults to tiny random models at 32 px, batch 1 and 4.
@@ -34,6 +36,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "bench"))
 
 from stylestudy.data import dataset  # noqa: E402
 
@@ -66,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="compile (b)'s UNet")
     parser.add_argument("--ours-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="gradient checkpointing in (b) too: less memory, about a third more compute")
-    parser.add_argument("--peak-flops", type=float, default=790e12, help="device peak bf16 FLOP/s (H100 SXM dense)")
+    parser.add_argument("--peak-flops", type=float, help="the device's dense bf16 FLOP/s (default: by its name)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
@@ -209,48 +212,68 @@ def unet_flops_per_image(inputs: Path, p: dict, encoding: Any) -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One configuration at every batch size, in increasing order; prints its figures as one JSON line."""
-    rows = [measure(args.inputs, *settings(args.child, args, int(b)), args) for b in args.batch_sizes.split(",")]
-    flops = unet_flops_per_image(args.inputs, *settings("b", args, 1)) if args.child == "b" else None
-    print(json.dumps({"rows": rows, "flops_per_image": flops}))
+    """One configuration at every batch size, in increasing order: one JSON line per batch size as it is measured,
+    then (b)'s FLOP count."""
+    for b in args.batch_sizes.split(","):
+        print(json.dumps({"row": measure(args.inputs, *settings(args.child, args, int(b)), args)}), flush=True)
+    if args.child == "b":
+        print(json.dumps({"flops_per_image": unet_flops_per_image(args.inputs, *settings("b", args, 1))}), flush=True)
 
 
-def run_child(key: str, inputs: Path, args: argparse.Namespace) -> dict:
-    """One configuration in a fresh process; its figures."""
+def run_child(key: str, inputs: Path, args: argparse.Namespace, figures: dict, save) -> None:
+    """One configuration in a fresh process, its figures put in figures[key] and saved as each arrives."""
     flags = ["--resolution", str(args.resolution), "--batch-sizes", args.batch_sizes, "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--compile" if args.compile else "--no-compile",
              "--ours-checkpointing" if args.ours_checkpointing else "--no-ours-checkpointing"]
-    result = subprocess.run([sys.executable, __file__, *flags, "--child", key, "--inputs", str(inputs)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"configuration {key} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    figures[key] = {"rows": [], "flops_per_image": None}
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([sys.executable, __file__, *flags, "--child", key, "--inputs", str(inputs)],
+                                stdout=subprocess.PIPE, stderr=errors, text=True)
+        for line in proc.stdout:
+            if line.startswith("{"):
+                part = json.loads(line)
+                figures[key]["rows"] += [part["row"]] if "row" in part else []
+                figures[key]["flops_per_image"] = part.get("flops_per_image", figures[key]["flops_per_image"])
+                save()
+        if proc.wait():
+            errors.seek(0)
+            sys.exit(f"configuration {key} failed:\n{errors.read()[-3000:]}")
 
 
-def environment() -> dict:
+def environment(args: argparse.Namespace) -> dict:
+    """The device, versions, and the peak FLOP/s MFU is taken against (None: no MFU) with where it came from."""
     import torch
+
+    from device_peaks import peak_flops
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads)"
-    return {"device": device, "python": platform.python_version(), "command": " ".join(sys.argv)} | {
+    known = peak_flops(device) if cuda else None
+    peak, said = (args.peak_flops, "--peak-flops") if args.peak_flops else (
+        (known[0], f"{known[1]}, bench/device_peaks.py") if known else
+        (None, f"{device} is not in bench/device_peaks.py: no MFU (give --peak-flops)") if cuda else (None, None))
+    return {"device": device, "python": platform.python_version(), "command": " ".join(sys.argv),
+            "peak_flops": peak, "peak_flops_source": said} | {
         name: metadata.version(name) for name in ("torch", "diffusers", "accelerate", "bitsandbytes")}
 
 
-def report(figures: dict, args: argparse.Namespace, cuda: bool) -> list[str]:
+def report(figures: dict, args: argparse.Namespace, env: dict) -> list[str]:
     """The table, the FLOP count and how it was obtained."""
-    flops = figures["b"]["flops_per_image"]
+    flops, peak = figures["b"]["flops_per_image"], env["peak_flops"]
     lines = [f"{'configuration':<22}{'batch':>6}{'warm-up s':>11}{'images/s':>11}{'peak MiB':>11}{'MFU':>8}"]
     for key, (name, _) in CONFIGURATIONS.items():
         for row in figures[key]["rows"]:
-            mfu = f"{flops * row['images_per_s'] / args.peak_flops:.1%}" if cuda else "-"
+            mfu = f"{flops * row['images_per_s'] / peak:.1%}" if peak else "-"
             lines.append(f"{name:<22}{row['batch']:>6}{row['warmup_s']:>11.2f}{row['images_per_s']:>11.2f}"
                          f"{row['peak_memory_mib']:>11.0f}{mfu:>8}")
     lines.append(f"UNet model FLOPs per image, forward+backward at {args.resolution} px: {flops / 1e12:.4g} TFLOP "
                  "(torch.utils.flop_counter.FlopCounterMode over one uncompiled step of (b), batch 1, cached latents, "
                  "no gradient checkpointing)")
-    if cuda:
-        lines.append(f"MFU = FLOPs per image x images/s / {args.peak_flops:.3g} FLOP/s (--peak-flops)")
+    if peak:
+        lines.append(f"MFU = FLOPs per image x images/s / {peak:.3g} FLOP/s ({env['peak_flops_source']})")
+    elif env["peak_flops_source"]:
+        lines.append(env["peak_flops_source"])
     return lines
 
 
@@ -258,17 +281,20 @@ def main() -> None:
     args = parse_args()
     if args.child:
         return child(args)
-    import torch
+    env, figures = environment(args), {}
 
-    cuda = torch.cuda.is_available()
+    def save(complete: bool = False) -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"environment": env, "configurations": figures, "complete": complete},
+                                            indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         inputs = make_inputs(args, Path(tmp))
-        figures = {key: run_child(key, inputs, args) for key in CONFIGURATIONS}
-    env = environment()
+        for key in CONFIGURATIONS:
+            run_child(key, inputs, args, figures, save)
+    save(complete=True)
     print("\n".join(f"{k}: {v}" for k, v in env.items()))
-    print("\n".join(report(figures, args, cuda)))
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "configurations": figures}, indent=1))
+    print("\n".join(report(figures, args, env)))
 
 
 if __name__ == "__main__":

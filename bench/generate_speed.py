@@ -11,6 +11,7 @@ Then the PSNR of (c) against (b) decoded with an fp32 VAE (same seeds), and the 
 Run on a GPU:  python bench/generate_speed.py --models models/pretrained   (folders sd/, clip/, blip/, e.g. fetched
 with `dvc exp run -S profile=full`), or `--arch full` to build study-shaped random models first. On a CPU it defaults
 to tiny random models at 32 px (the test suite runs it that way). Settings not given come from params.yaml (generate).
+--json is rewritten after each configuration ("complete": false until the evaluation is done).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def parse_args(cuda: bool) -> argparse.Namespace:
     parser.add_argument("--images-per-prompt", type=int)
     parser.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps of (b) and (c)")
     parser.add_argument("--naive-steps", type=int, default=50)
+    parser.add_argument("--naive-images", type=int, help="time (a) on the first N images only (default: all)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -194,17 +196,23 @@ def psnr(images: list, reference: list) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
-def measure(model_dirs: Path, p: dict, args: argparse.Namespace) -> dict:
-    """Every figure of the report."""
+def measure(model_dirs: Path, p: dict, args: argparse.Namespace, results: dict, save) -> None:
+    """Every figure of the report, put in `results` and saved as each part is measured."""
     texts, seeds = jobs(p, args.seed)
     sd_dir = model_dirs / "sd"
-    naive = run_naive(sd_dir, p, texts, seeds, args.naive_steps)
+    naive_images = args.naive_images or len(texts)
+    results["configurations"] = [run_naive(sd_dir, p, texts[:naive_images], seeds[:naive_images], args.naive_steps)]
+    save()
     plain, plain_images, reference = run_plain(sd_dir, p, texts, seeds)
+    results["configurations"].append(plain)
+    results["psnr_diffusers_db"] = psnr(plain_images, reference)
+    save()
     ours, our_images, pipe = run_ours(sd_dir, p, texts, seeds)
-    return {"configurations": [naive, plain, ours],
-            "speedup_over_diffusers": ours["images_per_s"] / plain["images_per_s"],
-            "psnr_ours_db": psnr(our_images, reference), "psnr_diffusers_db": psnr(plain_images, reference),
-            "evaluation": run_evaluation(pipe, model_dirs, p, texts, seeds)}
+    results["configurations"].append(ours)
+    results |= {"speedup_over_diffusers": ours["images_per_s"] / plain["images_per_s"],
+                "psnr_ours_db": psnr(our_images, reference)}
+    save()
+    results["evaluation"] = run_evaluation(pipe, model_dirs, p, texts, seeds)
 
 
 def build_models(folder: Path, arch: str, seed: int) -> Path:
@@ -246,12 +254,18 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     args = parse_args(cuda)
     p = settings(args, cuda)
+    results = {"environment": environment(), "complete": False}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="generate-speed-") as tmp:
         model_dirs = args.models or build_models(Path(tmp), args.arch, args.seed)
-        results = measure(model_dirs, p, args) | {"environment": environment()}
+        measure(model_dirs, p, args, results, save)
+    results["complete"] = True
+    save()
     report(results, p, args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

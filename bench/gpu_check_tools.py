@@ -53,6 +53,16 @@ def run(command: list[str], cwd: Path, timeout: float, env: dict | None = None,
     return ("timeout" if timed_out else proc.returncode), time.perf_counter() - started, "".join(lines[-40:])
 
 
+def stage_times(marks: dict[str, float], ended: float, completed: bool) -> tuple[dict, set[str]]:
+    """Each stage's seconds from the times `dvc repro` announced them, and the stages that ran to their end: every
+    one followed by another, the last one too when the command completed."""
+    names, starts = list(marks), list(marks.values())
+    ends = starts[1:] + [ended]
+    stages = {name: {"seconds": end - start, "finished": completed or i < len(names) - 1}
+              for i, (name, start, end) in enumerate(zip(names, starts, ends))}
+    return stages, {name for name, stage in stages.items() if stage["finished"]}
+
+
 def step_record(command: list[str], code: int | str, seconds: float, tail: str, figures: dict | None = None) -> dict:
     status = "ok" if code == 0 else ("timeout" if code == "timeout" else "failed")
     return {"status": status, "command": " ".join(command), "seconds": seconds, "returncode": code,
@@ -66,7 +76,7 @@ def read_json(path: Path) -> dict:
 def fresh_copy(target: Path) -> Path:
     """The working tree as a new one-commit git repository (uncommitted work included, what the pipeline and the
     environment wrote left out): DVC needs git, and the copy carried to a GPU machine may have no .git."""
-    top = {".git", ".venv", "node_modules", "models", "reports", "scratch", "dvc_plots", "dvc.lock"}
+    top = {".git", ".venv", "gpu-wheels", "node_modules", "models", "reports", "scratch", "dvc_plots", "dvc.lock"}
 
     def ignore(folder: str, names: list[str]) -> list[str]:
         skip = {"top": top, "data": set(names) - {"own"}, ".dvc": {"cache", "tmp"}}.get(

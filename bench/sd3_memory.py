@@ -1,8 +1,9 @@
 """SD3 on a 16 GB card: peak memory and speed of the study-shaped SD3 LoRA fine-tune and of sequential generation.
 
-On CUDA the process is limited to 16 GB (`torch.cuda.set_per_process_memory_fraction`), so a larger card behaves like
-the study's free Colab T4. The `full` SD3 shapes (stylestudy/models/builders_sd3.py: the 2B MMDiT, CLIP-L, OpenCLIP
-bigG, T5-XXL, the 16-channel VAE) are built with random weights straight on the device, in the dtype they run in:
+On CUDA the process is limited to what a 16 GB card offers (LIMIT_GIB, through
+`torch.cuda.set_per_process_memory_fraction`), so a larger card behaves like the study's free Colab T4. The `full` SD3
+shapes (stylestudy/models/builders_sd3.py: the 2B MMDiT, CLIP-L, OpenCLIP bigG, T5-XXL, the 16-channel VAE) are built
+with random weights straight on the device, in the dtype they run in:
 1. fine-tune: the transformer in fp32 with a LoRA adapter (the SD3 family's targets, rank 4), gradient checkpointing,
    8-bit AdamW, fp16 autocast with a loss scaler, batch 1 at 512 px, on cached-shaped conditioning (154 x 4096 and
    2048 pooled): what `finetune` holds with `model=sd3`. Peak memory, images/s.
@@ -10,6 +11,7 @@ bigG, T5-XXL, the 16-channel VAE) are built with random weights straight on the 
    one, are freed, then the transformer and VAE in fp16 denoise (flow-matching Euler, guidance) and decode 6 images of
    512 px. Peak memory of each phase, images/s.
 Docs: docs/sd3.md (the same figures on paper). `--dry-run`: the tiny shapes on the CPU, a few steps, same JSON keys.
+OUT_JSON is rewritten after each part ("complete": false until both are done), so a stopped run keeps the first.
 
 Run: python bench/sd3_memory.py OUT_JSON [--dry-run]   (bench/gpu_check.sh runs it as step 4)
 """
@@ -23,13 +25,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
+from device_peaks import LIMIT_GIB, memory_fraction  # noqa: E402
 from stylestudy.models import builders_sd3  # noqa: E402
 from stylestudy.models.families import sd3  # noqa: E402
 from stylestudy.train import build, lora  # noqa: E402
 
-LIMIT_GB = 16
 STUDY_OPTIMIZER = {"optimizer": "adamw8bit", "learning_rate": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999,
                    "adam_weight_decay": 0.01, "adam_epsilon": 1e-8}
 
@@ -137,10 +140,11 @@ def main() -> None:
         sys.exit("error: no CUDA device: run with --dry-run for the tiny shapes on the CPU")
     device = torch.device("cuda" if cuda else "cpu")
     figures = {"dry_run": args.dry_run, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-               "memory_limit_gib": LIMIT_GB if cuda else None}
+               "memory_limit_gib": LIMIT_GIB if cuda else None, "complete": False}
     if cuda:
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, LIMIT_GB / total), device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(total), device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     arch, resolution = ("tiny", 32) if args.dry_run else ("full", 512)
     for name, measure in (("finetune_lora", lambda: finetune(arch, device, resolution, 2 if args.dry_run else 10)),
                           ("generate_sequential", lambda: generate(arch, device, resolution, 6,
@@ -150,8 +154,8 @@ def main() -> None:
         except torch.OutOfMemoryError as error:
             figures[name] = {"out_of_memory": str(error).splitlines()[0], "peak_memory_gib": peak_gib(device)}
         print(name, json.dumps(figures[name]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+        figures["complete"] = name == "generate_sequential"
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":
