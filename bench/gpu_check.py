@@ -57,7 +57,7 @@ FULL = ["profile=full", "fetch.data.n_images=100", "finetune.max_train_steps=20"
 # What steps 5 and 6 read in step 1's copy: the stages that write it
 FINETUNE_INPUTS = {"fetch@sd", "fetch@guide", "fetch@data", "split", "encode"}
 # The dry run: the same shape with tiny models and sizes, on the CPU
-TINY = FULL + [f"fetch.{k}.source=tiny" for k in ("sd", "clip", "blip", "guide")] + [
+TINY = FULL + [f"fetch.{k}.source=tiny" for k in ("sd", "clip", "blip", "guide", "csd")] + [
     "fetch.data.n_images=24", "fetch.data.image_size=64", "encode.resolution=32", "encode.dataloader_num_workers=0",
     "finetune.max_train_steps=2", "finetune.train_batch_size=4", "finetune.gradient_accumulation_steps=1",
     "finetune.validate_every=2", "finetune.validation_steps=2", "finetune.dataloader_num_workers=0",
