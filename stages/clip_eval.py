@@ -125,7 +125,7 @@ def csd_distances(style_features: dict[str, np.ndarray], real: np.ndarray, p: di
     metrics = {}
     for key, value in measured.items():
         metric = next((m for m in statistics.METRICS if key.startswith(f"{m}_")), None)
-        if metric is not None:  # n_real_sketches and kid_subset_size are CLIP's already
+        if metric is not None and key != "kid_subset_size":  # it and n_real_sketches are CLIP's already
             metrics[f"{metric}_csd_{key[len(metric) + 1:]}"] = value
     return metrics
 

@@ -106,7 +106,7 @@ def results_section(params: dict, metrics: dict, scorer: dict, figures_rel: str,
              results.headline_table(metrics, study_score, noun),
              line + " Compare CLIP scores only at equal generation settings and with the same CLIP model.",
              f"Scored by the CLIP `{clip['name']}` (image tower: {clip['vision']}; embeddings of {clip['embed_dim']} "
-             f"dimensions): it produced every CLIP score, KID, CMMD and style similarity above. Intervals are 95% "
+             f"dimensions): it produced every CLIP score and every row in CLIP features above. Intervals are 95% "
              f"bootstrap percentile intervals (BLIP shares: Wilson); p: paired sign-flip permutation test (CLIP), "
              f"McNemar's exact test (BLIP). KID, CMMD and style similarity compare all {scorer['images_per_model']} "
              f"images a model generated with the {scorer['n_real_sketches']} {noun} of the test split.",

@@ -110,7 +110,8 @@ def test_positive_control_the_evaluation_sees_the_fine_tune_move_toward_the_sket
     Fails if the evaluation swaps base and fine-tuned (signs flip), compares a model with itself or the wrong image
     sets (no difference left), or pairs the bootstrap draws of the two models apart (intervals widen past zero)."""
     metrics = smoke_run.metrics["reports/clip_eval.json"]
-    for name, sign in CLOSER.items():
+    # in CLIP's space and in CSD's style space alike (issue 32)
+    for name, sign in CLOSER.items() | {f"{name}_csd": sign for name, sign in CLOSER.items()}.items():
         low, high = sorted(sign * metrics[f"{name}_diff_ci_{end}"] for end in ("low", "high"))
         assert sign * metrics[f"{name}_diff"] > 0 and low > 0, (name, metrics[f"{name}_diff_ci_low"],
                                                                   metrics[f"{name}_diff_ci_high"])
