@@ -108,7 +108,7 @@ def load_pipeline(model_dir: Path, p: dict, family: Generator | None = None) -> 
     device, _ = loading.inference_device()
     family = families.generator_for(model_dir, family)
     pipe = family.load_pipeline(model_dir)
-    pipe.to(dtype=resolve_dtype(p["dtype"], device))
+    family.cast(pipe, resolve_dtype(p["dtype"], device))  # SDXL keeps its VAE in fp32 (model.vae_precision)
     family.set_scheduler(pipe, p["scheduler"])
     speed_up(pipe, family, p)
     placement.place(pipe, p["memory"], device)
