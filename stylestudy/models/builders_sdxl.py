@@ -75,15 +75,16 @@ def build_sdxl_modules(arch: str) -> dict[str, Any]:
     }
 
 
-def save_random_sdxl(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
-    """Build a random Stable Diffusion XL pipeline of `arch` from configs, save it as a diffusers folder; sizes."""
+def save_random_sdxl(out_dir: Path, seed: int, arch: str, shaped: bool = True) -> dict[str, int]:
+    """Build a random Stable Diffusion XL pipeline of `arch` from configs, save it as a diffusers folder; sizes.
+    shaped=False leaves the tiny VAE random (tests of anything but images: the shaping takes most of the time)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = build_sdxl_modules(arch)
-    if arch == "tiny":  # a random decoder ignores its latent: the smoke study could show no style (vae_shaping.py)
+    if arch == "tiny" and shaped:  # a random decoder ignores its latent: the smoke study could show no style (vae_shaping.py)
         from stylestudy.models.vae_shaping import shape_vae
 
         shape_vae(modules["vae"], modules["vae"].config.sample_size, seed)
