@@ -173,7 +173,7 @@ def study_defaults(study_config: Path) -> dict:
     config = yaml.safe_load(study_config.read_text())
     merged = OmegaConf.create({k: v for k, v in config.items() if k != "defaults"})
     for entry in config.get("defaults", []):
-        if isinstance(entry, dict):
+        if isinstance(entry, dict) and not next(iter(entry)).startswith("optional "):  # none for the study's pair
             (group, name), = entry.items()
             group_file = study_config.parent / group / f"{name}.yaml"
             merged = OmegaConf.merge(merged, yaml.safe_load(group_file.read_text()) or {})

@@ -1,7 +1,8 @@
 """Random Stable Diffusion XL pipelines built from configs, saved as the folders StableDiffusionXLPipeline loads.
 
-`tiny` serves the offline smoke setting: a two-level UNet laid out as SDXL's (no attention at the first level, the
-"text_time" added embedding of the pooled text and six time ids), two small CLIP text encoders, and SD2's tiny VAE
+`tiny` serves the offline smoke setting: a two-level UNet with SDXL's "text_time" added embedding (the pooled text and
+six time ids) and cross-attention at both levels (SDXL has none at its first; on 8 x 8 latents a UNet whose text
+reaches only the 4 x 4 level barely showed the smoke study's positive control), two small CLIP text encoders, and SD2's tiny VAE
 (4x downsampling), shaped at build time as SD2's is (vae_shaping.py) so that the smoke study's positive control can
 see a style. `full` has the shapes of stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/, text_encoder/ CLIP-L,
 text_encoder_2/ OpenCLIP bigG with projection; config.json of each), saved in fp16 like that repository's fp16
@@ -21,8 +22,8 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         # projection_class_embeddings_input_dim: 6 time ids x addition_time_embed_dim + the pooled width (32)
         "unet": {"sample_size": 8, "layers_per_block": 1, "block_out_channels": (32, 64),
-                 "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
+                 "down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2,
+                 "attention_head_dim": (2, 4),
                  "transformer_layers_per_block": (1, 1), "cross_attention_dim": 64, "addition_time_embed_dim": 8,
                  "projection_class_embeddings_input_dim": 80},
         "vae": {"layers_per_block": 1, "block_out_channels": (32, 64, 64), "sample_size": 32},
