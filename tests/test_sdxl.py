@@ -35,6 +35,11 @@ def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def encoders(sdxl_dir: Path):
+    return sdxl.FAMILY.load_encoders(sdxl_dir, torch.device("cpu"), torch.float32)
+
+
 def copy_with(folder: Path, target: Path, index: dict | None = None) -> Path:
     """A copy of a pipeline folder with model_index.json entries replaced."""
     shutil.copytree(folder, target)
@@ -133,7 +138,7 @@ def test_time_ids_are_diffusers_sdxl_recipe(center_crop: bool) -> None:
         assert recipe(image, False)[1] == [60, 120, 0, 16, 32, 32]
 
 
-def test_cached_and_uncached_batches_carry_the_same_time_ids(sdxl_dir: Path, tmp_path: Path) -> None:
+def test_cached_and_uncached_batches_carry_the_same_time_ids(encoders, tmp_path: Path) -> None:
     """100 x 60 resizes to 53 x 32: an odd margin, so the mirrored crop's left edge (11) is not the crop's (10). Our
     pipeline crops then flips, so 11 is where the flipped pixels lie in the flipped image; diffusers' script flips
     first and records its own center crop, 10: the one place where the two differ, by one pixel."""
@@ -141,7 +146,6 @@ def test_cached_and_uncached_batches_carry_the_same_time_ids(sdxl_dir: Path, tmp
     for i, size in enumerate([(100, 60), (50, 90), (64, 64)]):
         Image.fromarray(np.full((size[1], size[0], 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
         rows.append({"file_name": f"{i}.png", "text": f"caption {i}"})
-    encoders = sdxl.FAMILY.load_encoders(sdxl_dir, torch.device("cpu"), torch.float32)
     data = [batches.training_data(tmp_path, rows, encoders, latents.EncodeSettings(RESOLUTION, True, True, cache, "no",
                                                                                    0), 0.0, show_progress=False)
             for cache in (True, False)]
@@ -160,8 +164,7 @@ def test_cached_and_uncached_batches_carry_the_same_time_ids(sdxl_dir: Path, tmp
     assert lefts == {10, 11}
 
 
-def test_conditioning_is_the_pipeline_s_own(sdxl_dir: Path) -> None:
-    encoders = sdxl.FAMILY.load_encoders(sdxl_dir, torch.device("cpu"), torch.float32)
+def test_conditioning_is_the_pipeline_s_own(sdxl_dir: Path, encoders) -> None:
     texts = ["a horse near a tree", "zebra running"]
     conditioning = encoders.encode_text(texts)
     pipe = families.load_pipeline(sdxl_dir)

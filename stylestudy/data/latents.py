@@ -2,9 +2,9 @@
 
 With `encode.cache_latents` the VAE's latent distribution (mean and std) of every training image, for both flips when
 `encode.random_flip` is on, and the conditioning of every distinct caption (and the empty one) are computed once: by
-the `encode` stage into safetensors files that `finetune` memory-maps, so that every experiment that changes only
-training settings, a resumed run and every process of a multi-process run reuse them; or in memory when no such
-folder is given (benchmarks and tests). Random crops differ every epoch and cannot be cached: without
+the `encode` stage into safetensors files that `finetune` memory-maps (with each image's crop record per flip:
+SDXL's time ids), so that every experiment that changes only training settings, a resumed run and every process of a
+multi-process run reuse them; or in memory when no such folder is given (benchmarks and tests). Random crops differ every epoch and cannot be cached: without
 `encode.center_crop` the fine-tune encodes every step (stylestudy/train/batches.py).
 """
 from __future__ import annotations
