@@ -16,8 +16,8 @@ Measured (2026-12-07, this 2-core CPU under heavy load, one thread; tiny UNet wi
 full fine-tune 1.395 -> 0.192 from the first sketch's latent (ratio 7.26; latent RMS 1.038); LoRA 0.774 -> 0.199
 from the second (ratio 3.89); the loaded adapter and the fused folder agree within 1e-4. Breaks tried once each in the
 training code, the full fine-tune's test: the target of the other prediction type (epsilon's under a v-prediction
-scheduler) 0.839 (ratio 1.66: fails); latents not multiplied by the scaling factor 0.748 (ratio 1.86: fails). Not caught: the time ids and the pooled embedding zeroed in training, 0.205
-(ratio 6.80): a model that memorises two captions needs neither, and the generating pipeline's real time ids move it
+scheduler) 0.839 (ratio 1.66: fails); latents not multiplied by the scaling factor 0.748 (ratio 1.86:
+fails). Not caught: the time ids and the pooled embedding zeroed in training, 0.205 (ratio 6.80): a model that memorises two captions needs neither, and the generating pipeline's real time ids move it
 little; tests/test_sdxl.py checks them (the UNet's added_cond_kwargs, the crop records) instead.
 """
 from __future__ import annotations
