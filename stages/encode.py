@@ -6,8 +6,9 @@ but not this stage; a resumed or multi-process fine-tune memory-maps the files i
 Random crops differ every epoch and cannot be cached: with `encode.center_crop: false` (or `cache_latents: false`)
 the stage says so in one line, writes only index.json, and `finetune` encodes every step.
 Reads SD_DIR (pipeline folder: its VAE, text encoders and tokenizers, through its model family), RAW_DIR,
-SPLIT_DIR/train.jsonl and params `encode` and `model` (the family, and SD3's T5 length). Writes
-OUT_DIR/latents.safetensors (mean, std: flips x images x C x h x w, fp32), OUT_DIR/text.safetensors (text: distinct
+SPLIT_DIR/train.jsonl and params `encode` and `model` (the family, SD3's T5 length, SDXL's VAE precision). Writes
+OUT_DIR/latents.safetensors (mean, std: flips x images x C x h x w, fp32; crop: flips x images x 6, each image's
+original size, crop top-left and target size, SDXL's time ids), OUT_DIR/text.safetensors (text: distinct
 captions x tokens x width; pooled: captions x width where the family has pooled embeddings) and OUT_DIR/index.json
 (the settings and encoders it was made with, captions, file names in order).
 

@@ -105,15 +105,10 @@ def speed_up(pipe: DiffusionPipeline, family: Generator, p: dict) -> None:
 def load_pipeline(model_dir: Path, p: dict, family: Generator | None = None) -> DiffusionPipeline:
     """The pipeline (of `family`; None: the folder's, with default settings) in generate.dtype, placed on the device
     accelerate picks as generate.memory says, with the scheduler and speed-ups asked for."""
-    import torch
-
     device, _ = loading.inference_device()
     family = families.generator_for(model_dir, family)
     pipe = family.load_pipeline(model_dir)
-    dtype = resolve_dtype(p["dtype"], device)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            loading.cast(component, dtype=dtype)  # not pipe.to(dtype=...): T5's wo stays fp32 in fp16
+    family.cast(pipe, resolve_dtype(p["dtype"], device))  # T5's wo in fp32, SDXL's VAE (model.vae_precision)
     family.set_scheduler(pipe, p["scheduler"])
     speed_up(pipe, family, p)
     placement.place(pipe, p["memory"], device)

@@ -161,7 +161,7 @@ CSD_CAVEAT = ("The rows \"in CSD's style space\" measure the same distances with
               "style apart from content (Somepalli et al. 2024), instead of CLIP. Its authors note that the released "
               "weights do not reproduce every number of their paper, and an open issue of theirs reports them below "
               "CLIP ViT-L on their own benchmark: read them beside CLIP's rows, not instead of them.")
-FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3"}
+FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3", "sdxl": "Stable Diffusion XL"}
 
 
 def grids_heading(study_rows: dict) -> str:
@@ -182,7 +182,7 @@ def study_defaults(study_config: Path) -> dict:
     config = yaml.safe_load(study_config.read_text())
     merged = OmegaConf.create({k: v for k, v in config.items() if k != "defaults"})
     for entry in config.get("defaults", []):
-        if isinstance(entry, dict):
+        if isinstance(entry, dict) and not next(iter(entry)).startswith("optional "):  # none for the study's pair
             (group, name), = entry.items()
             group_file = study_config.parent / group / f"{name}.yaml"
             merged = OmegaConf.merge(merged, yaml.safe_load(group_file.read_text()) or {})

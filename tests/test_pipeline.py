@@ -248,3 +248,34 @@ def test_the_whole_study_runs_on_sd3_beside_sd2(clone):
     assert all(math.isfinite(metrics[key]) for key in ("clip_score_base", "clip_score_finetuned", "kid_diff"))
     table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
     assert "model.family" in table[0].split() and "sd3" in " ".join(table[1:])
+
+
+def test_the_whole_study_runs_on_sdxl_beside_sd2(clone):
+    """`-S model=sdxl` runs every stage offline on a tiny SDXL pipeline (its VAE shaped as SD2's); the report and model
+    card name the family and its licence, and compare sets it beside the SD2 experiment."""
+    started = time.monotonic()
+    stages = ran(clone.run(*SMOKE, "-n", "sdxl", "-S", "model=sdxl"))
+    print(f"sdxl smoke DAG: {time.monotonic() - started:.0f} s (the other stages reused)")
+    assert {"fetch@sd", "encode", "finetune", "generate@base", "generate@finetuned", "clip_eval", "blip_check",
+            "report"} <= stages
+    assert not stages & {"fetch@clip", "fetch@blip", "fetch@data", "split", "embed_real"}
+    index = json.loads((clone.root / "models/pretrained/sd/model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert "model family sdxl" in (clone.root / "reports/report.md").read_text().splitlines()[0]
+    card = (clone.root / "models/finetuned/README.md").read_text()
+    assert "CreativeML Open RAIL++-M" in card and "StableDiffusionXLPipeline" in card and "load_lora_weights" in card
+    table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
+    assert "model.family" in table[0].split() and "sdxl" in " ".join(table[1:])
+
+
+@pytest.mark.xfail(strict=True, reason="not reached yet: on the tiny SDXL the smoke fine-tune's effect is 4x smaller "
+                                       "than SD2's and the intervals straddle zero (docs/sdxl.md)")
+def test_sdxl_smoke_run_shows_the_positive_control(clone):
+    """After the test above (the sdxl experiment is the workspace's): style similarity up, KID and CMMD down, every 95%
+    interval off zero, as for SD2 (docs/study.md "Controls"). Measured with a full fine-tune at 1e-3 (before the
+    two-level attention and the LoRA learning rate of conf/model_profile/sdxl_smoke.yaml): style similarity +0.014
+    [-0.002, 0.033], KID -6e-06 [-2.6e-05, 1.6e-05], CMMD -0.0006 [-0.0031, 0.0013]."""
+    metrics = json.loads((clone.root / "reports/clip_eval.json").read_text())
+    assert "family: sdxl" in (clone.root / "params.yaml").read_text()
+    assert metrics["style_similarity_diff_ci_low"] > 0, metrics
+    assert metrics["kid_diff_ci_high"] < 0 and metrics["cmmd_diff_ci_high"] < 0, metrics

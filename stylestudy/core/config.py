@@ -82,13 +82,16 @@ def fetch_schema(kind: str) -> dict[str, Rule]:
 
 
 # The model families (stylestudy/models/families/) and their params `model`: chosen with `-S model=<family>`.
-SCHEDULERS = {"sd2": ("pndm", "ddim", "dpmsolver++", "euler"), "sd3": ("flow_euler",)}
+SCHEDULERS = {"sd2": ("pndm", "ddim", "dpmsolver++", "euler"), "sd3": ("flow_euler",),
+              "sdxl": ("euler", "pndm", "ddim", "dpmsolver++")}
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # its VAE overflows in fp16
 FAMILY = one_of(*SCHEDULERS)
 MODEL_SCHEMAS: dict[str, dict[str, Rule]] = {
     "sd2": {"family": FAMILY},
     "sd3": {"family": FAMILY, "weighting_scheme": one_of("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"),
             "logit_mean": NUMBER, "logit_std": POSITIVE_NUMBER, "mode_scale": NON_NEGATIVE_NUMBER,
             "max_sequence_length": POSITIVE_INT},
+    "sdxl": {"family": FAMILY, "vae_precision": one_of("fp32", "same")},
 }
 
 
@@ -200,6 +203,16 @@ def check_family_settings(params: dict) -> None:
     if family == "sd3" and params["finetune"]["snr_gamma"] > 0:
         raise UserError("params.yaml: finetune.snr_gamma (min-SNR weighting) has no meaning for flow matching (model "
                         "family sd3): set it to 0 and weight with model.weighting_scheme instead")
+    if family == "sdxl" and params["model"]["vae_precision"] == "same" and fp16_somewhere(params) \
+            and params["fetch"]["sd"]["source"] == "hub" and params["fetch"]["sd"]["repo_id"] == SDXL_BASE:
+        raise UserError(f"params.yaml: model.vae_precision same runs {SDXL_BASE}'s VAE in fp16, where it overflows "
+                        "(NaN images): set model.vae_precision to fp32")
+
+
+def fp16_somewhere(params: dict) -> bool:
+    """Whether the frozen encoders (encode.mixed_precision) or generation (generate.dtype; auto is fp16 on a GPU) may
+    run in fp16."""
+    return params["encode"]["mixed_precision"] == "fp16" or params["generate"]["dtype"] in ("fp16", "auto")
 
 
 def load_params(section: str, path: Path = PARAMS_FILE) -> dict:

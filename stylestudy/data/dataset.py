@@ -11,7 +11,7 @@ import hashlib
 import json
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -221,27 +221,67 @@ def check_example(folder: Path, row: dict, min_size: int = 1) -> str | None:
     return file_problem(path) or image_problem(path, min_size)
 
 
-def train_transforms(resolution: int, center_crop: bool, random_flip: bool) -> Callable[[Image.Image], Any]:
-    """torchvision transform: RGB PIL image -> float tensor in [-1, 1], C x resolution x resolution (resize shorter side, then center or random crop, optional horizontal flip)."""
-    from torchvision import transforms
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side to `size`, as torchvision's Resize(size) computes it."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
 
-    steps = [
-        transforms.Lambda(to_rgb),  # a module-level function, so DataLoader workers can pickle it
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-    ]
-    if random_flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
-    return transforms.Compose(steps)
+
+def mirrored(crop: Any) -> Any:
+    """The crop record (original h, w, crop top, left, target h, w) of the horizontally flipped crop: its left edge
+    measured in the flipped resized image."""
+    height, width, top, left, target_h, target_w = (int(v) for v in crop)
+    return crop.new_tensor([height, width, top, resized_size(height, width, target_h)[1] - left - target_w,
+                            target_h, target_w])
+
+
+class TrainTransform:
+    """RGB PIL image -> float tensor in [-1, 1], C x resolution x resolution: the shorter side resized to `resolution`
+    (bilinear), a center or random crop, an optional horizontal flip; `framed` returns also where the crop lay.
+
+    The random draws are torchvision's RandomCrop and RandomHorizontalFlip's, in their order (crop, then flip)."""
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool) -> None:
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def __call__(self, image: Image.Image) -> Any:
+        return self.framed(image)[0]
+
+    def framed(self, image: Image.Image) -> tuple[Any, Any]:
+        """The pixels and the crop record (original h, w, crop top, left, target h, w; int64) of the pixels as
+        returned: SDXL's time ids, the crop top-left in the resized (and, when flipped, mirrored) image."""
+        import torch
+        from torchvision.transforms import InterpolationMode, RandomCrop
+        from torchvision.transforms import functional as F
+
+        image, size = to_rgb(image), self.resolution
+        original = (image.height, image.width)
+        image = F.resize(image, list(resized_size(*original, size)), interpolation=InterpolationMode.BILINEAR)
+        if self.center_crop:  # torchvision's CenterCrop offsets
+            top, left = int(round((image.height - size) / 2.0)), int(round((image.width - size) / 2.0))
+        else:
+            top, left, _, _ = RandomCrop.get_params(image, (size, size))
+        image = F.crop(image, top, left, size, size)
+        crop = torch.tensor([*original, top, left, size, size])
+        if self.random_flip and torch.rand(1) < 0.5:
+            image, crop = F.hflip(image), mirrored(crop)
+        return F.normalize(F.to_tensor(image), [0.5], [0.5]), crop
+
+
+def train_transforms(resolution: int, center_crop: bool, random_flip: bool) -> TrainTransform:
+    """The training transform (TrainTransform): resize the shorter side, then center or random crop, optional
+    horizontal flip."""
+    return TrainTransform(resolution, center_crop, random_flip)
 
 
 class CaptionedImages:
-    """Items: {"pixel_values": tensor, "text": caption} from an imagefolder and a list of rows."""
+    """Items: {"pixel_values": tensor, "text": caption, "crop": the crop record (TrainTransform.framed)} from an
+    imagefolder and a list of rows."""
 
     # A map-style dataset needs only __len__ and __getitem__; not subclassing torch's Dataset keeps torch out of
     # `import stylestudy.data.dataset` while instances still pickle for DataLoader workers.
-    def __init__(self, folder: Path, rows: list[dict], transform: Callable[[Image.Image], Any]) -> None:
+    def __init__(self, folder: Path, rows: list[dict], transform: TrainTransform) -> None:
         self.folder, self.rows, self.transform = Path(folder), list(rows), transform
 
     def __len__(self) -> int:
@@ -254,7 +294,8 @@ class CaptionedImages:
             image = load_rgb(path)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{path}: cannot read image ({e}); run the split stage again to drop bad files") from None
-        return {"pixel_values": self.transform(image), "text": row["text"]}
+        pixels, crop = self.transform.framed(image)
+        return {"pixel_values": pixels, "text": row["text"], "crop": crop}
 
 
 STYLE_DATASETS = ("zoheb/sketch-scene",)  # the study's: its images are sketches

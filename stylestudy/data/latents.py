@@ -2,9 +2,9 @@
 
 With `encode.cache_latents` the VAE's latent distribution (mean and std) of every training image, for both flips when
 `encode.random_flip` is on, and the conditioning of every distinct caption (and the empty one) are computed once: by
-the `encode` stage into safetensors files that `finetune` memory-maps, so that every experiment that changes only
-training settings, a resumed run and every process of a multi-process run reuse them; or in memory when no such
-folder is given (benchmarks and tests). Random crops differ every epoch and cannot be cached: without
+the `encode` stage into safetensors files that `finetune` memory-maps (with each image's crop record per flip:
+SDXL's time ids), so that every experiment that changes only training settings, a resumed run and every process of a
+multi-process run reuse them; or in memory when no such folder is given (benchmarks and tests). Random crops differ every epoch and cannot be cached: without
 `encode.center_crop` the fine-tune encodes every step (stylestudy/train/batches.py).
 """
 from __future__ import annotations
@@ -57,13 +57,16 @@ class EncodeSettings:
 @dataclass(frozen=True)
 class Encoded:
     """A training split encoded once: latent mean and std (flips x images x C x h x w, fp32) in the order of
-    file_names, and the conditioning of the distinct captions (row i conditions on captions[i], "" included)."""
+    file_names, the conditioning of the distinct captions (row i conditions on captions[i], "" included), and each
+    image's crop record per flip (flips x images x 6, dataset.TrainTransform.framed; None in encodings made before
+    they were stored)."""
 
     mean: Any
     std: Any
     conditioning: Conditioning
     captions: list[str]
     file_names: list[str]
+    crops: Any = None
 
 
 def cacheable(settings: EncodeSettings) -> bool:
@@ -74,15 +77,15 @@ def cacheable(settings: EncodeSettings) -> bool:
     return settings.cache_latents and settings.center_crop
 
 
-def _stack_pixels(items: list[dict]) -> Any:
+def _stack_pixels(items: list[dict]) -> tuple[Any, Any]:
     import torch
 
-    return torch.stack([item["pixel_values"] for item in items])
+    return torch.stack([item["pixel_values"] for item in items]), torch.stack([item["crop"] for item in items])
 
 
 def encode_images(raw: Path, rows: list[dict], encoders: FrozenEncoders, settings: EncodeSettings,
-                  show_progress: bool = True) -> tuple[Any, Any]:
-    """Latent mean and std (fp32, CPU) of every image, unflipped and, with random_flip, flipped."""
+                  show_progress: bool = True) -> tuple[Any, Any, Any]:
+    """Latent mean and std (fp32, CPU) and crop record of every image, unflipped and, with random_flip, flipped."""
     import torch
 
     images = dataset.CaptionedImages(raw, rows, dataset.train_transforms(settings.resolution, True, False))
@@ -91,12 +94,14 @@ def encode_images(raw: Path, rows: list[dict], encoders: FrozenEncoders, setting
     flips = (False, True) if settings.random_flip else (False,)
     means: list[list] = [[] for _ in flips]
     stds: list[list] = [[] for _ in flips]
-    for pixels in tqdm(loader, desc="cache latents", unit="batch", disable=not show_progress):
+    crops: list[list] = [[] for _ in flips]
+    for pixels, crop in tqdm(loader, desc="cache latents", unit="batch", disable=not show_progress):
         for k, flip in enumerate(flips):
             dist = encoders.latent_distribution(pixels.flip(-1) if flip else pixels)
             means[k].append(dist.mean.float().cpu())
             stds[k].append(dist.std.float().cpu())
-    return torch.stack([torch.cat(m) for m in means]), torch.stack([torch.cat(s) for s in stds])
+            crops[k].append(torch.stack([dataset.mirrored(c) for c in crop]) if flip else crop)
+    return tuple(torch.stack([torch.cat(part) for part in parts]) for parts in (means, stds, crops))
 
 
 def encode_captions(rows: list[dict], encoders: FrozenEncoders) -> tuple[Conditioning, list[str]]:
@@ -110,9 +115,9 @@ def encode_captions(rows: list[dict], encoders: FrozenEncoders) -> tuple[Conditi
 def encode_dataset(raw: Path, rows: list[dict], encoders: FrozenEncoders, settings: EncodeSettings,
                    show_progress: bool = True) -> Encoded:
     """Encode every training image (both flips with random_flip) and every distinct caption once."""
-    mean, std = encode_images(raw, rows, encoders, settings, show_progress)
+    mean, std, crops = encode_images(raw, rows, encoders, settings, show_progress)
     conditioning, distinct = encode_captions(rows, encoders)
-    return Encoded(mean, std, conditioning, distinct, [row["file_name"] for row in rows])
+    return Encoded(mean, std, conditioning, distinct, [row["file_name"] for row in rows], crops)
 
 
 def encoder_digest(sd_dir: Path, family: Family) -> str:
@@ -130,7 +135,8 @@ def save_encoded(folder: Path, encoded: Encoded, index: dict) -> None:
     """Write an encoding into `folder` (which the caller creates): two safetensors files and index.json."""
     from safetensors.torch import save_file
 
-    save_file({"mean": encoded.mean.contiguous(), "std": encoded.std.contiguous()}, str(folder / LATENTS_FILE))
+    save_file({"mean": encoded.mean.contiguous(), "std": encoded.std.contiguous(), "crop": encoded.crops.contiguous()},
+              str(folder / LATENTS_FILE))
     save_file({k: v.contiguous() for k, v in encoded.conditioning.tensors().items()}, str(folder / TEXT_FILE))
     write_json(folder / INDEX_FILE, index | {"cached": True, "captions": encoded.captions,
                                              "file_names": encoded.file_names})
@@ -162,7 +168,7 @@ def load_encoded(folder: Path, rows: list[dict], settings: EncodeSettings, sd_di
     index = check_encoded(folder, rows, settings, sd_dir, family)
     latents, text = load_file(str(folder / LATENTS_FILE)), load_file(str(folder / TEXT_FILE))
     return Encoded(latents["mean"], latents["std"], Conditioning.from_tensors(text), index["captions"],
-                   index["file_names"])
+                   index["file_names"], latents.get("crop"))
 
 
 def count_truncated(encoders: FrozenEncoders, captions: list[str]) -> int:

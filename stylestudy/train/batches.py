@@ -9,7 +9,9 @@ cached and uncached runs train on the same flipped images.
 
 Caption dropout (`finetune.caption_dropout` > 0) replaces an item's caption by the empty one, decided after the flip
 with the item's own seeded RNG: a resumed run drops the same captions. Both batch kinds carry each sample's caption
-text ("" where dropped) for the CLIP loss.
+text ("" where dropped) for the CLIP loss, and each sample's crop record (original size, crop top-left, target
+size: dataset.TrainTransform.framed), cached per image and flip or computed with the crop, which goes onto the
+conditioning (`Conditioning.crops`) for the families that condition on it (SDXL's time ids).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ class TrainInputs:
 
 @dataclass(frozen=True)
 class CachedBatch:
-    """Latent distributions (mean, std), the captions' cached conditioning, the texts, and the items' indices."""
+    """Latent distributions (mean, std), the captions' cached conditioning with the images' crop records, the texts,
+    and the items' indices."""
 
     latent_mean: Any
     latent_std: Any
@@ -54,14 +57,16 @@ class CachedBatch:
 
 @dataclass(frozen=True)
 class PixelBatch:
-    """Transformed pixels in [-1, 1], the caption texts, and the items' indices."""
+    """Transformed pixels in [-1, 1], the caption texts, the items' indices, and their crop records (batch x 6)."""
 
     pixels: Any
     captions: list[str]
     index: list[int]
+    crops: Any = None
 
     def to(self, device: Any, non_blocking: bool = False) -> PixelBatch:
-        return PixelBatch(self.pixels.to(device, non_blocking=non_blocking), self.captions, self.index)
+        crops = None if self.crops is None else self.crops.to(device, non_blocking=non_blocking)
+        return PixelBatch(self.pixels.to(device, non_blocking=non_blocking), self.captions, self.index, crops)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -81,10 +86,11 @@ class Numbered:
 
 
 class CachedItems:
-    """Items (latent mean, latent std, caption row), flipped at random when both flips are cached."""
+    """Items (latent mean, latent std, crop record, caption row), flipped at random when both flips are cached."""
 
-    def __init__(self, mean: Any, std: Any, captions: list[int]) -> None:
+    def __init__(self, mean: Any, std: Any, captions: list[int], crops: Any = None) -> None:
         self.mean, self.std, self.captions = mean, std, captions  # mean, std: flips x images x C x h x w
+        self.crops = crops  # flips x images x 6, or None (an encoding made before crops were stored)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -93,7 +99,8 @@ class CachedItems:
         import torch
 
         flip = int(self.mean.shape[0] > 1 and bool(torch.rand(1) < 0.5))
-        return {"latent_mean": self.mean[flip, index], "latent_std": self.std[flip, index],
+        crop = None if self.crops is None else self.crops[flip, index]
+        return {"latent_mean": self.mean[flip, index], "latent_std": self.std[flip, index], "crop": crop,
                 "caption": self.captions[index]}
 
 
@@ -118,7 +125,8 @@ class CaptionDropout:
 
 
 class CollateCached:
-    """collate_fn for numbered CachedItems: stacked distributions, the conditioning and texts of their captions."""
+    """collate_fn for numbered CachedItems: stacked distributions, the conditioning of their captions with their crop
+    records, and the texts."""
 
     def __init__(self, conditioning: Conditioning, distinct: list[str]) -> None:
         self.conditioning, self.distinct = conditioning, distinct  # row i of `conditioning` is distinct[i]
@@ -128,19 +136,21 @@ class CollateCached:
 
         items = [item for _, item in pairs]
         rows = [item["caption"] for item in items]
+        conditioning = self.conditioning.rows(torch.tensor(rows))
+        if items[0]["crop"] is not None:
+            conditioning = conditioning.with_crops(torch.stack([item["crop"] for item in items]))
         return CachedBatch(torch.stack([item["latent_mean"] for item in items]),
                            torch.stack([item["latent_std"] for item in items]),
-                           self.conditioning.rows(torch.tensor(rows)), [self.distinct[row] for row in rows],
-                           [index for index, _ in pairs])
+                           conditioning, [self.distinct[row] for row in rows], [index for index, _ in pairs])
 
 
 def collate_pixels(pairs: list[tuple[int, dict]]) -> PixelBatch:
-    """collate_fn for numbered dataset.CaptionedImages: stacked pixels and the caption texts."""
+    """collate_fn for numbered dataset.CaptionedImages: stacked pixels, the caption texts and the crop records."""
     import torch
 
     items = [item for _, item in pairs]
     return PixelBatch(torch.stack([item["pixel_values"] for item in items]), [item["text"] for item in items],
-                      [index for index, _ in pairs])
+                      [index for index, _ in pairs], torch.stack([item["crop"] for item in items]))
 
 
 class FromCache:
@@ -168,7 +178,8 @@ class EncodeEveryStep:
         encoders = self.encoders
         sample = encoders.latent_distribution(batch.pixels).sample()
         scaled = encoders.family.to_latents(encoders.vae.config, sample)
-        return TrainInputs(scaled, encoders.encode_text(batch.captions), batch.captions)
+        crops = None if batch.crops is None else batch.crops.to(encoders.device)
+        return TrainInputs(scaled, encoders.encode_text(batch.captions).with_crops(crops), batch.captions)
 
 
 @dataclass(frozen=True)
@@ -187,7 +198,7 @@ def cached_data(encoded: latents.Encoded, rows: list[dict], encoders: FrozenEnco
     mib = (encoded.mean.nbytes + encoded.std.nbytes) / 2**20, encoded.conditioning.sequence.nbytes / 2**20
     log.info("cached latents of %d images x %d flips (%.0f MiB) and text embeddings of %d distinct captions "
              "(%.0f MiB)", len(rows), encoded.mean.shape[0], mib[0], len(encoded.captions), mib[1])
-    items: Any = CachedItems(encoded.mean, encoded.std, [row_of[row["text"]] for row in rows])
+    items: Any = CachedItems(encoded.mean, encoded.std, [row_of[row["text"]] for row in rows], encoded.crops)
     if caption_dropout > 0:
         items = CaptionDropout(items, caption_dropout, "caption", row_of[latents.EMPTY_CAPTION])
     to_inputs = FromCache(encoders.family, encoders.vae.config, encoders.device)

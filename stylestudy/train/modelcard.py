@@ -23,9 +23,9 @@ PRETRAINED_FOLDER = "models/pretrained/sd"
 EXAMPLE_PROMPT = "A black and white sketch of a statue of a man on horse"
 TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sketch"]
 # The fine-tune inherits its base model's licence: its family's (stylestudy/models/families/).
-TITLES = {"sd2": "Stable Diffusion", "sd3": "Stable Diffusion 3"}
-FAMILY_TAGS = {"sd2": [], "sd3": ["sd3"]}
-DENOISERS = {"sd2": "UNet", "sd3": "transformer"}
+TITLES = {"sd2": "Stable Diffusion", "sd3": "Stable Diffusion 3", "sdxl": "Stable Diffusion XL"}
+FAMILY_TAGS = {"sd2": [], "sd3": ["sd3"], "sdxl": ["stable-diffusion-xl"]}
+DENOISERS = {"sd2": "UNet", "sd3": "transformer", "sdxl": "UNet"}
 DATA_LICENSES = {"zoheb/sketch-scene": "CC BY-NC-SA 4.0 (Creative Commons Attribution-NonCommercial-ShareAlike 4.0 "
                                        "International, https://creativecommons.org/licenses/by-nc-sa/4.0/)"}
 

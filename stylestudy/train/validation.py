@@ -58,14 +58,23 @@ def evaluating(unet: Any) -> Iterator[None]:
         unet.train(was_training)
 
 
-def encode_val_images(raw: Path, rows: list[dict], encoders: FrozenEncoders, resolution: int) -> Any:
-    """Scaled latent means (fp32, on the training device) of the rows' images, center-cropped, unflipped."""
+def encode_val_images(raw: Path, rows: list[dict], encoders: FrozenEncoders, resolution: int) -> tuple[Any, Any]:
+    """Scaled latent means (fp32, on the training device) of the rows' images, center-cropped, unflipped, and their
+    crop records (on the training device)."""
     import torch
 
     images = dataset.CaptionedImages(raw, rows, dataset.train_transforms(resolution, True, False))
-    pixels = torch.stack([images[i]["pixel_values"] for i in range(len(images))])
-    mean = encoders.latent_distribution(pixels).mean.float()
-    return encoders.family.to_latents(encoders.vae.config, mean)
+    items = [images[i] for i in range(len(images))]
+    mean = encoders.latent_distribution(torch.stack([item["pixel_values"] for item in items])).mean.float()
+    crops = torch.stack([item["crop"] for item in items]).to(encoders.device)
+    return encoders.family.to_latents(encoders.vae.config, mean), crops
+
+
+def whole_frame(resolution: int, rows: int) -> Any:
+    """Crop records of `rows` images generated whole at resolution x resolution (SDXL's pipeline's time ids)."""
+    import torch
+
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]]).repeat(rows, 1)
 
 
 def loss_inputs(raw: Path, rows: list[dict], encoders: FrozenEncoders, noise_process: NoiseProcess, resolution: int,
@@ -73,13 +82,14 @@ def loss_inputs(raw: Path, rows: list[dict], encoders: FrozenEncoders, noise_pro
     """Each image repeated TIMESTEPS_PER_IMAGE times; row k * n + i is image i at the (k * n + i)-th timestep."""
     import torch
 
-    image_latents = encode_val_images(raw, rows, encoders, resolution)
+    image_latents, crops = encode_val_images(raw, rows, encoders, resolution)
     rows_total = len(rows) * TIMESTEPS_PER_IMAGE
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((rows_total, *image_latents.shape[1:]), generator=generator)
     device = encoders.device
     return LossInputs(latents=image_latents.repeat(TIMESTEPS_PER_IMAGE, 1, 1, 1),
-                      conditioning=encoders.encode_text([row["text"] for row in rows]).repeat(TIMESTEPS_PER_IMAGE),
+                      conditioning=encoders.encode_text([row["text"] for row in rows]).with_crops(crops)
+                      .repeat(TIMESTEPS_PER_IMAGE),
                       noise=noise.to(device), timesteps=noise_process.spread_timesteps(rows_total).to(device))
 
 
@@ -112,7 +122,9 @@ class ValidationSet:
         loss = loss_inputs(raw, rows, encoders, noise, resolution, seed) if rows else None
         if not rows:
             log.info("the val split is empty: no val loss, validation images only")
-        return cls(loss=loss, prompt=encoders.encode_text(["", p["validation_prompt"]]), vae=encoders.vae,
+        prompt = encoders.encode_text(["", p["validation_prompt"]])
+        prompt = prompt.with_crops(whole_frame(resolution, 2).to(prompt.sequence.device))
+        return cls(loss=loss, prompt=prompt, vae=encoders.vae,
                    family=encoders.family, noise=noise, resolution=resolution, n_images=p["validation_images"],
                    steps=p["validation_steps"], seed=seed)
 

@@ -1,7 +1,8 @@
 """What the pipeline asks of a model family, and the records that travel between it and the rest.
 
-A family (Stable Diffusion 1.x/2.x: sd2; Stable Diffusion 3: sd3) is one module with one `Family` subclass. `encode`, `finetune`,
-validation, `generate` and the learning check talk to the family only, so they never branch on the architecture:
+A family (Stable Diffusion 1.x/2.x: sd2; Stable Diffusion 3: sd3; SDXL: sdxl) is one module with one `Family`
+subclass. `encode`, `finetune`, validation, `generate` and the learning check talk to the family only, so they never
+branch on the architecture:
 - the pipeline folder: check it (refusing another family's in one line), load it, save a fine-tuned one;
 - the frozen encoders (`FrozenEncoders`): captions into the denoiser's conditioning (`Conditioning`: sequence and,
   where the family has them, pooled embeddings, however many text encoders), pixels to and from scaled latents;
@@ -21,31 +22,43 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the denoiser is conditioned on, one row per caption: sequence embeddings (rows x tokens x width) and
-    pooled embeddings (rows x width) for families that have them."""
+    """What the denoiser is conditioned on, one row per sample: sequence embeddings (rows x tokens x width), pooled
+    embeddings (rows x width) for families that have them, and each sample's crop record (rows x 6: original height
+    and width, crop top and left, target height and width; dataset.TrainTransform.framed), which SDXL takes as its
+    micro-conditioning time ids and the other families ignore. The encode stage caches the embeddings per caption;
+    the crops belong to the image (and its flip) and are attached per sample (`with_crops`)."""
 
     sequence: Any
     pooled: Any = None
+    crops: Any = None
 
     def to(self, device: Any, dtype: Any = None, non_blocking: bool = False) -> Conditioning:
-        def move(t: Any) -> Any:
-            return None if t is None else t.to(device, dtype=dtype, non_blocking=non_blocking)
+        def move(t: Any, cast: Any = dtype) -> Any:
+            return None if t is None else t.to(device, dtype=cast, non_blocking=non_blocking)
 
-        return Conditioning(move(self.sequence), move(self.pooled))
+        # crops keep their dtype: sizes above 256 (bf16) or 2048 (fp16) would round
+        return Conditioning(move(self.sequence), move(self.pooled), move(self.crops, None))
+
+    def with_crops(self, crops: Any) -> Conditioning:
+        """These rows with each sample's crop record."""
+        return Conditioning(self.sequence, self.pooled, crops)
 
     def rows(self, index: Any) -> Conditioning:
         """The rows at `index` (a tensor or slice of row numbers)."""
-        return Conditioning(self.sequence[index], None if self.pooled is None else self.pooled[index])
+        def pick(t: Any) -> Any:
+            return None if t is None else t[index]
+
+        return Conditioning(self.sequence[index], pick(self.pooled), pick(self.crops))
 
     def repeat(self, times: int) -> Conditioning:
         """All rows, `times` times over (row k * n + i is row i)."""
         def tile(t: Any) -> Any:
             return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
-        return Conditioning(tile(self.sequence), tile(self.pooled))
+        return Conditioning(tile(self.sequence), tile(self.pooled), tile(self.crops))
 
     def tensors(self) -> dict[str, Any]:
-        """The tensors by name, as the encode stage stores them (`text` is the sequence)."""
+        """The tensors by name, as the encode stage stores them (`text` is the sequence; crops are the images')."""
         return {"text": self.sequence} | ({} if self.pooled is None else {"pooled": self.pooled})
 
     @classmethod
@@ -56,8 +69,10 @@ class Conditioning:
     def cat(cls, parts: list[Conditioning]) -> Conditioning:
         import torch
 
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return cls(torch.cat([p.sequence for p in parts]), pooled)
+        def join(name: str) -> Any:
+            return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+
+        return cls(join("sequence"), join("pooled"), join("crops"))
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,8 @@ class FrozenEncoders:
         import torch
 
         with torch.no_grad():
-            return self.vae.encode(pixels.to(self.device, dtype=self.dtype)).latent_dist
+            # the VAE's own dtype: a family may keep it in fp32 (SDXL's overflows in fp16)
+            return self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
 
 
 def draw_noise(clean: Any, noise_offset: float) -> Any:
@@ -171,6 +187,17 @@ class Generator(ABC):
         """The pipeline's prompt embeddings of `texts` (and of "" for guidance) computed on `device`, as keywords of its
         __call__."""
 
+    def cast(self, pipe: Any, dtype: Any) -> None:
+        """The loaded pipeline in `dtype` (generate.dtype), keeping in fp32 what transformers keeps there in fp16
+        (T5's wo: not pipe.to(dtype=...), which casts it too); a family may keep a component in another."""
+        import torch
+
+        from stylestudy.models import loading
+
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                loading.cast(component, dtype=dtype)
+
     def denoiser_of(self, pipe: Any) -> Any:
         """The denoiser of a loaded pipeline."""
         return getattr(pipe, self.denoiser_folder)
@@ -186,6 +213,8 @@ class Family(Generator):
     license_link: ClassVar[str]
     components: ClassVar[tuple[str, ...]]  # the pipeline folder's subfolders
     weighted: ClassVar[tuple[str, ...]]  # those that hold weights (safetensors only)
+    # model_index.json classes of this family's kin that it cannot train, and what each is (refused in one line)
+    look_alikes: ClassVar[dict[str, str]] = {}
 
     def check_folder(self, path: Path) -> None:
         """Every component there, weights in safetensors (one-line UserError)."""

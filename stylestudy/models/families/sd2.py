@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stylestudy.core.config import SCHEDULERS
+from stylestudy.core.config import SCHEDULERS, UserError
 from stylestudy.models import loading
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess, draw_noise
 
@@ -80,9 +80,19 @@ class StableDiffusion2(Family):
     encoder_folders = ("vae/", "text_encoder/", "tokenizer/")
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA example
     schedulers = SCHEDULERS["sd2"]
+    look_alikes = {"StableDiffusionInpaintPipeline": "an inpainting pipeline (a UNet of 9 input channels)"}
     license = "openrail++"
     license_name = "CreativeML Open RAIL++-M"
     license_link = "https://huggingface.co/stabilityai/stable-diffusion-2/blob/main/LICENSE-MODEL"
+
+    def check_folder(self, path: Path) -> None:
+        """An inpainting UNet (latents, mask and masked image: 9 input channels) is refused in one line."""
+        super().check_folder(path)
+        config = path / "unet" / "config.json"
+        if config.is_file() and loading.read_json(config).get("in_channels") == 9:
+            raise UserError(f"{config}: a UNet of 9 input channels, an inpainting model, which this project cannot "
+                            f"train; params model.family is {self.name}: give a {self.pipeline_class} text-to-image "
+                            "folder")
 
     def load_pipeline(self, path: Path) -> Any:
         from diffusers import StableDiffusionPipeline
@@ -154,10 +164,10 @@ class StableDiffusion2(Family):
         sampler.set_timesteps(steps, device=device)
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(latent_shape, generator=generator).to(device, dtype) * sampler.init_noise_sigma
-        embeds = conditioning.sequence.to(dtype)
+        both = conditioning.to(device, dtype)
         for t in sampler.timesteps:
             model_input = sampler.scale_model_input(torch.cat([x, x]), t)
-            uncond, cond = denoiser(model_input, t, embeds, return_dict=False)[0].chunk(2)
+            uncond, cond = self.denoise(denoiser, model_input, t, both).chunk(2)
             x = sampler.step(uncond + guidance_scale * (cond - uncond), t, x, return_dict=False)[0]
         return x
 
