@@ -185,6 +185,25 @@ def test_negative_control_with_the_fine_tune_switched_off_the_evaluation_finds_n
     assert_the_evaluation_finds_nothing(clone.root)
 
 
+# The collapse control (docs/evaluation.md "Diversity"): the smoke model over-trained on the 2 training images that a
+# 1% training split leaves, 200 steps with nothing else (measured 2026-12-07: closer to the sketches on every
+# distance, and Vendi fine-tuned - base -0.0060 [-0.0080, -0.0032], fine-tuned - real -0.0037 [-0.0059, -0.0012])
+COLLAPSE = ("-S", "split.fractions.train=0.01", "-S", "split.fractions.val=0.69", "-S", "split.fractions.test=0.3",
+            "-S", "finetune.epochs=200", "-S", "finetune.validate_every=0", "-S", "finetune.checkpoint_every=0")
+
+
+def test_collapse_control_a_fine_tune_over_trained_on_two_images_is_flagged(clone):
+    """A fine-tune that draws only what it memorised moves every distance toward the sketches (it draws sketches), so
+    the distances alone would call it a success; the diversity comparison must call it collapsed: less varied than
+    the base model's images and than the real ones, each interval below zero. (The default smoke run, which is not
+    flagged, is test_dag's positive control.)"""
+    assert "finetune" in ran(clone.run(*SMOKE, "-n", "collapse", *COLLAPSE))
+    metrics = json.loads((clone.root / "reports/clip_eval.json").read_text())
+    assert metrics["diversity_vendi_diff_ci_high"] < 0 and metrics["diversity_vendi_real_diff_ci_high"] < 0
+    results = (clone.root / "reports/report.md").read_text().split("## Results\n\n", 1)[1].split("\n\n")[0]
+    assert "**But it collapsed" in results
+
+
 def assert_the_evaluation_finds_nothing(root) -> None:
     """The negative control's checks on a run's outputs (base and fine-tuned models the same)."""
     import csv
