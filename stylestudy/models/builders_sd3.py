@@ -5,6 +5,7 @@ numbers, and a narrower one could not carry the noise it must remove); `full` ha
 2B MMDiT, CLIP-L, OpenCLIP bigG and T5-v1.1-XXL, the 16-channel VAE), saved in fp16 like that repository, for speed and
 memory checks on a GPU without the Hub. The T5 tokenizer is a small word-level Unigram model built offline: the real
 one's sentencepiece file cannot be made without the Hub, and its ids only index rows of random embeddings here.
+`tiny-sd35` and `full-sd35` are the same with SD3.5 Medium's transformer (params fetch.sd.variant: sd35).
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
         "text_encoder_3": {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24},
     },
 }
+# SD3.5 Medium (stabilityai/stable-diffusion-3.5-medium, MMDiT-X): SD3's pipeline with a transformer whose attention
+# normalises queries and keys (RMS) and whose first blocks add a second, image-only attention; `<size>-sd35` builds it
+SD35_TRANSFORMER = {"tiny": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+                    "full": {"qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13)), "pos_embed_max_size": 384}}
+ARCHITECTURES |= {f"{size}-sd35": ARCHITECTURES[size] | {"transformer": ARCHITECTURES[size]["transformer"] | changes}
+                  for size, changes in SD35_TRANSFORMER.items()}
 T5_COMMON = {"vocab_size": 32128, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
              "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0, "is_encoder_decoder": False}
 T5_SPECIAL = ("<pad>", "</s>", "<unk>")
@@ -95,7 +102,7 @@ def save_random_sd3(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
         torch.manual_seed(seed)
         modules = build_sd3_modules(arch)
     counts = parameter_counts(f"{arch} Stable Diffusion 3", modules)
-    if arch == "full":
+    if arch.startswith("full"):
         modules = {name: module.half() for name, module in modules.items()}  # as the Hub repository ships them
     clip_tokenizer = sd_tokenizer_from_open_clip()
     pipe = StableDiffusion3Pipeline(**modules, tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer,
