@@ -17,17 +17,11 @@ from stages import generate
 from stylestudy.core.config import UserError, load_params
 from stylestudy.data import sketches
 from stylestudy.data.dataset import read_metadata, write_jsonl
-from stylestudy.models import builders_sd3, families
+from stylestudy.models import families
 from stylestudy.models.families import sd3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd3") / "sd3"
-    builders_sd3.save_random_sd3(folder, 0, "tiny")
-    return folder
 
 
 def noise_process(scheme: str) -> sd3.FlowMatchNoise:
@@ -160,12 +154,6 @@ def test_sequential_generation_gives_the_same_images(sd3_dir: Path, tmp_path: Pa
 
 
 # ------------------------------------------------------------------------------------------------ SD3.5
-
-@pytest.fixture(scope="module")
-def sd35_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd35") / "sd35"
-    builders_sd3.save_random_sd3(folder, 0, "tiny-sd35")
-    return folder
 
 
 SPEEDS_OFF = {"compile": False, "channels_last": False, "fuse_qkv": False, "vae_batch_size": 8, "memory": "none"}
