@@ -2,7 +2,8 @@
 
 Reads params `fetch.<kind>` and `shared` (and `model` for sd). Writes OUT_DIR, one of:
   sd    a diffusers pipeline folder of params model.family (safetensors): StableDiffusionPipeline (sd2) or
-        StableDiffusion3Pipeline (sd3) or StableDiffusionXLPipeline (sdxl)
+        StableDiffusion3Pipeline (sd3; SD3.5 too) or StableDiffusionXLPipeline (sdxl); random sources take
+        fetch.sd.variant's shapes
   clip  an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors)
   blip  a transformers BLIP captioning folder (safetensors)
   guide an open_clip folder: the CLIP that finetune.clip_loss trains against (never the scoring one)
@@ -63,11 +64,16 @@ BUILDERS = {"clip": builders.save_random_clip, "blip": builders.save_random_blip
             "guide": builders.save_random_guide, "vd": builders_vd.save_random_vd, "csd": csd.save_random}
 
 
+def random_arch(kind: str, p: dict) -> str:
+    """The architecture a random source builds: its size, and for the pipeline the variant (fetch.sd.variant)."""
+    return f"{p['source']}-{p['variant']}" if kind == "sd" and p["variant"] != "default" else p["source"]
+
+
 def requested(kind: str, p: dict, seed: int) -> dict:
     """What the manifest records about the source before anything is fetched."""
     origin = {"kind": kind, "source": p["source"]}
     if p["source"] in RANDOM_SOURCES:
-        return origin | {"seed": seed}
+        return origin | {"seed": seed} | ({"arch": random_arch(kind, p)} if kind == "sd" else {})
     if p["source"] == "synthetic":
         return origin | {"seed": seed, "n_images": p["n_images"], "image_size": p["image_size"]}
     if p["source"] == "local":
@@ -87,7 +93,7 @@ def materialise(kind: str, p: dict, seed: int, out: Path, family: Family) -> dic
     """Fill `out` from the configured source; return what the manifest adds (Hub commit, parameter counts)."""
     if p["source"] in RANDOM_SOURCES:
         build = SD_BUILDERS[family.name] if kind == "sd" else BUILDERS[kind]
-        return {"parameters": build(out, seed, arch=p["source"])}
+        return {"parameters": build(out, seed, arch=random_arch(kind, p))}
     if p["source"] == "synthetic":
         sketches.make_synthetic_sketches(out, p["n_images"], p["image_size"], seed)
     elif p["source"] == "local":

@@ -181,10 +181,15 @@ def study_defaults(study_config: Path) -> dict:
 
     config = yaml.safe_load(study_config.read_text())
     merged = OmegaConf.create({k: v for k, v in config.items() if k != "defaults"})
+    chosen: dict[str, str] = {}
     for entry in config.get("defaults", []):
-        if isinstance(entry, dict) and not next(iter(entry)).startswith("optional "):  # none for the study's pair
+        if isinstance(entry, dict):
             (group, name), = entry.items()
+            group, optional = group.removeprefix("optional "), group.startswith("optional ")
+            name = chosen[group] = re.sub(r"\$\{(\w+)\}", lambda m: chosen[m.group(1)], name)  # ${model}_${profile}
             group_file = study_config.parent / group / f"{name}.yaml"
+            if optional and not group_file.is_file():
+                continue  # conf/model_profile/ has no file for the study's profile and model
             merged = OmegaConf.merge(merged, yaml.safe_load(group_file.read_text()) or {})
     return OmegaConf.to_container(merged, resolve=True)
 

@@ -52,6 +52,37 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# ------------------------------------------------------------------------------------------------ tiny models
+# Each family's tiny pipeline from the builder fetch uses (source tiny, seed 0), once a session; tests only read it
+# (a test that changes one copies it first).
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory) -> Path:
+    from stylestudy.models import builders
+
+    folder = tmp_path_factory.mktemp("sd") / "sd"
+    builders.save_random_sd(folder, 0, "tiny")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory) -> Path:
+    from stylestudy.models import builders_sd3
+
+    folder = tmp_path_factory.mktemp("sd3") / "sd3"
+    builders_sd3.save_random_sd3(folder, 0, "tiny")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd35_dir(tmp_path_factory) -> Path:
+    from stylestudy.models import builders_sd3
+
+    folder = tmp_path_factory.mktemp("sd35") / "sd35"
+    builders_sd3.save_random_sd3(folder, 0, "tiny-sd35")
+    return folder
+
+
 # Written by the pipeline, never part of a clone: a copy made after `make demo` must look like a fresh clone.
 GENERATED = ("dvc.lock", "params.yaml", "reports/", "dvc_plots/")
 KEPT_IN_GIT = ("reports/comparison.png",)  # `make compare`'s chart, a plot of dvc.yaml that no stage writes

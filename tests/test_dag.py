@@ -109,14 +109,19 @@ def test_positive_control_the_evaluation_sees_the_fine_tune_move_toward_the_sket
     toward the real held-out sketches with a 95% interval that excludes zero, and the report's first line says so.
     Fails if the evaluation swaps base and fine-tuned (signs flip), compares a model with itself or the wrong image
     sets (no difference left), or pairs the bootstrap draws of the two models apart (intervals widen past zero)."""
-    metrics = smoke_run.metrics["reports/clip_eval.json"]
-    # in CLIP's space and in CSD's style space alike (issue 32)
-    for name, sign in CLOSER.items() | {f"{name}_csd": sign for name, sign in CLOSER.items()}.items():
+    assert_the_evaluation_sees_the_fine_tune(smoke_run.root)
+
+
+def assert_the_evaluation_sees_the_fine_tune(root: Path, spaces: tuple[str, ...] = ("", "_csd")) -> None:
+    """The positive control's checks on a run's outputs (test_pipeline.py's SD3 and SD3.5 runs use them too), in
+    CLIP's space and in CSD's style space (issue 32)."""
+    metrics = json.loads((root / "reports/clip_eval.json").read_text())
+    for name, sign in {f"{name}{space}": sign for name, sign in CLOSER.items() for space in spaces}.items():
         low, high = sorted(sign * metrics[f"{name}_diff_ci_{end}"] for end in ("low", "high"))
         assert sign * metrics[f"{name}_diff"] > 0 and low > 0, (name, metrics[f"{name}_diff_ci_low"],
                                                                   metrics[f"{name}_diff_ci_high"])
         assert metrics[f"{name}_diff_p"] < 0.05, name
-    results = (smoke_run.root / "reports/report.md").read_text().split("## Results\n\n", 1)[1]
+    results = (root / "reports/report.md").read_text().split("## Results\n\n", 1)[1]
     assert results.startswith("**The fine-tuned model's images are closer to the held-out sketches")
     # not a collapse (issue 32): the fine-tuned images are not significantly less varied than the real sketches
     assert metrics["diversity_vendi_real_diff_ci_high"] > 0 and "collapsed" not in results.split("\n\n")[0]

@@ -11,23 +11,11 @@ import pytest
 import torch
 
 from stylestudy.core.config import UserError
-from stylestudy.models import builders, builders_sd3, families
+from stylestudy.models import families
 from stylestudy.models.families import Conditioning, FrozenEncoders, sd2, sd3
 from stylestudy.train import batches
 
 
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd") / "sd"
-    builders.save_random_sd(folder, 0, "tiny")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd3") / "sd3"
-    builders_sd3.save_random_sd3(folder, 0, "tiny")
-    return folder
 
 
 def test_a_pipeline_folder_names_its_family(sd_dir: Path, sd3_dir: Path) -> None:

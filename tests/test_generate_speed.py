@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from stages import generate
-from stylestudy.models import builders
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = {"dtype": "auto", "compile": False, "channels_last": False, "fuse_qkv": False, "vae_batch_size": 8,
@@ -21,12 +20,6 @@ PLAIN = {"dtype": "auto", "compile": False, "channels_last": False, "fuse_qkv": 
          "memory": "none"}
 TEXTS, SEEDS = ["a pencil sketch of a horse", "zebra running", "a statue of a man on horse"], [7, 8, 9]
 
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sd") / "model"
-    builders.save_tiny_sd(out, 0)
-    return out
 
 
 def pixels(images: list) -> np.ndarray:

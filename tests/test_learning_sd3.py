@@ -7,9 +7,10 @@ closer to the first image's latent than what the untouched pipeline generates. L
 the second sketch under the first one's caption, it must generate the second sketch from that caption, and its adapter,
 loaded by diffusers' own `load_lora_weights` on the base pipeline, must give the images of the stage's fused folder.
 
-Measured (2026-12-03, this 2-core CPU, one thread): full fine-tune 1.547 -> 0.490 from the first sketch's latent (ratio
-3.16; latent RMS 1.006); LoRA 1.086 -> 0.710 from the second (ratio 1.53); the loaded adapter and the fused folder
-agree within 4e-7. Each break in the SD3 training code fails the full fine-tune's test: latents not shifted before
+Measured (2026-12-07, this 2-core CPU, one thread, the tiny VAE now shaped at fetch and the transformer built from a
+forked RNG): full fine-tune 1.530 -> 0.317 from the first sketch's latent (ratio 4.82; latent RMS 1.020); LoRA
+0.952 -> 0.704 from the second (ratio 1.35). Before (unshaped VAE): 1.547 -> 0.490 (3.16) and 1.086 -> 0.710 (1.53),
+the loaded adapter and the fused folder within 4e-7; the breaks below were measured then. Each break in the SD3 training code fails the full fine-tune's test: latents not shifted before
 scaling 0.541 (ratio 2.86, farther than half the latent's RMS), the target's sign flipped 2.857 (ratio 0.54), noise
 levels from the unshifted linear schedule instead of the scheduler's sigma table 0.857 (ratio 1.80). The LoRA test
 caught that the adapter was saved with SD2's key conversion (to_q/k/v/out renamed, dropped by load_lora_weights).

@@ -10,19 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from stylestudy.models import builders, families
+from stylestudy.models import families
 from stylestudy.models.families import sd2
 from stylestudy.train import lora
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: an adapter file that lost its alpha would load with the wrong scale
 LR, STEPS = 5e-2, 5  # large enough for the LoRA to change the images clearly (base vs fused about 25 dB)
 
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("lora") / "sd"
-    builders.save_random_sd(folder, seed=0, arch="tiny")
-    return folder
 
 
 def load_unet(sd_dir: Path):

@@ -12,7 +12,7 @@ from stages import split
 from stylestudy.core.config import UserError
 from stylestudy.data.dataset import read_jsonl, read_metadata, write_jsonl
 from stylestudy.data.sketches import make_synthetic_sketches
-from stylestudy.models import builders, families
+from stylestudy.models import families
 
 SPLIT = {"fractions": {"train": 0.6, "val": 0.2, "test": 0.2}, "max_bad_fraction": 0.05, "min_image_size": 32}
 
@@ -55,12 +55,6 @@ def test_a_repeated_row_counts_once_and_another_caption_is_another_example(tmp_p
     skipped = (tmp_path / "split" / "skipped.csv").read_text()
     assert f"{first['file_name']},duplicate row: the same file and caption as line 1" in skipped
 
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd") / "sd"
-    builders.save_random_sd(folder, 0, "tiny")
-    return folder
 
 
 def test_a_truncated_weights_file_is_named_once_with_the_remedy(sd_dir: Path, tmp_path: Path) -> None:

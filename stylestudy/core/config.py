@@ -68,6 +68,7 @@ def non_empty_list_of(rule: Rule) -> Rule:
 
 FETCH_KINDS = ("sd", "clip", "blip", "guide", "data", "vd", "csd")
 RANDOM_SOURCES = ("tiny", "full")  # random weights built from configs: the smoke size and the study's size
+SD_VARIANTS = {"sd3": ("sd35",)}  # fetch.sd.variant beside `default`: SD3.5 Medium's shapes, trained as family sd3
 
 
 def fetch_schema(kind: str) -> dict[str, Rule]:
@@ -76,6 +77,8 @@ def fetch_schema(kind: str) -> dict[str, Rule]:
     rules = {"source": one_of(*sources), "repo_id": STRING, "revision": STRING, "path": STRING}
     if kind == "data":
         rules |= {"n_images": POSITIVE_INT, "image_size": POSITIVE_INT}
+    if kind == "sd":  # random sources: whose shapes they take, the family's model's (default) or another of its models
+        rules |= {"variant": one_of("default", *sum(SD_VARIANTS.values(), ()))}
     if kind == "vd":  # the baseline generator: the one setting that turns generate@vd on
         rules |= {"enabled": BOOL}
     return rules
@@ -200,6 +203,10 @@ def check_family_settings(params: dict) -> None:
     if scheduler not in SCHEDULERS[family]:
         raise UserError(f"params.yaml: generate.scheduler {scheduler!r} is not a sampler of model family {family} "
                         f"({', '.join(SCHEDULERS[family])}); {EDIT_HINT.format(key='generate.scheduler')}")
+    variant = params["fetch"]["sd"]["variant"]
+    if variant != "default" and variant not in SD_VARIANTS.get(family, ()):
+        raise UserError(f"params.yaml: fetch.sd.variant {variant!r} is not a model of family {family}; set it to "
+                        f"default, or choose its family's model (-S model={variant})")
     if family == "sd3" and params["finetune"]["snr_gamma"] > 0:
         raise UserError("params.yaml: finetune.snr_gamma (min-SNR weighting) has no meaning for flow matching (model "
                         "family sd3): set it to 0 and weight with model.weighting_scheme instead")

@@ -5,11 +5,12 @@ numbers, and a narrower one could not carry the noise it must remove); `full` ha
 2B MMDiT, CLIP-L, OpenCLIP bigG and T5-v1.1-XXL, the 16-channel VAE), saved in fp16 like that repository, for speed and
 memory checks on a GPU without the Hub. The T5 tokenizer is a small word-level Unigram model built offline: the real
 one's sentencepiece file cannot be made without the Hub, and its ids only index rows of random embeddings here.
+`tiny-sd35` and `full-sd35` are the same with SD3.5 Medium's transformer (params fetch.sd.variant: sd35).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from stylestudy.models.builders import BLIP_WORDS, parameter_counts, sd_tokenizer_from_open_clip
 from stylestudy.models.loading import quiet_libraries
@@ -43,6 +44,13 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
         "text_encoder_3": {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24},
     },
 }
+# SD3.5 Medium (stabilityai/stable-diffusion-3.5-medium, MMDiT-X): SD3's pipeline with a transformer whose attention
+# normalises queries and keys (RMS) and whose first blocks add a second, image-only attention; `<size>-sd35` builds it
+SD35_TRANSFORMER = {"tiny": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+                    "full": {"qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13)), "pos_embed_max_size": 384}}
+ARCHITECTURES |= {f"{size}-sd35": ARCHITECTURES[size] | {"transformer": ARCHITECTURES[size]["transformer"] | changes}
+                  for size, changes in SD35_TRANSFORMER.items()}
+SHAPING_STEPS = 80  # SD2's 40 leave the 16-channel decoder reading too little of its latent (docs/study.md "Controls")
 T5_COMMON = {"vocab_size": 32128, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
              "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0, "is_encoder_decoder": False}
 T5_SPECIAL = ("<pad>", "</s>", "<unk>")
@@ -62,6 +70,15 @@ def t5_tokenizer() -> T5TokenizerFast:
                            extra_ids=0, model_max_length=512)
 
 
+def forked(build: Callable[[], Any]) -> Any:
+    """Build from a copy of the random state: what follows draws the same numbers whatever was built (SD3 and SD3.5's
+    transformers differ; their VAE and text encoders are the same)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return build()
+
+
 def build_sd3_modules(arch: str, only: str | None = None) -> dict[str, Any]:
     """The transformer, VAE and three text encoders of `arch` (or the one named `only`), randomly initialised."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -71,7 +88,7 @@ def build_sd3_modules(arch: str, only: str | None = None) -> dict[str, Any]:
     config = ARCHITECTURES[arch]
     blocks = len(config["vae"]["block_out_channels"])
     builders = {
-        "transformer": lambda: SD3Transformer2DModel(**config["transformer"]),
+        "transformer": lambda: forked(lambda: SD3Transformer2DModel(**config["transformer"])),
         # SD3's VAE: 16 channels, shifted and scaled latents, no quant convolutions
         "vae": lambda: AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32,
                                      down_block_types=("DownEncoderBlock2D",) * blocks,
@@ -94,8 +111,12 @@ def save_random_sd3(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = build_sd3_modules(arch)
+    if arch.startswith("tiny"):  # as SD2's (builders.save_random_sd): a random decoder ignores its latent
+        from stylestudy.models.vae_shaping import shape_vae
+
+        shape_vae(modules["vae"], modules["vae"].config.sample_size, seed, steps=SHAPING_STEPS)
     counts = parameter_counts(f"{arch} Stable Diffusion 3", modules)
-    if arch == "full":
+    if arch.startswith("full"):
         modules = {name: module.half() for name, module in modules.items()}  # as the Hub repository ships them
     clip_tokenizer = sd_tokenizer_from_open_clip()
     pipe = StableDiffusion3Pipeline(**modules, tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer,

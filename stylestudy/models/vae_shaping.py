@@ -57,8 +57,9 @@ def scale_to_unit_variance(vae: AutoencoderKL, pixels) -> None:
     vae.register_to_config(scaling_factor=float(1 / (latents if shift is None else latents - shift).std()))
 
 
-def shape_vae(vae: AutoencoderKL, size: int, seed: int) -> None:
-    """Train `vae` in place to reconstruct line drawings and noise images, near-deterministic, latents unit-variance."""
+def shape_vae(vae: AutoencoderKL, size: int, seed: int, steps: int = STEPS) -> None:
+    """Train `vae` in place (`steps` steps) to reconstruct line drawings and noise images, near-deterministic, latents
+    unit-variance."""
     import torch
 
     rng = random.Random(f"{SHAPING_SEED}:{seed}")
@@ -68,7 +69,7 @@ def shape_vae(vae: AutoencoderKL, size: int, seed: int) -> None:
         trainable = [p for name, p in vae.named_parameters() if not name.startswith("quant_conv")]
         optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
         vae.train()
-        for _ in range(STEPS):
+        for _ in range(steps):
             noise = (torch.rand(BATCH_NOISE, 3, 1, 1) * 2 - 1 + 0.3 * torch.randn(BATCH_NOISE, 3, size, size))
             batch = torch.cat([sketch_batch(size, BATCH_SKETCHES, rng), noise.clamp(-1, 1)])
             loss = torch.nn.functional.mse_loss(vae(batch).sample, batch)

@@ -10,6 +10,7 @@ min-SNR weighting has no meaning here (params validation refuses it).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 WEIGHTED = ("transformer", "vae", *TEXT_ENCODERS)
 COMPONENTS = (*WEIGHTED, *TOKENIZERS, "scheduler")
 WHAT = "a Stable Diffusion 3 pipeline"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,13 @@ class StableDiffusion3(Family):
         pipe.vae.set_attn_processor(AttnProcessor2_0())  # the transformer's joint attention is SDPA already
 
     def fuse_qkv(self, pipe: Any) -> None:
+        config = pipe.transformer.config
+        if config.get("qk_norm") or config.get("dual_attention_layers"):
+            # diffusers' FusedJointAttnProcessor2_0 skips the query-key norm (other images) and needs the text
+            # stream, which a dual-attention block's second attention has not (it crashes): SD3.5's stay apart
+            log.info("generate.fuse_qkv: this transformer (SD3.5: query-key norm, dual attention) keeps its q, k, v "
+                     "projections apart; diffusers' fused joint attention computes neither")
+            return
         pipe.transformer.fuse_qkv_projections()
 
     def set_scheduler(self, pipe: Any, name: str) -> None:
