@@ -115,7 +115,6 @@ def test_a_fine_tune_of_another_family_is_refused(sd_dir, tmp_path):
         stage.run({"finetuned": folder, "base": sd_dir, "out": tmp_path / "out"}, PARAMS, FAMILIES["sdxl"])
 
 
-@pytest.mark.slow
 def test_sd2_kohya_lora_on_the_base_draws_the_fused_folder_s_image(sd_dir, tmp_path, one_thread):
     folder, out = exported(tmp_path, sd_dir, "sd2", "lora")
     family = FAMILIES["sd2"]
@@ -125,7 +124,6 @@ def test_sd2_kohya_lora_on_the_base_draws_the_fused_folder_s_image(sd_dir, tmp_p
     assert difference < 1e-4, difference  # measured 3e-5 (fused vs unfused float rounding); 0.07 with alpha = rank
 
 
-@pytest.mark.slow
 def test_sd2_single_file_loads_the_fine_tuned_weights_and_draws_its_image(sd_dir, tmp_path, one_thread):
     from diffusers import StableDiffusionPipeline
 
@@ -181,3 +179,17 @@ def test_sd3_lora_in_diffusers_layout_draws_the_fused_folder_s_image(sd3_dir, tm
     pipe = FAMILIES["sd3"].load_pipeline(sd3_dir)
     pipe.load_lora_weights(out, weight_name="sketch-sd3-lora.safetensors")
     assert abs(draw(pipe) - draw(FAMILIES["sd3"].load_pipeline(folder))).max() < 1e-4
+
+
+def test_the_smoke_run_exports_a_single_file_diffusers_reads_as_the_fine_tuned_folder(smoke_run, one_thread):
+    """The smoke DAG's full fine-tune: its fp16 checkpoint holds the fine-tuned folder's weights, rounded to fp16."""
+    from diffusers import StableDiffusionPipeline
+
+    root = smoke_run.root
+    path = root / "models/export/sketch-sd2.safetensors"
+    loaded = StableDiffusionPipeline.from_single_file(path, config=str(root / "models/pretrained/sd"),
+                                                      local_files_only=True, torch_dtype=torch.float16)
+    reference = FAMILIES["sd2"].load_pipeline(root / "models/finetuned")
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k].half()) for k in theirs if theirs[k].is_floating_point()), name
