@@ -16,7 +16,7 @@ from conftest import FAKE_TOKEN
 REFERENCE = Path(__file__).parent / "reference" / "smoke_metrics.json"
 RELATIVE_TOLERANCE = 1e-6
 ALL_STAGES = ("fetch@sd", "fetch@clip", "fetch@blip", "fetch@guide", "fetch@data", "split", "encode", "finetune",
-              "generate@base", "generate@finetuned", "embed_real", "clip_eval", "blip_check", "report")
+              "export", "generate@base", "generate@finetuned", "embed_real", "clip_eval", "blip_check", "report")
 
 
 def ran(log: str) -> set[str]:

@@ -89,6 +89,10 @@ SCHEDULERS = {"sd2": ("pndm", "ddim", "dpmsolver++", "euler"), "sd3": ("flow_eul
               "sdxl": ("euler", "pndm", "ddim", "dpmsolver++")}
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # its VAE overflows in fp16
 FAMILY = one_of(*SCHEDULERS)
+# What `export` writes per family (stylestudy/models/export.py): the LoRA layout ComfyUI and AUTOMATIC1111 load, and
+# whether the family has a single-file checkpoint layout (stylestudy/models/single_file.py CHECKPOINTS)
+UI_LORA_LAYOUTS = {"sd2": "kohya", "sdxl": "kohya", "sd3": "diffusers"}
+SINGLE_FILE_FAMILIES = ("sd2", "sdxl")
 MODEL_SCHEMAS: dict[str, dict[str, Rule]] = {
     "sd2": {"family": FAMILY},
     "sd3": {"family": FAMILY, "weighting_scheme": one_of("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"),
@@ -140,6 +144,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "vae_batch_size": POSITIVE_INT, "memory": one_of("none", "sequential", "cpu_offload"),
         "test_captions": NON_NEGATIVE_INT,
     },
+    "export": {"lora_layout": one_of("auto", "kohya", "diffusers"), "checkpoint": one_of("auto", "single_file", "none"),
+               "checkpoint_dtype": one_of("fp16", "bf16", "fp32")},
     "embed_real": {"batch_size": POSITIVE_INT},
     "clip_eval": {"style_to_clip": BOOL, "bootstrap_samples": POSITIVE_INT, "permutation_samples": POSITIVE_INT,
                   "kid_subsets": POSITIVE_INT, "kid_subset_size": POSITIVE_INT, "batch_size": POSITIVE_INT},
@@ -216,6 +222,19 @@ def check_family_settings(params: dict) -> None:
                         "(NaN images): set model.vae_precision to fp32")
 
 
+def check_export_settings(params: dict) -> None:
+    """A file layout the family has no form for is refused before any training."""
+    family, export = params["model"]["family"], params["export"]
+    if export["lora_layout"] == "kohya" and UI_LORA_LAYOUTS[family] != "kohya":
+        raise UserError(f"params.yaml: export.lora_layout kohya is a UNet layout; model family {family}'s LoRA loads in "
+                        f"ComfyUI in the {UI_LORA_LAYOUTS[family]} layout: set it to auto or "
+                        f"{UI_LORA_LAYOUTS[family]}")
+    if export["checkpoint"] == "single_file" and family not in SINGLE_FILE_FAMILIES:
+        raise UserError(f"params.yaml: export.checkpoint single_file is not built for model family {family} (only "
+                        f"{', '.join(SINGLE_FILE_FAMILIES)}): set it to auto or none; the diffusers folder "
+                        "models/finetuned loads as it is")
+
+
 def fp16_somewhere(params: dict) -> bool:
     """Whether the frozen encoders (encode.mixed_precision) or generation (generate.dtype; auto is fp16 on a GPU) may
     run in fp16."""
@@ -230,6 +249,7 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> dict:
     validate(params, SCHEMAS | {"model": model_schema(params.get("model"))}, "")
     check_split_fractions(params)
     check_family_settings(params)
+    check_export_settings(params)
     return params[section]
 
 

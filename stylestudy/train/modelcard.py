@@ -199,3 +199,33 @@ def write_model_card(out_dir: Path, info: dict, lora: bool) -> None:
                                tags=[*TAGS, *FAMILY_TAGS[family.name], *(["lora"] if lora else [])])
     with atomic_file(out_dir / "README.md") as tmp:
         tmp.write_text(str(card), encoding="utf-8")
+
+
+EXPORT_FOLDER = "models/export"  # where dvc.yaml puts the export stage's files
+UI_FOLDERS = {"checkpoint": ("ComfyUI/models/checkpoints/", "stable-diffusion-webui/models/Stable-diffusion/"),
+              "lora": ("ComfyUI/models/loras/", "stable-diffusion-webui/models/Lora/")}
+
+
+def ui_usage_text(family: Family, files: dict[str, str]) -> str:
+    """The card's section on the export stage's files (`files`: name -> "lora" or "checkpoint")."""
+    lines = ["", "## Use it in ComfyUI / AUTOMATIC1111 / diffusers", ""]
+    ui_files = {name: kind for name, kind in files.items() if name != ADAPTER_FILE}
+    for name, kind in ui_files.items():
+        comfy, a1111 = UI_FOLDERS[kind]
+        what = "the whole model in the original single-file layout" if kind == "checkpoint" else \
+            f"the LoRA, on the base {TITLES[family.name]} model"
+        lines.append(f"- `{name}`: {what}; put it in `{comfy}` (ComfyUI) or `{a1111}` (AUTOMATIC1111/Forge).")
+    pipeline = family.pipeline_class
+    if any(kind == "checkpoint" for kind in ui_files.values()):
+        name = next(n for n, kind in ui_files.items() if kind == "checkpoint")
+        lines += ["", "```python", f"from diffusers import {pipeline}", "",
+                  f'pipe = {pipeline}.from_single_file("{EXPORT_FOLDER}/{name}", config="{PRETRAINED_FOLDER}")',
+                  "```"]
+    if ADAPTER_FILE in files:
+        lines += ["", f"- `{ADAPTER_FILE}`: the LoRA in diffusers' layout; diffusers' `load_lora_weights` reads it "
+                  "and the UI file alike:", "", "```python", f"from diffusers import {pipeline}", "",
+                  f'pipe = {pipeline}.from_pretrained("{PRETRAINED_FOLDER}")',
+                  f'pipe.load_lora_weights("{EXPORT_FOLDER}", weight_name="{ADAPTER_FILE}")', "```"]
+    if not files:
+        lines.append(f"No file was exported: load the diffusers folder `{MODEL_FOLDER}` as above.")
+    return "\n".join(lines) + "\n"
