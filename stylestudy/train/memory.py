@@ -57,9 +57,7 @@ def track_steps(model: Any, optimizer: Any, step: Callable[[Callable[[], None]],
     pass of module stats at a time and refuses a second forward pass otherwise; the peak is kept across them.
     `model`, `optimizer` and `others` (tensors made before, such as the EMA's copy) are what exists before the first
     step; the second step is the one that starts with the optimizer states there, as every later step does."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
+    tracker = _global_peak_tracker()
     # MemTracker hooks every parameter's gradient and fails on frozen ones (LoRA's base): a placeholder where it
     # looks for a hook already there makes it skip them (torch 2.14)
     for param in model.parameters():
@@ -72,6 +70,23 @@ def track_steps(model: Any, optimizer: Any, step: Callable[[Callable[[], None]],
         after = by_category(tracker.get_tracker_snapshot("current"))
     peak = by_category(tracker.get_tracker_snapshot("peak"))
     return MemoryPeak(peak.pop("total"), peak, {name: value for name, value in after.items() if name != "total"})
+
+
+def _global_peak_tracker() -> Any:
+    """A MemTracker that keeps the global peak only: its own updates every active module's peak at every operation,
+    which takes hours on a full-size model's thousands of modules (torch 2.14); the global peak is kept the same way."""
+    from copy import deepcopy
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class GlobalPeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot["Total"]:
+                    self._peak_mem[device] = snapshot["Total"]
+                    self._peak_mem_snap[device] = deepcopy(snapshot)
+
+    return GlobalPeakTracker()
 
 
 def by_category(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
