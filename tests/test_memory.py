@@ -18,7 +18,8 @@ SIZES = (256, 512, 256)  # two Linear layers: 256 -> 512 -> 256
 
 def linear_stack() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(SIZES[0], SIZES[1]), torch.nn.ReLU(), torch.nn.Linear(SIZES[1], SIZES[2]))
+    first, second = torch.nn.Linear(SIZES[0], SIZES[1]), torch.nn.Linear(SIZES[1], SIZES[2])
+    return torch.nn.Sequential(first, torch.nn.ReLU(), second)
 
 
 def run(optimizer_name: str, fake: bool, ema: bool = False) -> tuple[memory.MemoryPeak, torch.nn.Module]:
