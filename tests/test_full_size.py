@@ -88,7 +88,7 @@ def test_fetch_builds_a_full_source_and_records_its_size(tmp_path: Path, monkeyp
         return {"unet": 865_910_724}
 
     monkeypatch.setitem(fetch.SD_BUILDERS, "sd2", fake_builder)
-    p = {"source": "full", "repo_id": "", "revision": "", "path": ""}
+    p = {"source": "full", "repo_id": "", "revision": "", "path": "", "variant": "default"}
     fetch.run("sd", p, 42, tmp_path / "sd")
     manifest = json.loads((tmp_path / "sd" / "fetch_manifest.json").read_text())
     assert calls == ["full"]

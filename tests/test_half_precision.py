@@ -31,7 +31,8 @@ def folders(tmp_path_factory) -> SimpleNamespace:
     """The smoke setting's tiny models and a few synthetic sketches, split by hand: 8 to train, 2 val, 4 test."""
     root = tmp_path_factory.mktemp("half")
     for kind in ("sd", "clip", "blip", "guide", "csd"):
-        fetch.run(kind, {"source": "tiny", "repo_id": "", "revision": "", "path": ""}, SEED, root / kind)
+        fetch.run(kind, {"source": "tiny", "repo_id": "", "revision": "", "path": "", "variant": "default"}, SEED,
+                  root / kind)
     fetch.run("data", P["fetch"]["data"] | {"n_images": 14}, SEED, root / "raw")
     rows = dataset.read_metadata(root / "raw")
     (root / "split").mkdir()
