@@ -2,7 +2,7 @@
 
 Reads params `fetch.<kind>` and `shared` (and `model` for sd). Writes OUT_DIR, one of:
   sd    a diffusers pipeline folder of params model.family (safetensors): StableDiffusionPipeline (sd2) or
-        StableDiffusion3Pipeline (sd3)
+        StableDiffusion3Pipeline (sd3) or FluxPipeline (flux)
   clip  an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors)
   blip  a transformers BLIP captioning folder (safetensors)
   guide an open_clip folder: the CLIP that finetune.clip_loss trains against (never the scoring one)
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stylestudy.models import builders, builders_sd3, builders_vd, families, hub, loading
+from stylestudy.models import builders, builders_flux, builders_sd3, builders_vd, families, hub, loading
 from stylestudy.models.families import Family, vd
 from stylestudy.data import imagefolder, sketches
 from stylestudy.core.config import (
@@ -54,7 +54,8 @@ def check_source(kind: str, p: dict) -> None:
 
 COPIERS = {"clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
            "data": imagefolder.copy_dataset, "vd": vd.convert}
-SD_BUILDERS = {"sd2": builders.save_random_sd, "sd3": builders_sd3.save_random_sd3}
+SD_BUILDERS = {"sd2": builders.save_random_sd, "sd3": builders_sd3.save_random_sd3,
+               "flux": builders_flux.save_random_flux}
 BUILDERS = {"clip": builders.save_random_clip, "blip": builders.save_random_blip,
             "guide": builders.save_random_guide, "vd": builders_vd.save_random_vd}
 

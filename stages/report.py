@@ -152,7 +152,7 @@ def markdown(params: dict, inputs: Inputs, study_rows: dict, figures_rel: str, p
     return "\n\n".join(parts) + "\n"
 
 
-FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3"}
+FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3", "flux": "FLUX.1 [dev]"}
 
 
 def grids_heading(study_rows: dict) -> str:

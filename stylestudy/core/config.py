@@ -82,7 +82,7 @@ def fetch_schema(kind: str) -> dict[str, Rule]:
 
 
 # The model families (stylestudy/models/families/) and their params `model`: chosen with `-S model=<family>`.
-SCHEDULERS = {"sd2": ("pndm", "ddim", "dpmsolver++", "euler"), "sd3": ("flow_euler",)}
+SCHEDULERS = {"sd2": ("pndm", "ddim", "dpmsolver++", "euler"), "sd3": ("flow_euler",), "flux": ("flow_euler",)}
 FAMILY = one_of(*SCHEDULERS)
 MODEL_SCHEMAS: dict[str, dict[str, Rule]] = {
     "sd2": {"family": FAMILY},
@@ -90,6 +90,9 @@ MODEL_SCHEMAS: dict[str, dict[str, Rule]] = {
             "logit_mean": NUMBER, "logit_std": POSITIVE_NUMBER, "mode_scale": NON_NEGATIVE_NUMBER,
             "max_sequence_length": POSITIVE_INT},
 }
+MODEL_SCHEMAS["flux"] = MODEL_SCHEMAS["sd3"] | {"guidance": NON_NEGATIVE_NUMBER,
+                                                "base_quantization": one_of("nf4", "int8", "none")}
+FLOW_MATCHING = ("sd3", "flux")
 
 
 def model_schema(model: Any) -> dict[str, Rule]:
@@ -197,9 +200,14 @@ def check_family_settings(params: dict) -> None:
     if scheduler not in SCHEDULERS[family]:
         raise UserError(f"params.yaml: generate.scheduler {scheduler!r} is not a sampler of model family {family} "
                         f"({', '.join(SCHEDULERS[family])}); {EDIT_HINT.format(key='generate.scheduler')}")
-    if family == "sd3" and params["finetune"]["snr_gamma"] > 0:
+    if family in FLOW_MATCHING and params["finetune"]["snr_gamma"] > 0:
         raise UserError("params.yaml: finetune.snr_gamma (min-SNR weighting) has no meaning for flow matching (model "
-                        "family sd3): set it to 0 and weight with model.weighting_scheme instead")
+                        f"family {family}): set it to 0 and weight with model.weighting_scheme instead")
+    if family == "flux" and params["finetune"]["method"] == "full":
+        raise UserError("params.yaml: finetune.method full is refused for model family flux: every weight of the 12B "
+                        "transformer trained needs about 80 GiB (bf16 weights 22, gradients 22, 8-bit AdamW states 22, "
+                        "plus activations), beyond a 16 GB card and an 80 GB one; set finetune.method: lora (QLoRA "
+                        "on the model.base_quantization base, docs/flux.md)")
 
 
 def load_params(section: str, path: Path = PARAMS_FILE) -> dict:

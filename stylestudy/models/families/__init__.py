@@ -8,10 +8,10 @@ from typing import Any
 from stylestudy.core.config import UserError
 from stylestudy.core.outputs import MANIFEST
 from stylestudy.models import loading
-from stylestudy.models.families import sd2, sd3, vd
+from stylestudy.models.families import flux, sd2, sd3, vd
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, Generator, NoiseProcess
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (sd2.FAMILY, sd3.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd2.FAMILY, sd3.FAMILY, flux.FAMILY)}
 BASELINES: dict[str, Generator] = {vd.GENERATOR.name: vd.GENERATOR}
 __all__ = ["BASELINES", "Conditioning", "Family", "FrozenEncoders", "Generator", "NoiseProcess",
            "check_pipeline_folder", "copy_pipeline", "family_of_pipeline", "from_params", "generator_for",
@@ -32,6 +32,10 @@ def check_pipeline_folder(path: Path, expected: Family | None = None) -> Family:
         raise UserError(f"{path}: no model_index.json; expected a diffusers pipeline folder")
     name = loading.read_json(index).get("_class_name")
     by_class = {family.pipeline_class: family for family in FAMILIES.values()}
+    for family in FAMILIES.values():
+        if name in family.variants:
+            raise UserError(f"{index}: a {name}, {family.variants[name]}, which this project does not train; give "
+                            f"a {family.pipeline_class} folder (model family {family.name})")
     if name not in by_class:
         known = ", ".join(repr(known) for known in by_class)
         raise UserError(f"{index}: _class_name is {name!r}, expected {known}; give a pipeline folder of a family "

@@ -186,6 +186,7 @@ class Family(Generator):
     license_link: ClassVar[str]
     components: ClassVar[tuple[str, ...]]  # the pipeline folder's subfolders
     weighted: ClassVar[tuple[str, ...]]  # those that hold weights (safetensors only)
+    variants: ClassVar[dict[str, str]] = {}  # pipeline classes of this family's variants it refuses: what each is
 
     def check_folder(self, path: Path) -> None:
         """Every component there, weights in safetensors (one-line UserError)."""
@@ -253,3 +254,10 @@ class Family(Generator):
     @abstractmethod
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
         """Write an adapter's layers (peft's state dict) the way this family's pipeline loads them."""
+
+    def fused(self, denoiser: Any, path: Path) -> Any:
+        """A plain denoiser with the LoRA adapter of `denoiser` fused in, for the fine-tuned pipeline folder; `path`:
+        the pipeline folder it was trained from (a quantised base is fused from there: flux.py)."""
+        from stylestudy.train import lora
+
+        return lora.fused_copy(denoiser)
