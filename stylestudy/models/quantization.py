@@ -35,6 +35,10 @@ def quantized_linear(linear: Any, kind: str, compute_dtype: Any, device: Any) ->
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
                                   quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        # bitsandbytes repacks the weight for its AVX512-BF16 CPU kernel at the first forward in eval mode, and keeps
+        # it so: a training step after validation then fails (an in-place add in that kernel's path). Off: a CPU
+        # computes as a GPU does, through the canonical 4-bit layout.
+        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                     threshold=6.0, device="meta")
