@@ -175,6 +175,8 @@ def study_defaults(study_config: Path) -> dict:
     for entry in config.get("defaults", []):
         if isinstance(entry, dict):
             (group, name), = entry.items()
+            if group.startswith("optional "):  # a family's settings under a profile: none for the study's defaults
+                continue
             group_file = study_config.parent / group / f"{name}.yaml"
             merged = OmegaConf.merge(merged, yaml.safe_load(group_file.read_text()) or {})
     return OmegaConf.to_container(merged, resolve=True)

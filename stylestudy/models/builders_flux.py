@@ -41,6 +41,7 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 VAE_SHIFT, VAE_SCALE = 0.1159, 0.3611  # FLUX.1-dev's vae/config.json
+SHAPING_STEPS, SHAPING_BATCH, SHAPING_POOL, SHAPING_LEARNING_RATE, SHAPING_SEED_OFFSET = 200, 8, 64, 1e-3, 2000
 
 
 def build_flux_modules(arch: str, device: str = "cpu") -> dict[str, Any]:
@@ -67,8 +68,52 @@ def build_flux_modules(arch: str, device: str = "cpu") -> dict[str, Any]:
         }
 
 
-def save_random_flux(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
-    """Build a random FLUX.1 pipeline of `arch` from configs, save it as a diffusers folder; return sizes."""
+def noise_latents(vae: Any, count: int) -> Any:
+    """Scaled latents of `count` noise images of every brightness (vae_shaping's), never sketches."""
+    import torch
+
+    size = vae.config.sample_size
+    images = (torch.rand(count, 3, 1, 1) * 2 - 1 + 0.3 * torch.randn(count, 3, size, size)).clamp(-1, 1)
+    with torch.no_grad():
+        sample = vae.encode(images).latent_dist.mean
+    return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def shape_transformer(transformer: Any, vae: Any, seed: int) -> None:
+    """Train the tiny transformer in place, every weight, to denoise the latents of noise images under random
+    conditioning. A random transformer has not learnt to denoise at all, and a low-rank adapter cannot teach it that
+    in a smoke run (measured: a rank-16 LoRA's loss stalls at 1.4, a full fine-tune's falls to 0.75); shaped, it is a
+    base that generates grey noise, which a LoRA re-steers towards sketches as a real one is re-steered to a style.
+    It never sees a sketch: the smoke study's base images stay noise."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stylestudy.models.families import Conditioning, flux
+
+    family = flux.FAMILY
+    noise = flux.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(**SCHEDULER), family.settings)
+    config = transformer.config
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed + SHAPING_SEED_OFFSET)
+        pool = noise_latents(vae, SHAPING_POOL)  # encoded once: the VAE would cost more than the transformer
+        optimizer = torch.optim.Adam(transformer.parameters(), lr=SHAPING_LEARNING_RATE)
+        transformer.train()
+        for _ in range(SHAPING_STEPS):
+            clean = pool[torch.randint(0, SHAPING_POOL, (SHAPING_BATCH,))]
+            conditioning = Conditioning(torch.randn(SHAPING_BATCH, 8, config.joint_attention_dim),
+                                        torch.randn(SHAPING_BATCH, config.pooled_projection_dim))
+            eps, timesteps = noise.draw(clean, 0.0)
+            output = family.denoise(transformer, noise.noised(clean, eps, timesteps), timesteps, conditioning)
+            loss = torch.nn.functional.mse_loss(output, noise.target(clean, eps, timesteps))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        transformer.eval()
+
+
+def save_random_flux(out_dir: Path, seed: int, arch: str, shaped: bool = True) -> dict[str, int]:
+    """Build a random FLUX.1 pipeline of `arch` from configs, save it as a diffusers folder; return sizes. The tiny
+    one's VAE and transformer are shaped (unless `shaped` is false: unit tests that need shapes only)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -80,10 +125,11 @@ def save_random_flux(out_dir: Path, seed: int, arch: str) -> dict[str, int]:
             modules = build_flux_modules(arch)
         finally:
             torch.set_default_dtype(previous)
-    if arch == "tiny":  # a random decoder ignores its latent: the smoke study could show no style (vae_shaping.py)
+    if arch == "tiny" and shaped:  # a random decoder ignores its latent: the smoke study could show no style (vae_shaping.py)
         from stylestudy.models.vae_shaping import shape_vae
 
         shape_vae(modules["vae"], modules["vae"].config.sample_size, seed)
+        shape_transformer(modules["transformer"], modules["vae"], seed)
     counts = parameter_counts(f"{arch} FLUX.1", modules)
     pipe = FluxPipeline(**modules, tokenizer=sd_tokenizer_from_open_clip(), tokenizer_2=t5_tokenizer(),
                         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER))
