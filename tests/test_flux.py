@@ -134,7 +134,7 @@ def test_the_adapter_is_fused_into_the_unquantised_base(flux_dir: Path) -> None:
     torch.manual_seed(1)
     for param in lora.trainable_parameters(quantised):
         torch.nn.init.normal_(param, std=0.05)
-    fused = fam.fused(quantised, flux_dir)
+    fused = fam.fused(quantised, flux_dir, lora.fused_copy)
     assert not any("lora" in name for name, _ in fused.named_parameters())
     reference = family(base_quantization="none").load_denoiser(flux_dir)
     lora.add_lora(reference, 4, 4, fam.lora_targets)

@@ -273,24 +273,21 @@ class Flux(Family):
         FluxPipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True,
                                        weight_name=weight_name, transformer_lora_adapter_metadata=metadata)
 
-    def fused(self, denoiser: Any, path: Path) -> Any:
+    def fused(self, denoiser: Any, path: Path, fuse: Any) -> Any:
         """The pipeline folder's transformer in its stored precision with the adapter of `denoiser` fused into its
         unquantised weights (merging into 4-bit weights would round the update: diffusers' flux_lora_quantization
         README merges into the dequantised base the same way)."""
         from diffusers import FluxTransformer2DModel
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-        from stylestudy.train import lora
-
         if self.settings.base_quantization == "none":
-            return lora.fused_copy(denoiser)
+            return fuse(denoiser)
         base = FluxTransformer2DModel.from_pretrained(path / "transformer", use_safetensors=True,
                                                       torch_dtype=stored_dtype(path / "transformer"))
-        config = denoiser.peft_config[lora.ADAPTER_NAME]
-        base.add_adapter(config, adapter_name=lora.ADAPTER_NAME)
-        set_peft_model_state_dict(base, get_peft_model_state_dict(denoiser, adapter_name=lora.ADAPTER_NAME),
-                                  adapter_name=lora.ADAPTER_NAME)
-        base.fuse_lora(adapter_names=[lora.ADAPTER_NAME])
+        (name, config), = denoiser.peft_config.items()
+        base.add_adapter(config, adapter_name=name)
+        set_peft_model_state_dict(base, get_peft_model_state_dict(denoiser, adapter_name=name), adapter_name=name)
+        base.fuse_lora(adapter_names=[name])
         base.unload_lora()
         return base
 
