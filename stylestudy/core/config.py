@@ -204,10 +204,10 @@ def check_family_settings(params: dict) -> None:
         raise UserError("params.yaml: finetune.snr_gamma (min-SNR weighting) has no meaning for flow matching (model "
                         f"family {family}): set it to 0 and weight with model.weighting_scheme instead")
     if family == "flux" and params["finetune"]["method"] == "full":
-        raise UserError("params.yaml: finetune.method full is refused for model family flux: training every weight of "
-                        "the 12B transformer needs 155 GiB as this project trains (fp32 weights, gradients and EMA 133, "
-                        "8-bit AdamW states 22) and 66 GiB even all in bf16, before activations; set finetune.method: "
-                        "lora (QLoRA on the model.base_quantization base, docs/flux.md)")
+        raise UserError("params.yaml: finetune.method full is refused for model family flux: training every weight "
+                        "of the 12B transformer needs 155 GiB as this project trains (fp32 weights, gradients and EMA "
+                        "133, 8-bit AdamW states 22) and 66 GiB even all in bf16, before activations; set "
+                        "finetune.method: lora (QLoRA on the model.base_quantization base, docs/flux.md)")
 
 
 def load_params(section: str, path: Path = PARAMS_FILE) -> dict:

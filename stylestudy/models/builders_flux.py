@@ -125,7 +125,7 @@ def save_random_flux(out_dir: Path, seed: int, arch: str, shaped: bool = True) -
             modules = build_flux_modules(arch)
         finally:
             torch.set_default_dtype(previous)
-    if arch == "tiny" and shaped:  # a random decoder ignores its latent: the smoke study could show no style (vae_shaping.py)
+    if arch == "tiny" and shaped:  # random, the smoke study could show no style (vae_shaping.py, shape_transformer)
         from stylestudy.models.vae_shaping import shape_vae
 
         shape_vae(modules["vae"], modules["vae"].config.sample_size, seed)
