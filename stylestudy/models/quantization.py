@@ -45,7 +45,7 @@ def quantized_linear(linear: Any, kind: str, compute_dtype: Any, device: Any) ->
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     if bias:
         layer.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-    return layer.to(device)
+    return layer.train(linear.training).to(device)  # in the mode of the layer it replaces
 
 
 def quantize_linear_layers(model: Any, kind: str, compute_dtype: Any, device: Any, keep: tuple[str, ...] = ()) -> int:
