@@ -113,11 +113,14 @@ class Flux(Family):
                             "pipeline folder")
 
     def load_pipeline(self, path: Path) -> Any:
+        """The pipeline in the precision its weights are stored in: FLUX.1-dev's bf16 upcast to fp32 would take 67 GB
+        of memory (and disk, once fetch saves it again)."""
         from diffusers import FluxPipeline
 
         loading.quiet_libraries()
         with loading.user_errors(path, WHAT):
-            return FluxPipeline.from_pretrained(path, use_safetensors=True)
+            return FluxPipeline.from_pretrained(path, use_safetensors=True,
+                                                torch_dtype=stored_dtype(path / "transformer"))
 
     def load_encoders(self, path: Path, device: Any, dtype: Any) -> FrozenEncoders:
         from diffusers import AutoencoderKL
