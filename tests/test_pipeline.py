@@ -252,8 +252,10 @@ def test_the_whole_study_runs_on_flux_beside_sd2_and_its_lora_moves_toward_the_s
     """`-S model=flux` runs every stage offline on a tiny FLUX pipeline, trained as QLoRA (a LoRA on its NF4 base);
     the report and model card name the family and its non-commercial licence, compare sets it beside the SD2
     experiment, and the smoke study's positive control holds for it as for SD2 (test_dag.py CLOSER): every distance
-    moves toward the held-out sketches with an interval excluding zero. Measured (this 2-core CPU under a load of
-    about 10): the flux DAG in 421 s (fetch@sd's shaping included), the fine-tune 55 s; style similarity +0.018
+    moves toward the held-out sketches with an interval excluding zero. Measured (this 2-core CPU, shared): in one
+    session the SD2 smoke DAG (the fixture, every stage) took 409 s and then the flux DAG (fetch@sd with its shaping,
+    encode, finetune, both generates, evaluation, report) 234 s; alone under a load of about 10, 421 s, its fine-tune
+    55 s. Style similarity +0.018
     [0.008, 0.026], KID -3.1e-5 [-4.4e-5, -1.6e-5], CMMD -0.0031 [-0.0045, -0.0017]. Without the transformer's
     shaping at fetch (builders_flux.shape_transformer) the same run gave KID and CMMD intervals across zero."""
     from test_dag import CLOSER
