@@ -2,8 +2,8 @@
 
 Reads params `fetch.<kind>` and `shared` (and `model` for sd). Writes OUT_DIR, one of:
   sd    a diffusers pipeline folder of params model.family (safetensors): StableDiffusionPipeline (sd2) or
-        StableDiffusion3Pipeline (sd3; SD3.5 too) or StableDiffusionXLPipeline (sdxl); random sources take
-        fetch.sd.variant's shapes
+        StableDiffusion3Pipeline (sd3; SD3.5 too), StableDiffusionXLPipeline (sdxl) or FluxPipeline (flux); random
+        sources take fetch.sd.variant's shapes
   clip  an open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors)
   blip  a transformers BLIP captioning folder (safetensors)
   guide an open_clip folder: the CLIP that finetune.clip_loss trains against (never the scoring one)
@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stylestudy.models import builders, builders_sd3, builders_sdxl, builders_vd, csd, families, hub, loading
+from stylestudy.models import builders, builders_flux, builders_sd3, builders_sdxl, builders_vd, csd, families, hub
+from stylestudy.models import loading
 from stylestudy.models.families import Family, vd
 from stylestudy.data import imagefolder, sketches
 from stylestudy.core.config import (
@@ -59,7 +60,7 @@ def check_source(kind: str, p: dict) -> None:
 COPIERS = {"clip": loading.copy_clip, "blip": loading.copy_blip, "guide": loading.copy_clip,
            "data": imagefolder.copy_dataset, "vd": vd.convert, "csd": csd.convert}
 SD_BUILDERS = {"sd2": builders.save_random_sd, "sd3": builders_sd3.save_random_sd3,
-               "sdxl": builders_sdxl.save_random_sdxl}
+               "sdxl": builders_sdxl.save_random_sdxl, "flux": builders_flux.save_random_flux}
 BUILDERS = {"clip": builders.save_random_clip, "blip": builders.save_random_blip,
             "guide": builders.save_random_guide, "vd": builders_vd.save_random_vd, "csd": csd.save_random}
 

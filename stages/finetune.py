@@ -101,7 +101,7 @@ def save_pipeline(folders: Folders, family: Family, denoiser: Any, info: dict, p
         shutil.copytree(folders.sd, tmp, dirs_exist_ok=True, ignore=ignore)
         if p["method"] == "lora":  # in its own folder: load_lora_weights on this pipeline would apply it twice
             lora.save_adapter(denoiser, tmp / ADAPTER_DIR, family)
-            denoiser = lora.fused_copy(denoiser)
+            denoiser = family.fused(denoiser, folders.sd, lora.fused_copy)
         denoiser.save_pretrained(tmp / family.denoiser_folder, safe_serialization=True)
         write_json(tmp / "training_info.json", info)
         modelcard.write_model_card(tmp, info, lora=p["method"] == "lora")

@@ -161,7 +161,8 @@ CSD_CAVEAT = ("The rows \"in CSD's style space\" measure the same distances with
               "style apart from content (Somepalli et al. 2024), instead of CLIP. Its authors note that the released "
               "weights do not reproduce every number of their paper, and an open issue of theirs reports them below "
               "CLIP ViT-L on their own benchmark: read them beside CLIP's rows, not instead of them.")
-FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3", "sdxl": "Stable Diffusion XL"}
+FAMILY_TITLES = {"sd2": "Stable Diffusion 2", "sd3": "Stable Diffusion 3", "sdxl": "Stable Diffusion XL",
+                 "flux": "FLUX.1 [dev]"}
 
 
 def grids_heading(study_rows: dict) -> str:

@@ -86,12 +86,12 @@ def fetch_schema(kind: str) -> dict[str, Rule]:
 
 # The model families (stylestudy/models/families/) and their params `model`: chosen with `-S model=<family>`.
 SCHEDULERS = {"sd2": ("pndm", "ddim", "dpmsolver++", "euler"), "sd3": ("flow_euler",),
-              "sdxl": ("euler", "pndm", "ddim", "dpmsolver++")}
+              "sdxl": ("euler", "pndm", "ddim", "dpmsolver++"), "flux": ("flow_euler",)}
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # its VAE overflows in fp16
 FAMILY = one_of(*SCHEDULERS)
 # What `export` writes per family (stylestudy/models/export.py): the LoRA layout ComfyUI and AUTOMATIC1111 load, and
 # whether the family has a single-file checkpoint layout (stylestudy/models/single_file.py CHECKPOINTS)
-UI_LORA_LAYOUTS = {"sd2": "kohya", "sdxl": "kohya", "sd3": "diffusers"}
+UI_LORA_LAYOUTS = {"sd2": "kohya", "sdxl": "kohya", "sd3": "diffusers", "flux": "diffusers"}
 SINGLE_FILE_FAMILIES = ("sd2", "sdxl")
 MODEL_SCHEMAS: dict[str, dict[str, Rule]] = {
     "sd2": {"family": FAMILY},
@@ -100,6 +100,9 @@ MODEL_SCHEMAS: dict[str, dict[str, Rule]] = {
             "max_sequence_length": POSITIVE_INT},
     "sdxl": {"family": FAMILY, "vae_precision": one_of("fp32", "same")},
 }
+MODEL_SCHEMAS["flux"] = MODEL_SCHEMAS["sd3"] | {"guidance": NON_NEGATIVE_NUMBER,
+                                                "base_quantization": one_of("nf4", "int8", "none")}
+FLOW_MATCHING = ("sd3", "flux")
 
 
 def model_schema(model: Any) -> dict[str, Rule]:
@@ -213,9 +216,14 @@ def check_family_settings(params: dict) -> None:
     if variant != "default" and variant not in SD_VARIANTS.get(family, ()):
         raise UserError(f"params.yaml: fetch.sd.variant {variant!r} is not a model of family {family}; set it to "
                         f"default, or choose its family's model (-S model={variant})")
-    if family == "sd3" and params["finetune"]["snr_gamma"] > 0:
+    if family in FLOW_MATCHING and params["finetune"]["snr_gamma"] > 0:
         raise UserError("params.yaml: finetune.snr_gamma (min-SNR weighting) has no meaning for flow matching (model "
-                        "family sd3): set it to 0 and weight with model.weighting_scheme instead")
+                        f"family {family}): set it to 0 and weight with model.weighting_scheme instead")
+    if family == "flux" and params["finetune"]["method"] == "full":
+        raise UserError("params.yaml: finetune.method full is refused for model family flux: training every weight "
+                        "of the 12B transformer needs 155 GiB as this project trains (fp32 weights, gradients and EMA "
+                        "133, 8-bit AdamW states 22) and 66 GiB even all in bf16, before activations; set "
+                        "finetune.method: lora (QLoRA on the model.base_quantization base, docs/flux.md)")
     if family == "sdxl" and params["model"]["vae_precision"] == "same" and fp16_somewhere(params) \
             and params["fetch"]["sd"]["source"] == "hub" and params["fetch"]["sd"]["repo_id"] == SDXL_BASE:
         raise UserError(f"params.yaml: model.vae_precision same runs {SDXL_BASE}'s VAE in fp16, where it overflows "

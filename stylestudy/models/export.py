@@ -22,10 +22,12 @@ KOHYA_KEY = re.compile(r"lora_unet_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.we
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # ModelSpec (Stability AI's sai_model_spec 1.0.0) architecture ids; a LoRA's is the base's with "/lora"
 ARCHITECTURES = {"sd2": {"epsilon": "stable-diffusion-v2-512", "v_prediction": "stable-diffusion-v2-768-v"},
-                 "sdxl": {"epsilon": "stable-diffusion-xl-v1-base"}}
+                 "sdxl": {"epsilon": "stable-diffusion-xl-v1-base"},
+                 "flux": {"epsilon": "flux-1-dev"}}  # a flow-matching scheduler names no prediction type
 SD3_ARCHITECTURES = {False: "stable-diffusion-v3-medium", True: "stable-diffusion-v3.5-medium"}
 IMPLEMENTATIONS = {"sd2": "https://github.com/Stability-AI/stablediffusion",
-                   "sdxl": "https://github.com/Stability-AI/generative-models", "sd3": "diffusers"}
+                   "sdxl": "https://github.com/Stability-AI/generative-models", "sd3": "diffusers",
+                   "flux": "https://github.com/black-forest-labs/flux"}
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from urllib.parse import urlparse
 from stylestudy.core.config import UserError
 
 FILES = {
-    # the diffusers folders only (SD3's repository also holds single-file checkpoints at its root); T5's
-    # sentencepiece model (*.model) and its sharded weights (model-0000k-of-0000n) for SD3
-    "sd": ["*.json", "*.txt", "*/*.model", "*/diffusion_pytorch_model.safetensors", "text_encoder*/model*.safetensors"],
+    # the diffusers folders only (SD3's and FLUX's repositories also hold single-file checkpoints at their root); T5's
+    # sentencepiece model (*.model) and its sharded weights (model-0000k-of-0000n), FLUX's sharded transformer
+    "sd": ["*.json", "*.txt", "*/*.model", "*/diffusion_pytorch_model*.safetensors", "text_encoder*/model*.safetensors"],
     "clip": ["open_clip_config.json", "open_clip_model.safetensors"],
     "blip": ["*.json", "*.txt", "model.safetensors"],
     "guide": ["open_clip_config.json", "open_clip_model.safetensors"],

@@ -23,9 +23,9 @@ PRETRAINED_FOLDER = "models/pretrained/sd"
 EXAMPLE_PROMPT = "A black and white sketch of a statue of a man on horse"
 TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sketch"]
 # The fine-tune inherits its base model's licence: its family's (stylestudy/models/families/).
-TITLES = {"sd2": "Stable Diffusion", "sd3": "Stable Diffusion 3", "sdxl": "Stable Diffusion XL"}
-FAMILY_TAGS = {"sd2": [], "sd3": ["sd3"], "sdxl": ["stable-diffusion-xl"]}
-DENOISERS = {"sd2": "UNet", "sd3": "transformer", "sdxl": "UNet"}
+TITLES = {"sd2": "Stable Diffusion", "sd3": "Stable Diffusion 3", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1 [dev]"}
+FAMILY_TAGS = {"sd2": [], "sd3": ["sd3"], "sdxl": ["stable-diffusion-xl"], "flux": ["flux"]}
+DENOISERS = {"sd2": "UNet", "sd3": "transformer", "sdxl": "UNet", "flux": "transformer"}
 DATA_LICENSES = {"zoheb/sketch-scene": "CC BY-NC-SA 4.0 (Creative Commons Attribution-NonCommercial-ShareAlike 4.0 "
                                        "International, https://creativecommons.org/licenses/by-nc-sa/4.0/)"}
 
@@ -104,9 +104,12 @@ def method_text(p: dict, lora: bool, family: Family) -> str:
 def target_text(info: dict) -> str:
     """What the denoiser regressed on."""
     model = info.get("model", {})
-    if model.get("model.family") == "sd3":
+    if model.get("model.family") in ("sd3", "flux"):
         return (f"flow matching: MSE on the velocity (noise - latents), noise levels drawn by "
-                f"{model['model.weighting_scheme']}")
+                f"{model['model.weighting_scheme']}"
+                + (f", guidance embedding {model['model.guidance']:g}, on a {model['model.base_quantization']} "
+                   "base (QLoRA; the saved weights are the unquantised base with the adapter fused)"
+                   if "model.guidance" in model else ""))
     return "MSE on the base scheduler's prediction target"
 
 

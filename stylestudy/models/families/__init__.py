@@ -8,10 +8,10 @@ from typing import Any
 from stylestudy.core.config import UserError
 from stylestudy.core.outputs import MANIFEST
 from stylestudy.models import loading
-from stylestudy.models.families import sd2, sd3, sdxl, vd
+from stylestudy.models.families import flux, sd2, sd3, sdxl, vd
 from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, Generator, NoiseProcess
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (sd2.FAMILY, sd3.FAMILY, sdxl.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd2.FAMILY, sd3.FAMILY, sdxl.FAMILY, flux.FAMILY)}
 BASELINES: dict[str, Generator] = {vd.GENERATOR.name: vd.GENERATOR}
 __all__ = ["BASELINES", "Conditioning", "Family", "FrozenEncoders", "Generator", "NoiseProcess",
            "check_pipeline_folder", "copy_pipeline", "family_of_pipeline", "from_params", "generator_for",

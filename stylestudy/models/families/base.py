@@ -282,3 +282,9 @@ class Family(Generator):
     @abstractmethod
     def save_lora(self, layers: dict[str, Any], folder: Path, weight_name: str, metadata: dict[str, Any]) -> None:
         """Write an adapter's layers (peft's state dict) the way this family's pipeline loads them."""
+
+    def fused(self, denoiser: Any, path: Path, fuse: Any) -> Any:
+        """A plain denoiser with the LoRA adapter of `denoiser` fused in, for the fine-tuned pipeline folder: `fuse`
+        (train.lora.fused_copy) of it; a family whose base was quantised fuses into the pipeline folder `path`'s
+        unquantised weights instead (flux.py)."""
+        return fuse(denoiser)
