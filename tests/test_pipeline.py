@@ -149,12 +149,29 @@ def test_lora_and_the_clip_loss_run_through_the_dag_side_by_side(clone):
         assert "finetune" in stages and not stages & {"encode", "embed_real"}, name  # encodings are reused
     assert (clone.root / "models/finetuned/lora/pytorch_lora_weights.safetensors").is_file()
     assert "load_lora_weights" in (clone.root / "models/finetuned/README.md").read_text()
+    assert_the_exported_lora_draws_the_fused_image(clone.root)  # issue 30: the DAG's export of the last LoRA run
     clip = (clone.root / "reports/finetune/plots/metrics/loss_clip.tsv").read_text().splitlines()[1:]
     assert any(float(line.split("\t")[1]) > 0 for line in clip)
     assert (clone.root / "reports/finetune/plots/images/validation/0.png").is_file()
     table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
     assert {"finetune.method", "finetune.clip_loss.weight"} <= set(table[0].split())
     assert {line.split()[0] for line in table[1:]} >= set(runs)
+
+
+def assert_the_exported_lora_draws_the_fused_image(root) -> None:
+    """models/export's kohya-layout LoRA, read by diffusers' own load_lora_weights on the base pipeline, draws what
+    the fused folder draws (the same seed and steps)."""
+    import torch
+    from test_export import draw
+
+    from stylestudy.models.families import FAMILIES
+
+    family = FAMILIES["sd2"]
+    base = family.load_pipeline(root / "models/pretrained/sd")
+    base.load_lora_weights(root / "models/export", weight_name="sketch-sd2-lora.safetensors")
+    with torch.no_grad():
+        difference = abs(draw(base) - draw(family.load_pipeline(root / "models/finetuned"))).max()
+    assert difference < 1e-4, difference
 
 
 def test_plots_diff_overlays_two_experiments_loss_curves_offline_in_a_browser(clone, user_env):
