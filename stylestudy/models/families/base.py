@@ -227,13 +227,20 @@ class Family(Generator):
         for component in self.weighted:
             loading.require_safetensors(path / component)
 
+    settings: Any = None  # a family with settings: the frozen dataclass of params `model` beyond `family`
+
     def configured(self, params: dict) -> Family:
         """This family with the settings of params `model` (validated); families without settings return self."""
-        return self
+        if self.settings is None:
+            return self
+        return type(self)(type(self.settings)(**{k: v for k, v in params.items() if k != "family"}))
 
     def recorded(self) -> dict[str, Any]:
         """params `model` as it ran, by params name: a checkpoint made with other values is not resumed."""
-        return {"model.family": self.name}
+        from dataclasses import asdict
+
+        settings = {} if self.settings is None else asdict(self.settings)
+        return {"model.family": self.name} | {f"model.{k}": v for k, v in settings.items()}
 
     def encoding_settings(self) -> dict[str, Any]:
         """Settings beyond `encode` that a cached encoding depends on, by params name (index.json records them)."""

@@ -14,7 +14,7 @@ the fine-tuned folder holds the base in its original precision with the adapter 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,6 @@ class Flux(Family):
 
     def __init__(self, settings: FluxSettings = FluxSettings()) -> None:
         self.settings = settings
-
-    def configured(self, params: dict) -> Flux:
-        return Flux(FluxSettings(**{k: v for k, v in params.items() if k != "family"}))
-
-    def recorded(self) -> dict[str, Any]:
-        return {"model.family": self.name} | {f"model.{k}": v for k, v in asdict(self.settings).items()}
 
     def encoding_settings(self) -> dict[str, Any]:
         return {"model.max_sequence_length": self.settings.max_sequence_length}

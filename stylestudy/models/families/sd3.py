@@ -11,7 +11,7 @@ min-SNR weighting has no meaning here (params validation refuses it).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +106,6 @@ class StableDiffusion3(Family):
 
     def __init__(self, settings: FlowMatchSettings = FlowMatchSettings()) -> None:
         self.settings = settings
-
-    def configured(self, params: dict) -> StableDiffusion3:
-        return StableDiffusion3(FlowMatchSettings(**{k: v for k, v in params.items() if k != "family"}))
-
-    def recorded(self) -> dict[str, Any]:
-        return {"model.family": self.name} | {f"model.{k}": v for k, v in asdict(self.settings).items()}
 
     def encoding_settings(self) -> dict[str, Any]:
         return {"model.max_sequence_length": self.settings.max_sequence_length}

@@ -55,12 +55,6 @@ class StableDiffusionXL(StableDiffusion2):
     def __init__(self, settings: XLSettings = XLSettings()) -> None:
         self.settings = settings
 
-    def configured(self, params: dict) -> StableDiffusionXL:
-        return StableDiffusionXL(XLSettings(vae_precision=params["vae_precision"]))
-
-    def recorded(self) -> dict[str, Any]:
-        return {"model.family": self.name, "model.vae_precision": self.settings.vae_precision}
-
     def encoding_settings(self) -> dict[str, Any]:
         return {"model.vae_precision": self.settings.vae_precision}
 
