@@ -36,7 +36,10 @@ else
   left=$("$py" scripts/gpu_wheels.py --compatible gpu-wheels 2>&1 >"$site.list") || { echo "error: ${left##*$'\n'}"; exit 1; }
   "$py" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check --target "$site" \
     $(cat "$site.list") >"$site.log" 2>&1 || { echo "error: installing gpu-wheels/ failed: $(tail -1 "$site.log")"; exit 1; }
-  mkdir -p "$site/bin" && ln -sf "$(command -v "$py")" "$site/bin/python"  # dvc.yaml's `python -m stages...`
+  # dvc.yaml's `python -m stages...`: a script that runs the interpreter by its own path (a link to a venv's python
+  # would start the base interpreter without the venv's packages)
+  mkdir -p "$site/bin" && printf '#!/bin/sh\nexec "%s" "$@"\n' "$("$py" -c 'import sys; print(sys.executable)')" \
+    >"$site/bin/python" && chmod +x "$site/bin/python"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
   if ! unmet=$("$py" scripts/gpu_wheels.py --check-installed 2>&1); then echo "${unmet##*$'\n'}"; exit 1; fi
   setup="$("$py" -c 'import sys; print(sys.executable)') with $(wc -l <"$site.list") wheels of gpu-wheels/ installed \
