@@ -49,10 +49,10 @@ def _values(embeddings: np.ndarray, counts: np.ndarray) -> dict[str, tuple[float
     """Each measure's value on the whole set and on every resample given by counts (replicates x n)."""
     unit = normalised(embeddings)
     k = unit @ unit.T
-    n = len(unit)
-    vendi = np.array([vendi_from_kernel(k, row / n) for row in counts])
-    return {"vendi": (vendi_from_kernel(k, np.full(n, 1.0 / n)), vendi),
-            "pairwise_distance": (mean_pairwise_distance(unit), within_means(1.0 - k, counts, unbiased=True))}
+    whole = np.ones((1, len(unit)))  # the set itself: every image drawn once
+    vendi = [vendi_from_kernel(k, row / row.sum()) for row in (whole, *counts)]
+    distance = within_means(1.0 - k, np.vstack([whole, counts]), unbiased=True)
+    return {"vendi": (vendi[0], np.array(vendi[1:])), "pairwise_distance": (float(distance[0]), distance[1:])}
 
 
 def equal_size(embeddings: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
