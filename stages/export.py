@@ -10,16 +10,15 @@ params `export` and `model` (the family: FINETUNED_DIR must be one of its pipeli
   the original single-file layout in `export.checkpoint_dtype` (SD2, SDXL);
 - README.md, the model card with a section on using these files; export.json, what was written.
 Every .safetensors header carries the ModelSpec keys and, for a LoRA, rank, alpha and the base model's name and hash;
-no token and no local path. modelspec.date is the day the file was written (SOURCE_DATE_EPOCH's when set). No pickle.
+no token and no local path; modelspec.date is `export.date` (left out when none), never the day the stage ran, so the
+bytes written are a function of the inputs. No pickle.
 
 Run: python -m stages.export FINETUNED_DIR BASE_DIR OUT_DIR
 Example: python -m stages.export models/finetuned models/pretrained/sd models/export
 """
 from __future__ import annotations
 
-import datetime
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,6 @@ from stylestudy.train.lora import ADAPTER_FILE
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "lora"  # finetune's OUT_DIR/lora/
-
-
-def today() -> str:
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else \
-        datetime.datetime.now(datetime.timezone.utc)
-    return moment.date().isoformat()
 
 
 def save(weights: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
@@ -98,8 +90,8 @@ def run(folders: dict[str, Path], p: dict, family: Family) -> dict:
     families.check_pipeline_folder(finetuned, family)
     info = loading.read_json(require_path(finetuned / "training_info.json", "run the finetune stage first"))
     method = info["params"]["method"]
-    spec = {"title": f"sketch-{family.name}", "date": today(), "resolution": info["encode"]["resolution"],
-            "licence": family.license}
+    spec = {"title": f"sketch-{family.name}", "date": str(p["date"]), "resolution": info["encode"]["resolution"],
+            "licence": family.license_name}
     files: dict[str, str] = {}
     with atomic_dir(folders["out"]) as tmp:
         if method == "lora":

@@ -57,13 +57,28 @@ EULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, 
 EULER_EXTRA = {"clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True}
 
 
-def build_sdxl_modules(arch: str) -> dict[str, Any]:
-    """The UNet, VAE and two text encoders of `arch`, randomly initialised."""
+def architecture(arch: str, second_width: int | None = None) -> dict[str, dict[str, Any]]:
+    """ARCHITECTURES[arch], with the second text encoder `second_width` wide where given (its projection too, and the
+    UNet's cross-attention and added-embedding widths that follow from it). The tiny encoders are equally wide, which
+    a single-file reader cannot tell apart by shape as it tells the real 768 and 1280 apart (tests/test_export.py)."""
+    config = ARCHITECTURES[arch]
+    if second_width is None:
+        return config
+    unet = config["unet"]
+    first, time_ids = config["text_encoder"]["hidden_size"], 6 * unet["addition_time_embed_dim"]
+    return config | {
+        "unet": unet | {"cross_attention_dim": first + second_width,
+                        "projection_class_embeddings_input_dim": time_ids + second_width},
+        "text_encoder_2": config["text_encoder_2"] | {"hidden_size": second_width, "projection_dim": second_width}}
+
+
+def build_sdxl_modules(arch: str, second_width: int | None = None) -> dict[str, Any]:
+    """The UNet, VAE and two text encoders of `arch` (`second_width`: architecture's), randomly initialised."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     quiet_libraries()
-    config = ARCHITECTURES[arch]
+    config = architecture(arch, second_width)
     blocks = len(config["vae"]["block_out_channels"])
     return {
         "unet": UNet2DConditionModel(**UNET_COMMON, **config["unet"]),
@@ -76,15 +91,17 @@ def build_sdxl_modules(arch: str) -> dict[str, Any]:
     }
 
 
-def save_random_sdxl(out_dir: Path, seed: int, arch: str, shaped: bool = True) -> dict[str, int]:
+def save_random_sdxl(out_dir: Path, seed: int, arch: str, shaped: bool = True,
+                     second_width: int | None = None) -> dict[str, int]:
     """Build a random Stable Diffusion XL pipeline of `arch` from configs, save it as a diffusers folder; sizes.
-    shaped=False leaves the tiny VAE random (tests of anything but images: the shaping takes most of the time)."""
+    shaped=False leaves the tiny VAE random (tests of anything but images: the shaping takes most of the time);
+    second_width widens the second text encoder (architecture()), for tests only: fetch never passes it."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        modules = build_sdxl_modules(arch)
+        modules = build_sdxl_modules(arch, second_width)
     if arch == "tiny" and shaped:  # a random decoder ignores its latent: the smoke study could show no style (vae_shaping.py)
         from stylestudy.models.vae_shaping import shape_vae
 

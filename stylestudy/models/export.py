@@ -114,12 +114,13 @@ def architecture(family: str, folder: Path) -> str:
 
 def modelspec(family: str, folder: Path, title: str, date: str, resolution: int, licence: str,
               lora: bool) -> dict[str, str]:
-    """The ModelSpec keys of a file of this model (the base's architecture, "/lora" for an adapter)."""
-    return {"modelspec.sai_model_spec": "1.0.0",
+    """The ModelSpec keys of a file of this model (the base's architecture, "/lora" for an adapter); `date` "none"
+    leaves modelspec.date out (a SHOULD key of the spec)."""
+    spec = {"modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": architecture(family, folder) + ("/lora" if lora else ""),
             "modelspec.implementation": IMPLEMENTATIONS[family], "modelspec.title": title,
-            "modelspec.date": date, "modelspec.resolution": f"{resolution}x{resolution}",
-            "modelspec.license": licence}
+            "modelspec.resolution": f"{resolution}x{resolution}", "modelspec.license": licence}
+    return spec if date == "none" else spec | {"modelspec.date": date}
 
 
 def lora_metadata(adapter: Adapter, base_name: str, base_hash: str) -> dict[str, str]:
