@@ -24,7 +24,8 @@ from __future__ import annotations
 RESNET = ("norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut")
 ATTENTION = ("norm", "proj_in", "proj_out")
 TRANSFORMER_BLOCK = ("norm1", "norm2", "norm3", "ff.net.0.proj", "ff.net.2",
-                     *(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")))
+                     *(f"{attn}.{proj}" for attn in ("attn1", "attn2")
+                       for proj in ("to_q", "to_k", "to_v", "to_out.0")))
 UNET_BASIC = ("conv_in", "conv_norm_out", "conv_out", *(f"{embedding}.linear_{i}" for i in (1, 2)
               for embedding in ("time_embedding", "class_embedding", "add_embedding")))
 FLUX_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
