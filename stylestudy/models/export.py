@@ -4,8 +4,8 @@ checkpoint (single_file.py), each with ModelSpec metadata in its safetensors hea
 Per family (one entry each in UI_LORA_LAYOUTS of stylestudy/core/config.py, and in single_file.CHECKPOINTS where it has
 a single-file layout): the UNet families' adapters go to kohya's layout (`lora_unet_<module path with _>.lora_down
 .weight`, `.lora_up.weight`, `.alpha`), the only one ComfyUI and AUTOMATIC1111 map for UNet models, by diffusers'
-`convert_state_dict_to_kohya`; SD3's stays in diffusers' layout (`transformer.<module>.lora_A.weight` / `lora_B`),
-which ComfyUI's LoRA key map reads for SD3 (docs/export.md).
+`convert_state_dict_to_kohya`; SD3's and FLUX's stay in diffusers' layout (`transformer.<module>.lora_A.weight` /
+`lora_B`), which ComfyUI's LoRA key map reads for both (docs/export.md).
 """
 from __future__ import annotations
 
