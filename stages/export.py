@@ -10,14 +10,15 @@ params `export` and `model` (the family: FINETUNED_DIR must be one of its pipeli
   the original single-file layout in `export.checkpoint_dtype` (SD2, SDXL);
 - README.md, the model card with a section on using these files; export.json, what was written.
 Every .safetensors header carries the ModelSpec keys and, for a LoRA, rank, alpha and the base model's name and hash;
-no token and no local path; modelspec.date is `export.date` (left out when none), never the day the stage ran, so the
-bytes written are a function of the inputs. No pickle.
+no token and no local path; modelspec.date is the day the stage runs (UTC) with `export.date: today`, a fixed date
+(then the bytes written are a function of the inputs alone) or left out with none. No pickle.
 
 Run: python -m stages.export FINETUNED_DIR BASE_DIR OUT_DIR
 Example: python -m stages.export models/finetuned models/pretrained/sd models/export
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,20 @@ def write_lora(tmp: Path, folders: dict[str, Path], family: Family, spec: dict[s
     return written
 
 
+def export_date(setting: Any) -> str:
+    """modelspec.date for `export.date`: today's UTC date for "today", else the setting ("none" or a fixed date)."""
+    if setting == "today":
+        return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return str(setting)
+
+
 def run(folders: dict[str, Path], p: dict, family: Family) -> dict:
     """Write OUT_DIR; return what export.json records."""
     finetuned = folders["finetuned"]
     families.check_pipeline_folder(finetuned, family)
     info = loading.read_json(require_path(finetuned / "training_info.json", "run the finetune stage first"))
     method = info["params"]["method"]
-    spec = {"title": f"sketch-{family.name}", "date": str(p["date"]), "resolution": info["encode"]["resolution"],
+    spec = {"title": f"sketch-{family.name}", "date": export_date(p["date"]), "resolution": info["encode"]["resolution"],
             "licence": family.license_name}
     files: dict[str, str] = {}
     with atomic_dir(folders["out"]) as tmp:

@@ -54,7 +54,7 @@ def test_study_params_are_valid(section, tmp_path):
     ("split", "max_bad_fraction", 1.5, "split.max_bad_fraction must be a number between 0 and 1"),
     ("split", "min_image_size", 0, "split.min_image_size must be a positive integer"),
     ("finetune", "method", "dora", "finetune.method must be one of full, lora"),
-    ("export", "date", "today", "export.date must be a date YYYY-MM-DD or none"),
+    ("export", "date", "yesterday", "export.date must be a date YYYY-MM-DD, today or none"),
     ("finetune", "lora_rank", 0, "finetune.lora_rank must be a positive integer"),
     ("finetune", "snr_gamma", -1, "finetune.snr_gamma must be a number >= 0"),
     ("finetune", "caption_dropout", 1.5, "finetune.caption_dropout must be a number between 0 and 1"),

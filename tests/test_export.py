@@ -20,7 +20,7 @@ from comfyui_keys import flux_transformer_names, kohya_unet_names
 from safetensors import safe_open
 
 from stages import export as stage
-from stylestudy.core.config import DATE_OR_NONE, UserError, check_export_settings
+from stylestudy.core.config import DATE_TODAY_OR_NONE, UserError, check_export_settings
 from stylestudy.models import export, single_file
 from stylestudy.models.families import FAMILIES, flux
 from stylestudy.train import lora
@@ -135,10 +135,17 @@ def test_exporting_the_same_fine_tune_twice_gives_the_same_bytes(sd_dir, tmp_pat
         "2026-12-08"}
 
 
-@pytest.mark.parametrize("value, ok", [("none", True), ("2026-12-08", True), (datetime.date(2026, 12, 8), True),
-                                       ("2026-12-8", False), ("2026-13-01", False), ("today", False), (None, False)])
-def test_export_date_is_a_calendar_date_or_none(value, ok):
-    assert DATE_OR_NONE.ok(value) is ok
+@pytest.mark.parametrize("value, ok", [("none", True), ("today", True), ("2026-12-08", True),
+                                       (datetime.date(2026, 12, 8), True), ("2026-12-8", False), ("2026-13-01", False),
+                                       ("Today", False), (None, False)])
+def test_export_date_is_a_calendar_date_today_or_none(value, ok):
+    assert DATE_TODAY_OR_NONE.ok(value) is ok
+
+
+def test_export_date_today_is_the_utc_date_the_stage_runs():
+    before = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert stage.export_date("today") in {before, datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+    assert stage.export_date("none") == "none" and stage.export_date(datetime.date(2026, 12, 8)) == "2026-12-08"
 
 
 def test_a_module_the_denoiser_lacks_or_a_dropped_key_is_an_error(sd_dir, tmp_path):

@@ -56,11 +56,11 @@ FRACTION = Rule("a number between 0 and 1", lambda v: _is_number(v) and 0 <= v <
 MULTIPLE_OF_8 = Rule("a positive integer divisible by 8", lambda v: _is_int(v) and v > 0 and v % 8 == 0)
 
 
-def _is_date_or_none(v: Any) -> bool:
-    """An ISO-8601 calendar date (a string, or the date YAML reads from an unquoted one), or the word none."""
+def _is_date_today_or_none(v: Any) -> bool:
+    """An ISO-8601 calendar date (a string, or the date YAML reads from an unquoted one), or the word today or none."""
     import datetime
 
-    if v == "none" or (isinstance(v, datetime.date) and not isinstance(v, datetime.datetime)):
+    if v in ("today", "none") or (isinstance(v, datetime.date) and not isinstance(v, datetime.datetime)):
         return True
     try:
         return isinstance(v, str) and datetime.date.fromisoformat(v).isoformat() == v
@@ -68,7 +68,7 @@ def _is_date_or_none(v: Any) -> bool:
         return False
 
 
-DATE_OR_NONE = Rule("a date YYYY-MM-DD or none", _is_date_or_none)
+DATE_TODAY_OR_NONE = Rule("a date YYYY-MM-DD, today or none", _is_date_today_or_none)
 
 
 def one_of(*choices: str) -> Rule:
@@ -163,7 +163,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "test_captions": NON_NEGATIVE_INT,
     },
     "export": {"lora_layout": one_of("auto", "kohya", "diffusers"), "checkpoint": one_of("auto", "single_file", "none"),
-               "checkpoint_dtype": one_of("fp16", "bf16", "fp32"), "date": DATE_OR_NONE},
+               "checkpoint_dtype": one_of("fp16", "bf16", "fp32"), "date": DATE_TODAY_OR_NONE},
     "embed_real": {"batch_size": POSITIVE_INT},
     "clip_eval": {"style_to_clip": BOOL, "bootstrap_samples": POSITIVE_INT, "permutation_samples": POSITIVE_INT,
                   "kid_subsets": POSITIVE_INT, "kid_subset_size": POSITIVE_INT, "batch_size": POSITIVE_INT},
