@@ -56,7 +56,7 @@ from stylestudy.core.outputs import MANIFEST, atomic_dir, fetch_origin, library_
 from stylestudy.data import dataset, latents
 from stylestudy.models import families, loading
 from stylestudy.models.families import Family
-from stylestudy.train import batches, build, checkpoints, launch, lora, loop, losses, modelcard
+from stylestudy.train import batches, build, checkpoints, launch, lora, loop, losses, memory_plan, modelcard
 from stylestudy.train.validation import ValidationSet
 
 if TYPE_CHECKING:
@@ -113,6 +113,8 @@ def check_inputs(folders: Folders, p: dict, settings: latents.EncodeSettings, fa
     families.check_pipeline_folder(folders.sd, family)
     if p["clip_loss"]["weight"] > 0:
         loading.check_clip_folder(folders.guide)
+    if not launch.started_by_launcher():  # measured once, before `accelerate launch` starts the processes
+        memory_plan.check_budget(family, folders.sd, p, settings, folders.guide, launch.device_type())
     require_path(folders.raw, "run the fetch stage first")
     rows = dataset.read_jsonl(require_path(folders.split / "train.jsonl", "run the split stage first"))
     if not rows:
