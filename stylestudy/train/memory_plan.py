@@ -182,7 +182,8 @@ def planned_bytes(step: StepMemory, frozen: int) -> int:
 
 def remedies(p: dict, cached: bool) -> str:
     """The settings that lower a run's memory, those not chosen already."""
-    offers = [("finetune.method lora", p["method"] == "full"), ("finetune.train_batch_size 1", p["train_batch_size"] > 1),
+    offers = [("finetune.method lora", p["method"] == "full"),
+              ("finetune.train_batch_size 1", p["train_batch_size"] > 1),
               ("finetune.gradient_checkpointing true", not p["gradient_checkpointing"]),
               ("finetune.optimizer adamw8bit", p["optimizer"] != "adamw8bit"), ("finetune.use_ema false", p["use_ema"]),
               ("encode.cache_latents true", not cached), ("a lower encode.resolution", True)]
