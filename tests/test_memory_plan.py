@@ -2,9 +2,10 @@
 line just under the planned figure and passed just above it; the measurement is the bench's for the same settings;
 FLUX's 4-bit base is tracked on fake tensors as bitsandbytes holds it.
 
-Broken once to see them fail: with the allowance left out of `planned_bytes` the refusal test's budget (planned
-minus 1 MiB) passed; with the 4-bit weight made fake in its unquantised bf16 shape (plain fake_parameters) the FLUX
-test's parameter bytes were 4x the packed ones."""
+Broken once to see them fail: with the check's call taken out of stages/finetune.py the refusal test fails (nothing
+measured, no refusal); the FLUX test failed on its parameters while the adapter stayed fp32 on the meta device (before
+memory_plan casts it as peft does on a real base) and on its buffers when the nested absmax map was assumed shared
+(bitsandbytes copies it per weight)."""
 from __future__ import annotations
 
 import importlib.util
@@ -37,36 +38,41 @@ def smoke(**finetune) -> tuple[dict, EncodeSettings]:
     return SMOKE["finetune"] | finetune, EncodeSettings(**SMOKE["encode"])
 
 
-def planned(sd_dir: Path, p: dict, settings: EncodeSettings, tmp_path: Path) -> int:
-    """The bytes the check plans for the smoke run on the CPU, computed the way it computes them."""
+def test_budget_refuses_just_below_and_passes_just_above(sd_dir, tmp_path, caplog, monkeypatch):
+    """The smoke settings (full fine-tune, batch 16, 32 px; validation keeps the VAE) through the finetune stage's
+    checks: a budget 1 MiB under the planned figure (the measured step, the VAE kept, the allowance) is refused in
+    one line naming the key, the GiB and the remedies, before anything else; 1 MiB over passes, logs the figure, and
+    the next check speaks (no data folder here). The step is measured once, at the run's shape, and reused."""
     import torch
 
-    family = sd2.FAMILY
-    config = memory_plan.denoiser_config(sd_dir, family)
-    vae = {"block_out_channels": memory_plan.json.loads((sd_dir / "vae" / "config.json").read_text())
-           ["block_out_channels"]}
-    shape = memory_plan.latent_shape(family, vae, config, settings.resolution, p["train_batch_size"])
-    step = memory_plan.measure_training(family, config, p, shape, on_gpu=False)
-    kept = memory_plan.kept_folders(family, sd_dir, p, True, tmp_path)
-    return memory_plan.planned_bytes(step, memory_plan.frozen_bytes(kept, settings.encoders_dtype(torch.device("cpu"))))
+    from stages import finetune
 
+    measured = []
 
-@pytest.mark.slow
-def test_budget_refuses_just_below_and_passes_just_above(sd_dir, tmp_path, caplog):
-    """The smoke settings (full fine-tune, batch 16, 32 px; validation keeps the VAE): a budget 1 MiB under the
-    planned figure is refused in one line naming the key, the GiB and the remedies; 1 MiB over passes and logs."""
+    def measure_once(family, config, p, shape, **kwargs):
+        if not measured:
+            measured.append((shape, real_measure(family, config, p, shape, **kwargs)))
+        assert shape == measured[0][0] == (16, 4, 8, 8)  # batch 16, 32 px: the tiny VAE (3 blocks) halves twice
+        return measured[0][1]
+
+    real_measure = memory_plan.measure_training
+    monkeypatch.setattr(memory_plan, "measure_training", measure_once)
     p, settings = smoke()
-    need = planned(sd_dir, p, settings, tmp_path)
-    assert need > 0.5 * GIB  # the fixed allowance is in
+    folders = finetune.Folders(sd_dir, tmp_path / "guide", tmp_path / "raw", tmp_path / "split", tmp_path / "out",
+                               tmp_path / "live", tmp_path / "scratch")
+    with pytest.raises(UserError, match="run the fetch stage first"):
+        finetune.check_inputs(folders, p | {"memory_budget_gb": 1000}, settings, sd2.FAMILY)
+    vae = memory_plan.frozen_bytes([sd_dir / "vae"], torch.float32)
+    need = memory_plan.planned_bytes(measured[0][1], vae)
+    assert need > measured[0][1].peak.total + vae + 0.5 * GIB  # the allowance is in
     with pytest.raises(UserError) as refused:
-        memory_plan.check_budget(sd2.FAMILY, sd_dir, p | {"memory_budget_gb": (need - 2**20) / GIB}, settings,
-                                 tmp_path, "cpu")
+        finetune.check_inputs(folders, p | {"memory_budget_gb": (need - 2**20) / GIB}, settings, sd2.FAMILY)
     line = str(refused.value)
     assert "\n" not in line and "finetune.memory_budget_gb" in line and f"{need / GIB:.2f} GiB" in line
     assert "finetune.method lora" in line and "finetune.train_batch_size 1" in line
-    with caplog.at_level(logging.INFO, logger="stylestudy.train.memory_plan"):
-        memory_plan.check_budget(sd2.FAMILY, sd_dir, p | {"memory_budget_gb": (need + 2**20) / GIB}, settings,
-                                 tmp_path, "cpu")
+    with caplog.at_level(logging.INFO, logger="stylestudy.train.memory_plan"), \
+            pytest.raises(UserError, match="run the fetch stage first"):
+        finetune.check_inputs(folders, p | {"memory_budget_gb": (need + 2**20) / GIB}, settings, sd2.FAMILY)
     assert f"{need / GIB:.2f} GiB measured at 32 px, batch 16" in caplog.text
 
 
