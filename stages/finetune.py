@@ -25,7 +25,8 @@ ends with the same UNet weights, bit for bit on a CPU, as one never interrupted:
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
 Processes: the stage first checks params, the accelerate config named by `finetune.launch.config_file`, the process
-count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stylestudy/train/launch.py).
+count against this machine's GPUs, the inputs, the memory with `memory_budget_gb` (stylestudy/train/memory_plan.py)
+and a checkpoint (one line each, exit 2; stylestudy/train/launch.py).
 One plain process then trains right there; more (or DeepSpeed, FSDP) run as
 `accelerate launch ... -m stages.finetune ARGS`, which this process becomes. Each process trains on its own shard of every epoch with its own noise (seed + process
 index); the effective batch is train_batch_size x processes x gradient_accumulation_steps, steps count optimizer
