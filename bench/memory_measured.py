@@ -2,23 +2,26 @@
 
 Each run builds one family's denoiser at its `full` shapes (stylestudy/models/builders*.py: real shapes, random
 weights), at the study's settings (conf/config.yaml `finetune`: 8-bit AdamW, gradient checkpointing, EMA, gradient
-clipping, fp16 autocast with fp32 weights, batch 1), full or LoRA, and tracks two optimizer steps with MemTracker:
-each step is two micro-batches (forward, backward) then clipping, the optimizer step and the EMA update. The study
-accumulates 4 micro-batches; from the second on, each starts from the same tensors (the gradients of the ones
-before), so two give the same peak. What is not run: the noise process (its tensors are latent-sized, under 1 MB
-here) and the fp16 loss scaler on a CPU (a few scalars).
+clipping, fp16 autocast with fp32 weights, batch 1), full or LoRA (FLUX: LoRA on its NF4 base only, as the family
+trains it; a full fine-tune is refused by params validation), and tracks two optimizer steps with MemTracker as
+stylestudy/train/memory_plan.py takes them (the same function that checks `finetune.memory_budget_gb`): each step
+is two micro-batches (forward, backward) of the family's example inputs (Family.example_inputs) then clipping, the
+optimizer step and the EMA update. The study accumulates 4 micro-batches; from the second on, each starts from the
+same tensors (the gradients of the ones before), so two give the same peak. What is not run: the noise process (its
+tensors are latent-sized, under 1 MB here) and the fp16 loss scaler on a CPU (a few scalars). Denoisers are held as
+on a GPU (FLUX's base computes in bf16).
 
 Where: by default on fake tensors on the CPU (FakeTensorMode: shapes without data; seconds a run, no memory), with
 bf16 autocast (fp16 runs as bf16 on a CPU: the same bytes). `--real` runs real tensors (tiny shapes on a CPU, or any
 shapes on a GPU); on CUDA each run also reports `torch.cuda.max_memory_allocated` over the run beside the tracked
-peak. A family adds one `Entry` to ENTRIES (its denoiser's builder and its inputs at a resolution).
+peak. A family adds one `Entry` to ENTRIES (its modules' builder, methods and resolutions).
 
 Run: python bench/memory_measured.py --json bench/memory_measured.json [--only sd3-full-512] [--arch tiny --real]
+(runs already in the JSON file and not chosen keep their figures there)
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -33,62 +36,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from stylestudy.models import builders, builders_sd3, builders_sdxl  # noqa: E402
-from stylestudy.models.families import Conditioning, Family, sd2, sd3, sdxl  # noqa: E402
-from stylestudy.train import build, lora, memory  # noqa: E402
+from stylestudy.models import builders, builders_flux, builders_sd3, builders_sdxl  # noqa: E402
+from stylestudy.models.families import Family, flux, sd2, sd3, sdxl  # noqa: E402
+from stylestudy.train import memory_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MICRO_BATCHES = 2  # see the docstring: the study's 4 give the same peak
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One family: its denoiser at an architecture ("full", "tiny"), its inputs for one sample at a resolution, and
-    the resolutions its study trains at."""
+    """One family: its modules at an architecture ("full", "tiny", built on the meta device for their configs), the
+    methods it trains and the resolutions its study trains at."""
 
     family: Family
-    denoiser: Callable[[str], Any]
-    inputs: Callable[[Any, int], tuple[Any, Any, Conditioning]]
+    modules: Callable[[str], dict[str, Any]]
+    methods: tuple[str, ...]
     resolutions: tuple[int, ...]
 
 
-def sd2_inputs(config: Any, resolution: int) -> tuple[Any, Any, Conditioning]:
-    latents = torch.randn(1, config.in_channels, resolution // 8, resolution // 8)
-    return latents, torch.tensor([500]), Conditioning(torch.randn(1, 77, config.cross_attention_dim))
-
-
-def sdxl_inputs(config: Any, resolution: int) -> tuple[Any, Any, Conditioning]:
-    latents, timesteps, text = sd2_inputs(config, resolution)
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    crops = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]])
-    return latents, timesteps, Conditioning(text.sequence, torch.randn(1, pooled), crops)
-
-
-def sd3_inputs(config: Any, resolution: int) -> tuple[Any, Any, Conditioning]:
-    latents = torch.randn(1, config.in_channels, resolution // 8, resolution // 8)
-    # 154 tokens: CLIP's 77 and T5's 77 (model.t5_max_length), as the encode stage caches them
-    conditioning = Conditioning(torch.randn(1, 154, config.joint_attention_dim),
-                                torch.randn(1, config.pooled_projection_dim))
-    return latents, torch.tensor([500.0]), conditioning
-
-
-def sd2_unet(arch: str) -> Any:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**builders.UNET_COMMON, **builders.SD_ARCHITECTURES[arch]["unet"])
-
-
-def sdxl_unet(arch: str) -> Any:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**builders_sdxl.UNET_COMMON, **builders_sdxl.ARCHITECTURES[arch]["unet"])
-
-
 ENTRIES = {
-    "sd2": Entry(sd2.FAMILY, sd2_unet, sd2_inputs, (256, 512)),
-    "sd3": Entry(sd3.FAMILY, lambda arch: builders_sd3.build_sd3_modules(arch, only="transformer")["transformer"],
-                 sd3_inputs, (512,)),
-    "sdxl": Entry(sdxl.FAMILY, sdxl_unet, sdxl_inputs, (512,)),
+    "sd2": Entry(sd2.FAMILY, builders.build_sd_modules, ("full", "lora"), (256, 512)),
+    "sd3": Entry(sd3.FAMILY, builders_sd3.build_sd3_modules, ("full", "lora"), (512,)),
+    "sdxl": Entry(sdxl.FAMILY, builders_sdxl.build_sdxl_modules, ("full", "lora"), (512,)),
+    # a full fine-tune of FLUX is refused by params validation (core/config.py check_family_settings): LoRA only,
+    # on the NF4 base the family trains by default (model.base_quantization)
+    "flux": Entry(flux.FAMILY, lambda arch: builders_flux.build_flux_modules(arch, device="meta"), ("lora",), (512,)),
 }
 
 
@@ -97,66 +69,25 @@ def study_settings() -> dict:
     return yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["finetune"]
 
 
-def training_step(entry: Entry, model: Any, state: dict, resolution: int, device: torch.device) \
-        -> Callable[[Callable[[], None]], None]:
-    """One optimizer step as stylestudy/train/loop.py takes it: micro-batches, clipping, step, EMA."""
-    half = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-
-    def step(after_backward: Callable[[], None]) -> None:
-        for _ in range(MICRO_BATCHES):
-            with torch.device(device):
-                latents, timesteps, conditioning = entry.inputs(model.config, resolution)
-            with torch.autocast(device.type, dtype=half):
-                prediction = entry.family.denoise(model, latents, timesteps, conditioning)
-            loss = (prediction.float() - latents).pow(2).mean() / MICRO_BATCHES
-            (scaler.scale(loss) if scaler else loss).backward()
-            after_backward()
-        if scaler:
-            scaler.unscale_(state["optimizer"])
-        torch.nn.utils.clip_grad_norm_(state["trainable"], state["max_grad_norm"])
-        scaler.step(state["optimizer"]) if scaler else state["optimizer"].step()
-        if scaler:
-            scaler.update()
-        state["optimizer"].zero_grad(set_to_none=True)
-        if state["ema"] is not None:
-            state["ema"].step(state["trainable"])
-    return step
-
-
-def denoiser(entry: Entry, method: str, arch: str, p: dict, device: torch.device) -> Any:
-    """The denoiser to train, with its LoRA adapter for `method` lora (on `device`; "meta" for fake runs)."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = entry.denoiser(arch)
-        if method == "lora":
-            lora.add_lora(model, p["lora_rank"], p["lora_alpha"], entry.family.lora_targets)
-    return model
+def configs(entry: Entry, arch: str) -> tuple[dict, dict]:
+    """The denoiser's config (as its config.json names its class) and the VAE's, of `arch`."""
+    with torch.device("meta"):
+        modules = entry.modules(arch)
+    denoiser = modules[entry.family.denoiser_folder]
+    return dict(denoiser.config) | {"_class_name": type(denoiser).__name__}, dict(modules["vae"].config)
 
 
 def measure(entry: Entry, method: str, resolution: int, arch: str, device: torch.device, fake: bool) -> dict:
-    from diffusers.training_utils import EMAModel
-
-    p = study_settings()
+    p = study_settings() | {"method": method}
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = denoiser(entry, method, arch, p, torch.device("meta") if fake else device)
-    with memory.fake_tensors() if fake else contextlib.nullcontext() as mode:
-        if fake:
-            memory.fake_parameters(model, device)
-        if p["gradient_checkpointing"]:
-            model.enable_gradient_checkpointing()
-        model.train()
-        trainable = lora.trainable_parameters(model)
-        optimizer = memory.make_optimizer(lambda: build.make_optimizer(trainable, p), mode)
-        ema = EMAModel(trainable, decay=p["ema_decay"], foreach=True) if p["use_ema"] else None
-        state = {"optimizer": optimizer, "trainable": trainable, "ema": ema, "max_grad_norm": p["max_grad_norm"]}
-        peak = memory.track_steps(model, optimizer, training_step(entry, model, state, resolution, device),
-                                  others=ema.shadow_params if ema else ())
+    config, vae_config = configs(entry, arch)
+    shape = memory_plan.latent_shape(entry.family, vae_config, config, resolution, p["train_batch_size"])
+    measured = memory_plan.measure_training(entry.family, config, p, shape, on_gpu=True, device=device, fake=fake)
+    peak = measured.peak
     figures = {"method": method, "resolution": resolution, "arch": arch, "fake_tensors": fake,
-               "parameters": sum(t.numel() for t in model.parameters()),
-               "trainable_parameters": sum(t.numel() for t in trainable),
+               "parameters": measured.parameters, "trainable_parameters": measured.trainable_parameters,
                "peak_gib": peak.gib(), "peak_bytes": {"total": peak.total, **peak.categories},
                "between_steps_gib": {name: round(value / 2**30, 3) for name, value in peak.between_steps.items()},
                "seconds": round(time.perf_counter() - started, 1)}
@@ -176,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     runs = {f"{name}-{method}-{resolution}": (entry, method, resolution) for name, entry in ENTRIES.items()
-            for method in ("full", "lora") for resolution in entry.resolutions}
+            for method in entry.methods for resolution in entry.resolutions}
     chosen = [name for name in args.only.split(",") if name] or list(runs)
     unknown = sorted(set(chosen) - set(runs))
     if unknown:
@@ -186,7 +117,9 @@ def main() -> None:
     figures = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor()}",
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-               "micro_batches": MICRO_BATCHES, "runs": {}}
+               "micro_batches": memory_plan.MICRO_BATCHES, "runs": {}}
+    if args.json and args.json.is_file():  # the runs not chosen keep their figures
+        figures["runs"] = json.loads(args.json.read_text())["runs"]
     for name in chosen:
         entry, method, resolution = runs[name]
         figures["runs"][name] = measure(entry, method, args.resolution or resolution, args.arch, device,

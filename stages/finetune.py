@@ -25,7 +25,8 @@ ends with the same UNet weights, bit for bit on a CPU, as one never interrupted:
 each item's random flip/crop/caption dropout only on seed, epoch and index, and the RNG states are restored.
 
 Processes: the stage first checks params, the accelerate config named by `finetune.launch.config_file`, the process
-count against this machine's GPUs, the inputs and a checkpoint (one line each, exit 2; stylestudy/train/launch.py).
+count against this machine's GPUs, the inputs, the memory with `memory_budget_gb` (stylestudy/train/memory_plan.py)
+and a checkpoint (one line each, exit 2; stylestudy/train/launch.py).
 One plain process then trains right there; more (or DeepSpeed, FSDP) run as
 `accelerate launch ... -m stages.finetune ARGS`, which this process becomes. Each process trains on its own shard of every epoch with its own noise (seed + process
 index); the effective batch is train_batch_size x processes x gradient_accumulation_steps, steps count optimizer
@@ -56,7 +57,7 @@ from stylestudy.core.outputs import MANIFEST, atomic_dir, fetch_origin, library_
 from stylestudy.data import dataset, latents
 from stylestudy.models import families, loading
 from stylestudy.models.families import Family
-from stylestudy.train import batches, build, checkpoints, launch, lora, loop, losses, modelcard
+from stylestudy.train import batches, build, checkpoints, launch, lora, loop, losses, memory_plan, modelcard
 from stylestudy.train.validation import ValidationSet
 
 if TYPE_CHECKING:
@@ -113,6 +114,8 @@ def check_inputs(folders: Folders, p: dict, settings: latents.EncodeSettings, fa
     families.check_pipeline_folder(folders.sd, family)
     if p["clip_loss"]["weight"] > 0:
         loading.check_clip_folder(folders.guide)
+    if not launch.started_by_launcher():  # measured once, before `accelerate launch` starts the processes
+        memory_plan.check_budget(family, folders.sd, p, settings, folders.guide, launch.device_type())
     require_path(folders.raw, "run the fetch stage first")
     rows = dataset.read_jsonl(require_path(folders.split / "train.jsonl", "run the split stage first"))
     if not rows:

@@ -146,7 +146,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "dataloader_num_workers": NON_NEGATIVE_INT, "checkpoint_every": NON_NEGATIVE_INT,
         "channels_last": BOOL, "compile_unet": BOOL, "method": one_of("full", "lora"), "lora_rank": POSITIVE_INT,
         "lora_alpha": POSITIVE_NUMBER, "snr_gamma": NON_NEGATIVE_NUMBER, "noise_offset": NON_NEGATIVE_NUMBER,
-        "caption_dropout": FRACTION,
+        "caption_dropout": FRACTION, "memory_budget_gb": NON_NEGATIVE_NUMBER,
         "clip_loss": {"weight": NON_NEGATIVE_NUMBER, "kind": one_of("global", "directional"),
                       "max_timestep": POSITIVE_INT, "every": POSITIVE_INT},
         "validate_every": NON_NEGATIVE_INT, "validation_prompt": NON_EMPTY_STRING, "validation_images": POSITIVE_INT,

@@ -41,7 +41,7 @@ LIVE = "dvclive"
 # Settings that leave the weights as they are: augmentation is seeded per item, not per worker, and validation draws
 # from its own generator.
 RESUME_SAFE = ("checkpoint_every", "dataloader_num_workers", "validate_every", "validation_prompt",
-               "validation_images", "validation_steps")
+               "validation_images", "validation_steps", "memory_budget_gb")
 NAME = re.compile(r"step-(\d+)")
 
 

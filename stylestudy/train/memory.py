@@ -108,24 +108,73 @@ def fake_tensors() -> Iterator[Any]:
         yield mode
 
 
-def fake_parameters(model: Any, device: Any) -> None:
+def fake_parameters(model: Any, device: Any, mode: Any = None) -> None:
     """Give `model`, built on the meta device, fake parameters and buffers on `device`, in place (call it inside
-    `fake_tensors()`). Models are built on the meta device and made fake afterwards because peft's adapter injection
-    moves modules with `.to()`, which cannot swap fake parameters (torch 2.14: "has weakref associated with it")."""
+    `fake_tensors()`, whose mode is `mode`). Models are built on the meta device and made fake afterwards because
+    peft's adapter injection moves modules with `.to()`, which cannot swap fake parameters (torch 2.14: "has weakref
+    associated with it"). bitsandbytes' 4-bit weights, still unquantised on the meta device, are quantised here."""
     import torch
 
     made: dict[int, Any] = {}  # shared (tied) tensors stay shared
+    replaced = []  # alive until the end: a freed tensor's id may be given to a new one
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is not None:
+                replaced.append(param)
                 if id(param) not in made:
-                    empty = torch.empty(param.shape, dtype=param.dtype, device=device)
-                    made[id(param)] = torch.nn.Parameter(empty, requires_grad=param.requires_grad)
+                    made[id(param)] = _fake_4bit(param, device, mode) if _unquantized_4bit(param) else \
+                        torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                                           requires_grad=param.requires_grad)
                 module._parameters[name] = made[id(param)]
+                for i, constant in enumerate(_quant_constants(getattr(made[id(param)], "quant_state", None))):
+                    # the tracker sees a module's parameters and buffers, not what hangs on a weight
+                    module.register_buffer(f"{name}_quant_state_{i}", constant, persistent=False)
         for name, buffer in module._buffers.items():
             if buffer is not None:
+                replaced.append(buffer)
                 made.setdefault(id(buffer), torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
                 module._buffers[name] = made[id(buffer)]
+
+
+def _quant_constants(state: Any) -> list[Any]:
+    """The tensors of a bitsandbytes QuantState (absmax, code, offset; the nested state's absmax and code)."""
+    if state is None:
+        return []
+    tensors = [state.absmax, state.code, state.offset]
+    return [t for t in tensors if t is not None] + _quant_constants(getattr(state, "state2", None))
+
+
+def _unquantized_4bit(param: Any) -> bool:
+    if type(param).__name__ == "Int8Params":
+        raise NotImplementedError("bitsandbytes' 8-bit weights (LLM.int8) are not measured on fake tensors")
+    return type(param).__name__ == "Params4bit" and not param.bnb_quantized
+
+
+def _fake_4bit(param: Any, device: Any, mode: Any) -> Any:
+    """A fake 4-bit weight as bitsandbytes quantises `param` on its way to a device (packed values and QuantState,
+    made by its own quantize_4bit on fake tensors): a plain Parameter carrying the QuantState, which Linear4bit
+    reads from its weight (bitsandbytes' Params4bit cannot wrap a fake tensor)."""
+    import torch
+    from bitsandbytes import functional
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if mode is None:
+        raise ValueError("a 4-bit weight is made fake inside fake_tensors() only: pass its mode")
+    if "dynamic" not in functional.name2qmap:  # quantize_blockwise's map, made from real numbers (.tolist())
+        with unset_fake_temporarily():
+            functional.name2qmap["dynamic"] = functional.create_dynamic_map()
+    dynamic = functional.name2qmap["dynamic"]
+    functional.name2qmap["dynamic"] = mode.from_tensor(dynamic)
+    try:
+        packed, state = functional.quantize_4bit(
+            torch.empty(param.shape, dtype=param.dtype, device=device), blocksize=param.blocksize,
+            compress_statistics=param.compress_statistics, quant_type=param.quant_type,
+            quant_storage=param.quant_storage)
+    finally:
+        functional.name2qmap["dynamic"] = dynamic
+    weight = torch.nn.Parameter(packed, requires_grad=False)
+    weight.quant_state = state
+    return weight
 
 
 def make_optimizer(make: Callable[[], Any], mode: Any = None) -> Any:

@@ -254,6 +254,18 @@ class Family(Generator):
     def load_denoiser(self, path: Path) -> Any:
         """The denoiser (UNet or transformer) in fp32, ready to train."""
 
+    def denoiser_from_config(self, config: dict[str, Any], on_gpu: bool) -> Any:
+        """A denoiser of `config` (its config.json) with random weights, held as load_denoiser holds it for a run on
+        a GPU or not, built on the current default device (meta: shapes only, for memory planning)."""
+        import diffusers
+
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+    @abstractmethod
+    def example_inputs(self, config: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[Any, Any, Conditioning]:
+        """Random noisy latents of `latent_shape` (batch, C, h, w), one timestep per sample and the conditioning
+        that training feeds the denoiser of `config`, in the shapes the encode stage caches (memory planning)."""
+
     @abstractmethod
     def load_noise_process(self, path: Path) -> NoiseProcess:
         """The training noise process of the folder's scheduler."""

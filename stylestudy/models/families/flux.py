@@ -135,22 +135,44 @@ class Flux(Family):
         """The transformer on the CPU, its Linear layers quantised by `base_quantization` (computing in bf16 where
         it will train on a GPU, fp32 on a CPU); in fp32 without quantisation. accelerate moves it to the GPU after
         the frozen encoders have encoded and gone: T5-XXL (9.5 GB) and the 4-bit base (6.7 GB) never share it."""
-        import torch
         from accelerate import PartialState
         from diffusers import FluxTransformer2DModel
 
-        from stylestudy.models import quantization
-
         loading.quiet_libraries()
-        kind = self.settings.base_quantization
-        on_gpu = PartialState().device.type == "cuda"
-        dtype = torch.bfloat16 if kind != "none" and on_gpu else torch.float32
+        dtype = self.base_dtype(PartialState().device.type == "cuda")
         with loading.user_errors(path, WHAT):
             transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", use_safetensors=True,
                                                                  torch_dtype=dtype)
-        if kind != "none":
-            quantization.quantize_linear_layers(transformer, kind, dtype, torch.device("cpu"), KEEP)
+        return self.held(transformer, dtype)
+
+    def base_dtype(self, on_gpu: bool) -> Any:
+        import torch
+
+        return torch.bfloat16 if self.settings.base_quantization != "none" and on_gpu else torch.float32
+
+    def held(self, transformer: Any, dtype: Any) -> Any:
+        """The transformer's base quantised by `base_quantization`, where it lies (the CPU; meta for planning)."""
+        from stylestudy.models import quantization
+
+        if self.settings.base_quantization != "none":
+            device = next(transformer.parameters()).device
+            quantization.quantize_linear_layers(transformer, self.settings.base_quantization, dtype, device, KEEP)
         return transformer
+
+    def denoiser_from_config(self, config: dict[str, Any], on_gpu: bool) -> Any:
+        from diffusers import FluxTransformer2DModel
+
+        dtype = self.base_dtype(on_gpu)
+        return self.held(FluxTransformer2DModel.from_config(config).to(dtype), dtype)
+
+    def example_inputs(self, config: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[Any, Any, Conditioning]:
+        """T5's `max_sequence_length` tokens and CLIP's pooled embeddings."""
+        import torch
+
+        batch = latent_shape[0]
+        return (torch.randn(latent_shape), torch.full((batch,), 500.0),
+                Conditioning(torch.randn(batch, self.settings.max_sequence_length, config["joint_attention_dim"]),
+                             torch.randn(batch, config["pooled_projection_dim"])))
 
     def load_noise_process(self, path: Path) -> FlowMatchNoise:
         from diffusers import FlowMatchEulerDiscreteScheduler

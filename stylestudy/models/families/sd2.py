@@ -151,6 +151,14 @@ class StableDiffusion2(Family):
     def denoise(self, denoiser: Any, noisy: Any, timesteps: Any, conditioning: Conditioning) -> Any:
         return denoiser(noisy, timesteps, conditioning.sequence, return_dict=False)[0]
 
+    def example_inputs(self, config: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[Any, Any, Conditioning]:
+        """CLIP's 77 tokens."""
+        import torch
+
+        batch = latent_shape[0]
+        return (torch.randn(latent_shape), torch.full((batch,), 500),
+                Conditioning(torch.randn(batch, 77, config["cross_attention_dim"])))
+
     def sample(self, denoiser: Any, noise: NoiseProcess, conditioning: Conditioning, latent_shape: tuple[int, ...],
                steps: int, guidance_scale: float, seed: int) -> Any:
         """DDIM (eta 0: no noise drawn after the first) with classifier-free guidance."""

@@ -177,6 +177,15 @@ class StableDiffusion3(Family):
     def from_latents(self, vae_config: Any, latents: Any) -> Any:
         return latents / vae_config.scaling_factor + vae_config.shift_factor
 
+    def example_inputs(self, config: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[Any, Any, Conditioning]:
+        """CLIP's 77 tokens, then T5's `max_sequence_length`."""
+        import torch
+
+        batch, tokens = latent_shape[0], 77 + self.settings.max_sequence_length
+        return (torch.randn(latent_shape), torch.full((batch,), 500.0),
+                Conditioning(torch.randn(batch, tokens, config["joint_attention_dim"]),
+                             torch.randn(batch, config["pooled_projection_dim"])))
+
     def denoise(self, denoiser: Any, noisy: Any, timesteps: Any, conditioning: Conditioning) -> Any:
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=conditioning.sequence,
                         pooled_projections=conditioning.pooled, return_dict=False)[0]

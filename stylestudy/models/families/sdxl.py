@@ -120,6 +120,16 @@ class StableDiffusionXL(StableDiffusion2):
         ids = tokenizer(texts, truncation=False)["input_ids"]
         return sum(len(one) > tokenizer.model_max_length for one in ids)
 
+    def example_inputs(self, config: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[Any, Any, Conditioning]:
+        """SD2's, with the second encoder's pooled embeddings and each sample's crop record (a whole image)."""
+        import torch
+
+        latents, timesteps, text = super().example_inputs(config, latent_shape)
+        batch, pixels = latent_shape[0], 8 * latent_shape[-1]
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        crops = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch)
+        return latents, timesteps, Conditioning(text.sequence, torch.randn(batch, pooled), crops)
+
     def denoise(self, denoiser: Any, noisy: Any, timesteps: Any, conditioning: Conditioning) -> Any:
         if conditioning.crops is None:
             raise ValueError("SDXL's UNet needs each sample's crop record (Conditioning.with_crops): its time ids")
