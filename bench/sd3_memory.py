@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from device_peaks import LIMIT_GIB, memory_fraction  # noqa: E402
 from stylestudy.models import builders_sd3  # noqa: E402
-from stylestudy.models.families import sd3  # noqa: E402
+from stylestudy.models.families import Conditioning, flow, sd3  # noqa: E402
 from stylestudy.train import build, lora  # noqa: E402
 
 STUDY_OPTIMIZER = {"optimizer": "adamw8bit", "learning_rate": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999,
@@ -70,11 +70,11 @@ def finetune(arch: str, device: torch.device, resolution: int, steps: int) -> di
     transformer.train()
     trainable = lora.trainable_parameters(transformer)
     optimizer = build.make_optimizer(trainable, STUDY_OPTIMIZER)
-    noise = sd3.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), sd3.FlowMatchSettings())
+    noise = flow.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), flow.FlowMatchSettings())
     config = transformer.config
     size = resolution // 8
     clean = torch.randn(1, config.in_channels, size, size, device=device)
-    conditioning = sd3.Conditioning(torch.randn(1, 154, config.joint_attention_dim, device=device),
+    conditioning = Conditioning(torch.randn(1, 154, config.joint_attention_dim, device=device),
                                     torch.randn(1, config.pooled_projection_dim, device=device))
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")

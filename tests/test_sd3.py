@@ -18,17 +18,17 @@ from stylestudy.core.config import UserError, load_params
 from stylestudy.data import sketches
 from stylestudy.data.dataset import read_metadata, write_jsonl
 from stylestudy.models import families
-from stylestudy.models.families import sd3
+from stylestudy.models.families import flow, sd3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def noise_process(scheme: str) -> sd3.FlowMatchNoise:
+def noise_process(scheme: str) -> flow.FlowMatchNoise:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return sd3.FlowMatchNoise(scheduler, sd3.FlowMatchSettings(weighting_scheme=scheme, logit_mean=0.3, logit_std=0.8))
+    return flow.FlowMatchNoise(scheduler, flow.FlowMatchSettings(weighting_scheme=scheme, logit_mean=0.3, logit_std=0.8))
 
 
 def diffusers_sigmas(scheduler, timesteps: torch.Tensor) -> torch.Tensor:

@@ -88,10 +88,10 @@ def shape_transformer(transformer: Any, vae: Any, seed: int) -> None:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from stylestudy.models.families import Conditioning, flux
+    from stylestudy.models.families import Conditioning, flow, flux
 
     family = flux.FAMILY
-    noise = flux.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(**SCHEDULER), family.settings)
+    noise = flow.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(**SCHEDULER), family.settings)
     config = transformer.config
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed + SHAPING_SEED_OFFSET)
