@@ -35,6 +35,13 @@ def composed(*overrides: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def params_with(tmp_path: Path, *overrides: str) -> Path:
+    """A params.yaml under `tmp_path` composed with `overrides`, for load_params to validate."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(composed(*overrides)))
+    return path
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
@@ -56,31 +63,46 @@ def one_thread():
 # Each family's tiny pipeline from the builder fetch uses (source tiny, seed 0), once a session; tests only read it
 # (a test that changes one copies it first).
 
+def built(tmp_path_factory, name: str, save) -> Path:
+    """A fresh folder `name` that `save(folder)` (a builder of stylestudy/models/builders*.py) writes a model into."""
+    folder = tmp_path_factory.mktemp(name) / name
+    save(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory) -> Path:
     from stylestudy.models import builders
 
-    folder = tmp_path_factory.mktemp("sd") / "sd"
-    builders.save_random_sd(folder, 0, "tiny")
-    return folder
+    return built(tmp_path_factory, "sd", lambda folder: builders.save_random_sd(folder, 0, "tiny"))
 
 
 @pytest.fixture(scope="session")
 def sd3_dir(tmp_path_factory) -> Path:
     from stylestudy.models import builders_sd3
 
-    folder = tmp_path_factory.mktemp("sd3") / "sd3"
-    builders_sd3.save_random_sd3(folder, 0, "tiny")
-    return folder
+    return built(tmp_path_factory, "sd3", lambda folder: builders_sd3.save_random_sd3(folder, 0, "tiny"))
 
 
 @pytest.fixture(scope="session")
 def sd35_dir(tmp_path_factory) -> Path:
     from stylestudy.models import builders_sd3
 
-    folder = tmp_path_factory.mktemp("sd35") / "sd35"
-    builders_sd3.save_random_sd3(folder, 0, "tiny-sd35")
-    return folder
+    return built(tmp_path_factory, "sd35", lambda folder: builders_sd3.save_random_sd3(folder, 0, "tiny-sd35"))
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    from stylestudy.models import builders
+
+    return built(tmp_path_factory, "clip", lambda folder: builders.save_tiny_clip(folder, 0))
+
+
+@pytest.fixture(scope="session")
+def blip_dir(tmp_path_factory) -> Path:
+    from stylestudy.models import builders
+
+    return built(tmp_path_factory, "blip", lambda folder: builders.save_tiny_blip(folder, 0))
 
 
 # Written by the pipeline, never part of a clone: a copy made after `make demo` must look like a fresh clone.

@@ -112,10 +112,16 @@ def distance(folder: Path, inputs: SimpleNamespace, image: int, caption: int = 0
     return float((generated(pipe, inputs, caption) - target).pow(2).mean().sqrt()), float(target.pow(2).mean().sqrt())
 
 
-def compared(label: str, base: float, tuned: float, size: float) -> float:
-    """Print the figures a learning check measured; the ratio base / tuned."""
-    print(f"{label}: base {base:.3f}, fine-tuned {tuned:.3f}, ratio {base / tuned:.2f}, latent RMS {size:.3f}")
-    return base / tuned
+def assert_draws_closer(label: str, inputs: SimpleNamespace, base: Path, tuned: Path, image: int, ratio: float,
+                        within: float | None = None) -> None:
+    """What `tuned` generates from the first caption lies more than `ratio` times closer to sketch `image`'s latent
+    than what `base` generates (and, given `within`, closer than that share of the latent's RMS); prints the figures."""
+    far, size = distance(base, inputs, image)
+    near, _ = distance(tuned, inputs, image)
+    print(f"{label}: base {far:.3f}, fine-tuned {near:.3f}, ratio {far / near:.2f}, latent RMS {size:.3f}")
+    assert far / near > ratio, f"generated latent {near:.3f} from the image's, the base model's {far:.3f}"
+    assert within is None or near < size * within, \
+        f"generated latent {near:.3f} from the image's, whose RMS is {size:.3f}"
 
 
 def assert_the_adapter_gives_the_fused_images(inputs: SimpleNamespace, base: Path, tuned: Path) -> None:

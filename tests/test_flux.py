@@ -18,7 +18,7 @@ from unittest.mock import MagicMock
 import pytest
 import torch
 import yaml
-from conftest import composed
+from conftest import built, params_with
 
 from stylestudy.core.config import UserError, load_params
 from stylestudy.models import builders_flux, families, hub, quantization
@@ -33,9 +33,8 @@ QUANTISED_TOLERANCE = {"nf4": 0.03, "int8": 0.03}
 
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("flux") / "flux"
-    builders_flux.save_random_flux(folder, 0, "tiny", shaped=False)
-    return folder
+    return built(tmp_path_factory, "flux",
+                 lambda folder: builders_flux.save_random_flux(folder, 0, "tiny", shaped=False))
 
 
 def family(**settings) -> flux.Flux:
@@ -173,12 +172,6 @@ def test_fill_kontext_and_other_families_folders_are_refused_in_one_line(flux_di
     with pytest.raises(UserError, match=r"\(model family flux\), but params model.family is sd3"):
         families.check_pipeline_folder(flux_dir, families.FAMILIES["sd3"])
     assert families.check_pipeline_folder(flux_dir) is flux.FAMILY
-
-
-def params_with(tmp_path: Path, *overrides: str) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(composed(*overrides)))
-    return path
 
 
 @pytest.mark.parametrize("override, words", [

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from learning_checks import TRAINING, both_and_swap, compared, distance, finetune, prepare
+from learning_checks import TRAINING, assert_draws_closer, both_and_swap, finetune, prepare
 
 from stylestudy.models import builders
 
@@ -55,14 +55,10 @@ def full(inputs: SimpleNamespace) -> Path:
 
 
 def test_full_finetune_memorises_the_image(inputs: SimpleNamespace, full: Path) -> None:
-    base, size = distance(inputs.sd, inputs, 0)
-    tuned, _ = distance(full, inputs, 0)
-    compared("full", base, tuned, size)
     # Measured: base 1.422, fine-tuned 0.230 (ratio 6.2; 2x VAE: 6.1, and 5.2 and 5.4 with seeds 1 and 42), latent RMS
     # 1.066. Broken: no scaling factor 0.910 (ratio 1.6), other prediction type 0.922 (1.5), other betas 0.339 (4.2),
     # EMA never stepped 1.422 (1.0).
-    assert base / tuned > 4.5, f"generated latent {tuned:.3f} from the image's, the base model's {base:.3f}"
-    assert tuned < size / 3, f"generated latent {tuned:.3f} from the image's, whose RMS is {size:.3f}"
+    assert_draws_closer("full", inputs, inputs.sd, full, 0, 4.5, within=1 / 3)
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +75,10 @@ def test_lora_finetune_memorises_the_image(inputs: SimpleNamespace, both: Path) 
     model to the other sketch 0.91 -> 0.72 at best (rank 8 to 32, learning rate 3e-3 to 3e-2, up to 600 steps; 0.63
     after 1000).
     """
-    base, size = distance(both, inputs, 1)
-    tuned, _ = distance(finetune(inputs, both, "swap", "lora", LORA), inputs, 1)
-    compared("lora", base, tuned, size)
     # Measured: base 0.937, fine-tuned 0.332 (ratio 2.8; 2x VAE: 2.9, and 3.2 and 2.2 with seeds 1 and 42), latent RMS
     # 1.051. Broken: no scaling factor ratio 1.0, other prediction type 1.0, EMA never stepped 1.0; other betas 2.2
     # passes here (2x VAE: 1.5), the full fine-tune's test catches it.
-    assert base / tuned > 2.0, f"generated latent {tuned:.3f} from the image's, the base model's {base:.3f}"
-    assert tuned < size / 2, f"generated latent {tuned:.3f} from the image's, whose RMS is {size:.3f}"
+    assert_draws_closer("lora", inputs, both, finetune(inputs, both, "swap", "lora", LORA), 1, 2.0, within=1 / 2)
 
 
 def unet_weights(folder: Path) -> torch.Tensor:

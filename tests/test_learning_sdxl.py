@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from learning_checks import (TRAINING, assert_the_adapter_gives_the_fused_images, both_and_swap, compared, distance,
+from learning_checks import (TRAINING, assert_draws_closer, assert_the_adapter_gives_the_fused_images, both_and_swap,
                              finetune, prepare)
 
 from stylestudy.models import builders_sdxl
@@ -51,11 +51,7 @@ def both(inputs: SimpleNamespace) -> Path:
 
 
 def test_full_finetune_memorises_the_image(inputs: SimpleNamespace, both: Path) -> None:
-    base, size = distance(inputs.sd, inputs, 0)
-    tuned, _ = distance(both, inputs, 0)
-    assert compared("sdxl full", base, tuned, size) > 2.5, \
-        f"generated latent {tuned:.3f} from the image's, the base model's {base:.3f}"
-    assert tuned < size / 2, f"generated latent {tuned:.3f} from the image's, whose RMS is {size:.3f}"
+    assert_draws_closer("sdxl full", inputs, inputs.sd, both, 0, 2.5, within=1 / 2)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +61,7 @@ def lora(inputs: SimpleNamespace, both: Path) -> Path:
 
 def test_lora_finetune_re_steers_a_caption_to_the_other_image(inputs: SimpleNamespace, both: Path,
                                                                lora: Path) -> None:
-    base, size = distance(both, inputs, 1)
-    tuned, _ = distance(lora, inputs, 1)
-    assert compared("sdxl lora", base, tuned, size) > 1.35, \
-        f"generated latent {tuned:.3f} from the image's, the base model's {base:.3f}"
+    assert_draws_closer("sdxl lora", inputs, both, lora, 1, 1.35)
 
 
 def test_diffusers_loads_the_adapter_and_gives_the_stage_s_images(inputs: SimpleNamespace, both: Path,

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import composed
+from conftest import composed, params_with
 from PIL import Image
 
 from stages import generate
@@ -92,12 +91,6 @@ def test_conditioning_is_the_pipeline_s_own(sd3_dir: Path) -> None:
     torch.testing.assert_close(conditioning.sequence, embeds)
     torch.testing.assert_close(conditioning.pooled, pooled)
     assert family.count_truncated(encoders, ["a " * 20, "a horse"]) == 1  # 20 T5 tokens and </s> exceed 12
-
-
-def params_with(tmp_path: Path, *overrides: str) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(composed(*overrides)))
-    return path
 
 
 @pytest.mark.parametrize("override, words", [

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import composed
+from conftest import built, params_with
 from PIL import Image
 
 from stylestudy.core.config import UserError, load_params
@@ -30,9 +29,8 @@ RESOLUTION = 32
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sdxl") / "sdxl"
-    builders_sdxl.save_random_sdxl(folder, 0, "tiny", shaped=False)
-    return folder
+    return built(tmp_path_factory, "sdxl",
+                 lambda folder: builders_sdxl.save_random_sdxl(folder, 0, "tiny", shaped=False))
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +191,6 @@ def test_the_vae_stays_in_fp32(sdxl_dir: Path) -> None:
     assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
     same = sdxl.FAMILY.configured({"family": "sdxl", "vae_precision": "same"})
     assert same.load_encoders(sdxl_dir, torch.device("cpu"), torch.bfloat16).vae.dtype == torch.bfloat16
-
-
-def params_with(tmp_path: Path, *overrides: str) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(composed(*overrides)))
-    return path
 
 
 @pytest.mark.parametrize("override, words", [

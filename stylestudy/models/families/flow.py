@@ -83,6 +83,7 @@ class FlowMatchFamily(Family):
     """A family trained by flow matching whose text encoders are CLIP (first) and T5 (last), joined by its diffusers
     pipeline's own encode_prompt."""
 
+    denoiser_folder = "transformer"
     text_encoder_names: ClassVar[tuple[str, ...]]  # the pipeline's text encoders' folders, in its order
     tokenizer_names: ClassVar[tuple[str, ...]]
     settings: FlowMatchSettings

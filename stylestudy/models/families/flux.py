@@ -79,7 +79,6 @@ def stored_dtype(folder: Path) -> Any:
 class Flux(FlowMatchFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
-    denoiser_folder = "transformer"
     components, weighted = COMPONENTS, WEIGHTED
     text_encoder_names, tokenizer_names = TEXT_ENCODERS, TOKENIZERS
     encoder_folders = ("vae/", "text_encoder/", "text_encoder_2/", "tokenizer/", "tokenizer_2/")

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 class StableDiffusion3(FlowMatchFamily):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
-    denoiser_folder = "transformer"
     components, weighted = COMPONENTS, WEIGHTED
     text_encoder_names, tokenizer_names = TEXT_ENCODERS, TOKENIZERS
     encoder_folders = ("vae/", "text_encoder/", "text_encoder_2/", "text_encoder_3/", "tokenizer/", "tokenizer_2/",
