@@ -92,6 +92,24 @@ def sd35_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """The tiny SDXL with its VAE unshaped (nothing reads its images; shaping takes most of the build's time)."""
+    from stylestudy.models import builders_sdxl
+
+    return built(tmp_path_factory, "sdxl",
+                 lambda folder: builders_sdxl.save_random_sdxl(folder, 0, "tiny", shaped=False))
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory) -> Path:
+    """The tiny FLUX with its VAE and transformer unshaped (as sdxl_dir)."""
+    from stylestudy.models import builders_flux
+
+    return built(tmp_path_factory, "flux",
+                 lambda folder: builders_flux.save_random_flux(folder, 0, "tiny", shaped=False))
+
+
+@pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory) -> Path:
     from stylestudy.models import builders
 

@@ -18,7 +18,7 @@ from unittest.mock import MagicMock
 import pytest
 import torch
 import yaml
-from conftest import built, params_with
+from conftest import params_with
 
 from stylestudy.core.config import UserError, load_params
 from stylestudy.models import builders_flux, families, hub, quantization
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["a horse near a tree", "zebra running"]
 # NF4 on the tiny random transformer: the output moved by 1.0 % of its norm (measured); 8-bit by less
 QUANTISED_TOLERANCE = {"nf4": 0.03, "int8": 0.03}
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built(tmp_path_factory, "flux",
-                 lambda folder: builders_flux.save_random_flux(folder, 0, "tiny", shaped=False))
 
 
 def family(**settings) -> flux.Flux:

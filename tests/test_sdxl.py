@@ -14,23 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import built, params_with
+from conftest import params_with
 from PIL import Image
 
 from stylestudy.core.config import UserError, load_params
 from stylestudy.data import dataset, latents
-from stylestudy.models import builders, builders_sdxl, families
+from stylestudy.models import builders, families
 from stylestudy.models.families import Conditioning, sd2, sdxl
 from stylestudy.train import batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RESOLUTION = 32
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built(tmp_path_factory, "sdxl",
-                 lambda folder: builders_sdxl.save_random_sdxl(folder, 0, "tiny", shaped=False))
 
 
 @pytest.fixture(scope="module")
