@@ -15,7 +15,8 @@ shifted before scaling 1.634 -> 1.234 (ratio 1.32, fails; with the tiny VAE's ow
 unseen, 0.474 against 0.475 unbroken, hence the larger shift here); the guidance embedding given 1000 x its value
 1.506 -> 0.871 (ratio 1.73, fails). Zeroing the pooled CLIP embedding in training passed (ratio 2.74 against 2.60
 unbroken, before the shift change): the tiny model barely uses it, and the unit test
-tests/test_flux.py::test_sampling_is_the_pipeline_s_denoising is what pins the conditioning to FluxPipeline's. A
+tests/test_flux.py::test_sampling_is_the_pipeline_s_denoising is what pins the conditioning to FluxPipeline's
+(tests/test_conditioning_path.py fails on that break: the cached pooled embedding no longer moves the output). A
 random tiny transformer could not be taught by a LoRA at all (ratio 1.28 after 300 steps): the tiny pipeline's
 transformer is shaped at build (builders_flux.shape_transformer).
 

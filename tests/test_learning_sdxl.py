@@ -18,7 +18,8 @@ from the second (ratio 3.89); the loaded adapter and the fused folder agree with
 training code, the full fine-tune's test: the target of the other prediction type (epsilon's under a v-prediction
 scheduler) 0.839 (ratio 1.66: fails); latents not multiplied by the scaling factor 0.748 (ratio 1.86:
 fails). Not caught: the time ids and the pooled embedding zeroed in training, 0.205 (ratio 6.80): a model that memorises two captions needs neither, and the generating pipeline's real time ids move it
-little; tests/test_sdxl.py checks them (the UNet's added_cond_kwargs, the crop records) instead.
+little; tests/test_sdxl.py checks them (the UNet's added_cond_kwargs, the crop records) instead, and
+tests/test_conditioning_path.py that either, zeroed on the way from the cached encoding to the UNet, fails.
 """
 from __future__ import annotations
 
