@@ -42,6 +42,16 @@ def params_with(tmp_path: Path, *overrides: str) -> Path:
     return path
 
 
+def params_refusal(tmp_path: Path, section: str, *overrides: str) -> str:
+    """The message with which load_params refuses `section` of params composed with `overrides`: one line."""
+    from stylestudy.core.config import UserError, load_params
+
+    with pytest.raises(UserError) as refused:
+        load_params(section, params_with(tmp_path, *overrides))
+    assert "\n" not in str(refused.value)
+    return str(refused.value)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
