@@ -108,21 +108,27 @@ def test_sd2_params_have_no_sd3_keys(tmp_path: Path) -> None:
     assert load_params("model", params_with(tmp_path, "model=sd3", "profile=smoke"))["family"] == "sd3"
 
 
-def test_gated_model_without_a_token_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("repo_id, status", [("stabilityai/stable-diffusion-3-medium-diffusers", 401),
+                                             ("black-forest-labs/FLUX.1-dev", 403)])
+def test_gated_model_without_a_token_or_licence_is_one_line(monkeypatch: pytest.MonkeyPatch, repo_id: str,
+                                                           status: int) -> None:
+    """SD3's and FLUX.1-dev's gates: 401 without a token, 403 with one whose licence was not accepted."""
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError
 
     from stylestudy.models import hub
 
     def gated(*args, **kwargs):
-        raise GatedRepoError("401 Client Error: access to model is restricted", response=MagicMock(status_code=401))
+        raise GatedRepoError(f"{status} Client Error: access to model is restricted",
+                             response=MagicMock(status_code=status))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     monkeypatch.setattr(hub, "reachable", lambda: None)
     with pytest.raises(UserError) as refused:
-        hub.download("sd", "stabilityai/stable-diffusion-3-medium-diffusers", "main")
+        hub.download("sd", repo_id, "main")
     message = str(refused.value)
-    assert "gated" in message and "HF_TOKEN" in message and "accept its licence" in message and "\n" not in message
+    assert f"{repo_id} is gated" in message and "accept its licence" in message
+    assert "HF_TOKEN" in message and "\n" not in message
 
 
 def generate_params(memory: str) -> dict:
