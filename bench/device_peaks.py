@@ -5,7 +5,7 @@ bf16 where the card has it (the study's mixed precision there), fp16 on the T4 a
 the vendors' data-sheet numbers for the card's boost clock; a sustained matrix product reaches less (an 8192^3 bf16
 product ran at about 790 TFLOP/s on this workplace's H100 and H200 against 989 here), which is part of what MFU says.
 More specific names first: the first entry whose key is in the device's name wins. And what a 16 GB card offers,
-for bench/sd3_memory.py's emulation of one on a larger card.
+for the 16 GB benches' emulation of one on a larger card (limited_device).
 """
 from __future__ import annotations
 
@@ -38,3 +38,20 @@ LIMIT_GIB = 14.7 - 0.5
 def memory_fraction(total_bytes: int) -> float:
     """The fraction of a card of `total_bytes` that leaves our allocations LIMIT_GIB (all of a smaller card)."""
     return min(1.0, LIMIT_GIB * 2**30 / total_bytes)
+
+
+def limited_device(dry_run: bool):
+    """Where a 16 GB bench runs: the CUDA device with our allocations limited to LIMIT_GIB, or the CPU for a dry run;
+    without CUDA and without a dry run, the process exits with one line."""
+    import sys
+
+    import torch
+
+    cuda = torch.cuda.is_available() and not dry_run
+    if not cuda and not dry_run:
+        sys.exit("error: no CUDA device: run with --dry-run for the tiny shapes on the CPU")
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(total), device)
+    return device

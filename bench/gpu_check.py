@@ -11,11 +11,13 @@ Steps, in order (each a subprocess with its own time box in seconds, so a slow o
   3 generate_speed bench/generate_speed.py at 512 px, 30 images (the naive loop timed on 6), on step 1's models:
                    naive, diffusers batched, ours; PSNR; evaluation time
   4 sd3            bench/sd3_memory.py OUT_JSON: SD3 Medium's shapes fine-tuned and sampled in what a 16 GB card offers
-  5 ddp            step 1's fine-tune again with conf/accelerate/ddp.yaml on 2 GPUs (a recorded skip with fewer)
-  6 determinism    the same short fine-tune twice: identical UNet weights or not, and by how much they differ
-  7 compiled       finetune_speed.py and generate_speed.py with --compile, warm-up apart, if time remains
-The bench scripts rewrite their JSON after each part, so a step stopped by its box keeps what it finished; steps 5 and
-6 need only step 1's stages up to `encode`. Disk, from the study-shaped models' sizes (SD 4.9 GB, CLIP 3.7, BLIP 0.9,
+  5 sdxl           bench/lora_16gb.py sdxl OUT_JSON: SDXL's 2.6B UNet, a LoRA step at the study's settings in 16 GB
+  6 flux           bench/lora_16gb.py flux OUT_JSON: FLUX.1's 12B transformer quantised to NF4, a QLoRA step, in 16 GB
+  7 ddp            step 1's fine-tune again with conf/accelerate/ddp.yaml on 2 GPUs (a recorded skip with fewer)
+  8 determinism    the same short fine-tune twice: identical UNet weights or not, and by how much they differ
+  9 compiled       finetune_speed.py and generate_speed.py with --compile, warm-up apart, if time remains
+The bench scripts rewrite their JSON after each part, so a step stopped by its box keeps what it finished; steps 7 and
+8 need only step 1's stages up to `encode`. Disk, from the study-shaped models' sizes (SD 4.9 GB, CLIP 3.7, BLIP 0.9,
 bench/RESULTS.md): about 17 GB in step 1's copy with the fine-tuned model (DVC's cache hard-linked, not a second
 copy); up to 10 GB more while a step fine-tunes twice or builds its own models (removed after): under 30 GB at worst.
 
@@ -46,15 +48,17 @@ sys.path.insert(0, str(REPO / "bench"))
 from gpu_check_tools import MemorySampler, fresh_copy, read_json, run, stage_times, step_record  # noqa: E402
 
 BUDGET_S = 450  # the steps on a GPU: 8 minutes less about 30 s for the set-up (installing gpu-wheels/, imports)
-# Each step's box; on one GPU (no DDP) they add up to 420 s, so the compiled step runs only on what others leave
-BOXES = {"full_profile": 170, "finetune_speed": 80, "generate_speed": 80, "sd3": 50, "ddp": 45, "determinism": 40,
-         "compiled": BUDGET_S}
+# Each step's box; on one GPU (no DDP) they add up to the budget, so the compiled step runs only on what others leave
+# (the budget has room for it where a step ends early). FLUX's box holds building the 12B transformer on the CPU (bf16)
+# and quantising it on its way to the GPU, then six steps; SDXL's, six steps of the 2.6B UNet
+BOXES = {"full_profile": 150, "finetune_speed": 55, "generate_speed": 55, "sd3": 45, "sdxl": 35, "flux": 75, "ddp": 45,
+         "determinism": 35, "compiled": BUDGET_S}
 STEPS = tuple(BOXES)
 # Shortened `full` profile: 100 images of 256 px, 20 optimizer steps, the study's 5 prompts x 2 images at 512 px
 FULL = ["profile=full", "fetch.data.n_images=100", "finetune.max_train_steps=20", "finetune.checkpoint_every=0",
         "finetune.validate_every=10", "generate.images_per_prompt=2", "generate.test_captions=5",
         "clip_eval.kid_subsets=10"]
-# What steps 5 and 6 read in step 1's copy: the stages that write it
+# What steps 7 and 8 read in step 1's copy: the stages that write it
 FINETUNE_INPUTS = {"fetch@sd", "fetch@guide", "fetch@data", "split", "encode"}
 # The dry run: the same shape with tiny models and sizes, on the CPU
 TINY = FULL + [f"fetch.{k}.source=tiny" for k in ("sd", "clip", "blip", "guide", "csd")] + [
@@ -73,7 +77,7 @@ class Check:
     out: Path
     dry_run: bool
     started: float = field(default_factory=time.perf_counter)
-    clone: Path | None = None  # step 1's copy of the repository, reused by steps 2, 3, 5 and 6
+    clone: Path | None = None  # step 1's copy of the repository, reused by steps 2, 3, 7 and 8
     finished_stages: set[str] = field(default_factory=set)  # step 1's stages that ran to their end
 
     def left(self) -> float:
@@ -137,9 +141,11 @@ def bench_script(check: Check, timeout: float, script: str, args: list[str], tin
     return step_record(command, code, seconds, tail, read_json(out))
 
 
-def sd3(check: Check, timeout: float) -> dict:
-    out = check.out / "sd3.raw.json"
-    command = [sys.executable, str(REPO / "bench" / "sd3_memory.py"), str(out)]
+def memory_16gb(check: Check, timeout: float, script: str, args: list[str], name: str) -> dict:
+    """Steps 4 to 6: a bench script that measures a family's shapes in what a 16 GB card offers (tiny on the CPU in
+    a dry run), with its JSON figures."""
+    out = check.out / f"{name}.raw.json"
+    command = [sys.executable, str(REPO / "bench" / script), *args, str(out)]
     command += ["--dry-run"] if check.dry_run else []
     code, seconds, tail = run(command, REPO, timeout)
     return step_record(command, code, seconds, tail, read_json(out))
@@ -225,7 +231,9 @@ def run_steps(check: Check, env: dict) -> list[dict]:
         "generate_speed": lambda t: bench_script(
             check, t, "generate_speed.py", ["--arch", "full", "--images-per-prompt", "6", "--naive-images", "6",
                                             "--no-compile", *models()], tiny_generate, "generate_speed"),
-        "sd3": lambda t: sd3(check, t),
+        "sd3": lambda t: memory_16gb(check, t, "sd3_memory.py", [], "sd3"),
+        "sdxl": lambda t: memory_16gb(check, t, "lora_16gb.py", ["sdxl"], "sdxl"),
+        "flux": lambda t: memory_16gb(check, t, "lora_16gb.py", ["flux"], "flux"),
         "ddp": lambda t: ddp(check, t),
         "determinism": lambda t: determinism(check, t),
         "compiled": lambda t: compiled(check, t),

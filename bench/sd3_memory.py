@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from device_peaks import LIMIT_GIB, memory_fraction  # noqa: E402
+from device_peaks import LIMIT_GIB, limited_device  # noqa: E402
 from stylestudy.models import builders_sd3  # noqa: E402
-from stylestudy.models.families import sd3  # noqa: E402
+from stylestudy.models.families import Conditioning, flow, sd3  # noqa: E402
 from stylestudy.train import build, lora  # noqa: E402
 
 STUDY_OPTIMIZER = {"optimizer": "adamw8bit", "learning_rate": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999,
@@ -70,11 +70,11 @@ def finetune(arch: str, device: torch.device, resolution: int, steps: int) -> di
     transformer.train()
     trainable = lora.trainable_parameters(transformer)
     optimizer = build.make_optimizer(trainable, STUDY_OPTIMIZER)
-    noise = sd3.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), sd3.FlowMatchSettings())
+    noise = flow.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), flow.FlowMatchSettings())
     config = transformer.config
     size = resolution // 8
     clean = torch.randn(1, config.in_channels, size, size, device=device)
-    conditioning = sd3.Conditioning(torch.randn(1, 154, config.joint_attention_dim, device=device),
+    conditioning = Conditioning(torch.randn(1, 154, config.joint_attention_dim, device=device),
                                     torch.randn(1, config.pooled_projection_dim, device=device))
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -135,15 +135,10 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the JSON file to write")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, a few steps")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if not cuda and not args.dry_run:
-        sys.exit("error: no CUDA device: run with --dry-run for the tiny shapes on the CPU")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = limited_device(args.dry_run)
+    cuda = device.type == "cuda"
     figures = {"dry_run": args.dry_run, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                "memory_limit_gib": LIMIT_GIB if cuda else None, "complete": False}
-    if cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(memory_fraction(total), device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     arch, resolution = ("tiny", 32) if args.dry_run else ("full", 512)
     for name, measure in (("finetune_lora", lambda: finetune(arch, device, resolution, 2 if args.dry_run else 10)),

@@ -35,6 +35,23 @@ def composed(*overrides: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def params_with(tmp_path: Path, *overrides: str) -> Path:
+    """A params.yaml under `tmp_path` composed with `overrides`, for load_params to validate."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(composed(*overrides)))
+    return path
+
+
+def params_refusal(tmp_path: Path, section: str, *overrides: str) -> str:
+    """The message with which load_params refuses `section` of params composed with `overrides`: one line."""
+    from stylestudy.core.config import UserError, load_params
+
+    with pytest.raises(UserError) as refused:
+        load_params(section, params_with(tmp_path, *overrides))
+    assert "\n" not in str(refused.value)
+    return str(refused.value)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
@@ -56,31 +73,64 @@ def one_thread():
 # Each family's tiny pipeline from the builder fetch uses (source tiny, seed 0), once a session; tests only read it
 # (a test that changes one copies it first).
 
+def built(tmp_path_factory, name: str, save) -> Path:
+    """A fresh folder `name` that `save(folder)` (a builder of stylestudy/models/builders*.py) writes a model into."""
+    folder = tmp_path_factory.mktemp(name) / name
+    save(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory) -> Path:
     from stylestudy.models import builders
 
-    folder = tmp_path_factory.mktemp("sd") / "sd"
-    builders.save_random_sd(folder, 0, "tiny")
-    return folder
+    return built(tmp_path_factory, "sd", lambda folder: builders.save_random_sd(folder, 0, "tiny"))
 
 
 @pytest.fixture(scope="session")
 def sd3_dir(tmp_path_factory) -> Path:
     from stylestudy.models import builders_sd3
 
-    folder = tmp_path_factory.mktemp("sd3") / "sd3"
-    builders_sd3.save_random_sd3(folder, 0, "tiny")
-    return folder
+    return built(tmp_path_factory, "sd3", lambda folder: builders_sd3.save_random_sd3(folder, 0, "tiny"))
 
 
 @pytest.fixture(scope="session")
 def sd35_dir(tmp_path_factory) -> Path:
     from stylestudy.models import builders_sd3
 
-    folder = tmp_path_factory.mktemp("sd35") / "sd35"
-    builders_sd3.save_random_sd3(folder, 0, "tiny-sd35")
-    return folder
+    return built(tmp_path_factory, "sd35", lambda folder: builders_sd3.save_random_sd3(folder, 0, "tiny-sd35"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """The tiny SDXL with its VAE unshaped (nothing reads its images; shaping takes most of the build's time)."""
+    from stylestudy.models import builders_sdxl
+
+    return built(tmp_path_factory, "sdxl",
+                 lambda folder: builders_sdxl.save_random_sdxl(folder, 0, "tiny", shaped=False))
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory) -> Path:
+    """The tiny FLUX with its VAE and transformer unshaped (as sdxl_dir)."""
+    from stylestudy.models import builders_flux
+
+    return built(tmp_path_factory, "flux",
+                 lambda folder: builders_flux.save_random_flux(folder, 0, "tiny", shaped=False))
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    from stylestudy.models import builders
+
+    return built(tmp_path_factory, "clip", lambda folder: builders.save_tiny_clip(folder, 0))
+
+
+@pytest.fixture(scope="session")
+def blip_dir(tmp_path_factory) -> Path:
+    from stylestudy.models import builders
+
+    return built(tmp_path_factory, "blip", lambda folder: builders.save_tiny_blip(folder, 0))
 
 
 # Written by the pipeline, never part of a clone: a copy made after `make demo` must look like a fresh clone.

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from unittest.mock import MagicMock
 
 import pytest
 import torch
 import yaml
-from conftest import composed
+from conftest import params_refusal, params_with
 
-from stylestudy.core.config import UserError, load_params
+from stylestudy.core.config import UserError
 from stylestudy.models import builders_flux, families, hub, quantization
 from stylestudy.models.families import flux
 from stylestudy.train import lora
@@ -29,13 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["a horse near a tree", "zebra running"]
 # NF4 on the tiny random transformer: the output moved by 1.0 % of its norm (measured); 8-bit by less
 QUANTISED_TOLERANCE = {"nf4": 0.03, "int8": 0.03}
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("flux") / "flux"
-    builders_flux.save_random_flux(folder, 0, "tiny", shaped=False)
-    return folder
 
 
 def family(**settings) -> flux.Flux:
@@ -175,12 +167,6 @@ def test_fill_kontext_and_other_families_folders_are_refused_in_one_line(flux_di
     assert families.check_pipeline_folder(flux_dir) is flux.FAMILY
 
 
-def params_with(tmp_path: Path, *overrides: str) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(composed(*overrides)))
-    return path
-
-
 @pytest.mark.parametrize("override, words", [
     ("finetune.method=full", "finetune.method full is refused for model family flux"),
     ("finetune.snr_gamma=5", "no meaning for flow matching (model family flux)"),
@@ -188,31 +174,13 @@ def params_with(tmp_path: Path, *overrides: str) -> Path:
     ("generate.scheduler=ddim", "not a sampler of model family flux"),
 ])
 def test_settings_flux_cannot_honour_are_refused_in_one_line(tmp_path: Path, override: str, words: str) -> None:
-    with pytest.raises(UserError) as refused:
-        load_params("finetune", params_with(tmp_path, "model=flux", override))
-    assert words in str(refused.value) and "\n" not in str(refused.value)
+    assert words in params_refusal(tmp_path, "finetune", "model=flux", override)
 
 
 def test_the_smoke_profile_trains_flux_as_qlora(tmp_path: Path) -> None:
     params = yaml.safe_load(params_with(tmp_path, "model=flux", "profile=smoke").read_text())
     assert params["finetune"]["method"] == "lora" and params["model"]["base_quantization"] == "nf4"
     assert families.from_params(params["model"]).settings == flux.FluxSettings()  # conf/ and the class agree
-
-
-def test_gated_flux_without_a_token_or_licence_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError
-
-    def gated(*args, **kwargs):
-        raise GatedRepoError("403 Client Error: access to model is restricted", response=MagicMock(status_code=403))
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
-    monkeypatch.setattr(hub, "reachable", lambda: None)
-    with pytest.raises(UserError) as refused:
-        hub.download("sd", "black-forest-labs/FLUX.1-dev", "main")
-    message = str(refused.value)
-    assert "black-forest-labs/FLUX.1-dev is gated" in message and "accept its licence" in message
-    assert "HF_TOKEN" in message and "\n" not in message
 
 
 def test_the_hub_download_takes_flux_s_diffusers_folders_only() -> None:

@@ -14,8 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
-STEPS = ["01_full_profile", "02_finetune_speed", "03_generate_speed", "04_sd3", "05_ddp", "06_determinism",
-         "07_compiled"]
+STEPS = ["01_full_profile", "02_finetune_speed", "03_generate_speed", "04_sd3", "05_sdxl", "06_flux", "07_ddp",
+         "08_determinism", "09_compiled"]
 STAGES = {"fetch@sd", "fetch@data", "split", "encode", "finetune", "generate@base", "generate@finetuned",
           "embed_real", "clip_eval", "blip_check", "report"}
 
@@ -59,17 +59,21 @@ def test_the_dry_run_writes_every_step_and_the_summary(tmp_path, request, system
     for name, step in steps.items():
         assert step["dry_run"] and {"step", "name", "status", "seconds"} <= step.keys(), name
         assert ("command" in step) != (step["status"] == "skipped") or "parts" in step, name
-    for name in ("01_full_profile", "02_finetune_speed", "03_generate_speed", "05_ddp", "06_determinism"):
+    for name in ("01_full_profile", "02_finetune_speed", "03_generate_speed", "05_sdxl", "06_flux", "07_ddp",
+                 "08_determinism"):
         assert steps[name]["status"] == "ok", f"{name}: {steps[name].get('log_tail', '')[-2000:]}"
     stages = steps["01_full_profile"]["figures"]["stages"]
     assert STAGES <= stages.keys() and all(s["seconds"] > 0 for s in stages.values())
     assert "profile=full" in steps["01_full_profile"]["figures"]["overrides"]
     assert {"a", "b", "c", "d"} <= steps["02_finetune_speed"]["figures"]["configurations"].keys()
     assert {"psnr_ours_db", "evaluation"} <= steps["03_generate_speed"]["figures"].keys()
-    assert {"identical", "max_abs_difference"} <= steps["06_determinism"]["figures"].keys()
-    assert steps["06_determinism"]["figures"]["identical"]  # on the CPU the same run gives the same weights
+    assert {"identical", "max_abs_difference"} <= steps["08_determinism"]["figures"].keys()
+    assert steps["08_determinism"]["figures"]["identical"]  # on the CPU the same run gives the same weights
     sd3_script = (REPO / "bench/sd3_memory.py").is_file()
     assert steps["04_sd3"]["status"] == ("ok" if sd3_script else "skipped")
+    for name, method in (("05_sdxl", "lora"), ("06_flux", "qlora")):  # the study's settings, at tiny size
+        finetune = steps[name]["figures"]["finetune"]
+        assert finetune["complete"] and finetune["method"] == method and finetune["images_per_s"] > 0, finetune
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check (dry run") and all(name[3:] in summary for name in STEPS)
 

@@ -28,21 +28,6 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and len(wa) > 0 and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-
-@pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("clip") / "model"
-    builders.save_tiny_clip(out, SEED)
-    return out
-
-
-@pytest.fixture(scope="session")
-def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("blip") / "model"
-    builders.save_tiny_blip(out, SEED)
-    return out
-
-
 @pytest.fixture(scope="session")
 def sd_pipe(sd_dir: Path):
     pipe = families.load_pipeline(sd_dir)

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import composed
+from conftest import composed, params_refusal, params_with
 from PIL import Image
 
 from stages import generate
@@ -18,17 +17,17 @@ from stylestudy.core.config import UserError, load_params
 from stylestudy.data import sketches
 from stylestudy.data.dataset import read_metadata, write_jsonl
 from stylestudy.models import families
-from stylestudy.models.families import sd3
+from stylestudy.models.families import flow, sd3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def noise_process(scheme: str) -> sd3.FlowMatchNoise:
+def noise_process(scheme: str) -> flow.FlowMatchNoise:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return sd3.FlowMatchNoise(scheduler, sd3.FlowMatchSettings(weighting_scheme=scheme, logit_mean=0.3, logit_std=0.8))
+    return flow.FlowMatchNoise(scheduler, flow.FlowMatchSettings(weighting_scheme=scheme, logit_mean=0.3, logit_std=0.8))
 
 
 def diffusers_sigmas(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -94,21 +93,13 @@ def test_conditioning_is_the_pipeline_s_own(sd3_dir: Path) -> None:
     assert family.count_truncated(encoders, ["a " * 20, "a horse"]) == 1  # 20 T5 tokens and </s> exceed 12
 
 
-def params_with(tmp_path: Path, *overrides: str) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(composed(*overrides)))
-    return path
-
-
 @pytest.mark.parametrize("override, words", [
     ("finetune.snr_gamma=5", "no meaning for flow matching"),
     ("generate.scheduler=pndm", "not a sampler of model family sd3"),
     ("model.weighting_scheme=lognorm", "model.weighting_scheme must be one of"),
 ])
 def test_settings_sd3_cannot_honour_are_refused_in_one_line(tmp_path: Path, override: str, words: str) -> None:
-    with pytest.raises(UserError) as refused:
-        load_params("finetune", params_with(tmp_path, "model=sd3", override))
-    assert words in str(refused.value) and "\n" not in str(refused.value)
+    assert words in params_refusal(tmp_path, "finetune", "model=sd3", override)
 
 
 def test_sd2_params_have_no_sd3_keys(tmp_path: Path) -> None:
@@ -117,21 +108,27 @@ def test_sd2_params_have_no_sd3_keys(tmp_path: Path) -> None:
     assert load_params("model", params_with(tmp_path, "model=sd3", "profile=smoke"))["family"] == "sd3"
 
 
-def test_gated_model_without_a_token_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("repo_id, status", [("stabilityai/stable-diffusion-3-medium-diffusers", 401),
+                                             ("black-forest-labs/FLUX.1-dev", 403)])
+def test_gated_model_without_a_token_or_licence_is_one_line(monkeypatch: pytest.MonkeyPatch, repo_id: str,
+                                                           status: int) -> None:
+    """SD3's and FLUX.1-dev's gates: 401 without a token, 403 with one whose licence was not accepted."""
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError
 
     from stylestudy.models import hub
 
     def gated(*args, **kwargs):
-        raise GatedRepoError("401 Client Error: access to model is restricted", response=MagicMock(status_code=401))
+        raise GatedRepoError(f"{status} Client Error: access to model is restricted",
+                             response=MagicMock(status_code=status))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     monkeypatch.setattr(hub, "reachable", lambda: None)
     with pytest.raises(UserError) as refused:
-        hub.download("sd", "stabilityai/stable-diffusion-3-medium-diffusers", "main")
+        hub.download("sd", repo_id, "main")
     message = str(refused.value)
-    assert "gated" in message and "HF_TOKEN" in message and "accept its licence" in message and "\n" not in message
+    assert f"{repo_id} is gated" in message and "accept its licence" in message
+    assert "HF_TOKEN" in message and "\n" not in message
 
 
 def generate_params(memory: str) -> dict:
@@ -203,8 +200,6 @@ def test_sd35_generates_through_the_generate_stage_with_every_speed_option(sd35_
 
 
 def test_a_variant_of_another_family_is_refused_in_one_line(tmp_path: Path) -> None:
-    with pytest.raises(UserError) as refused:
-        load_params("fetch", params_with(tmp_path, "fetch.sd.variant=sd35"))
-    assert "fetch.sd.variant 'sd35' is not a model of family sd2" in str(refused.value)
-    assert "\n" not in str(refused.value)
+    assert "fetch.sd.variant 'sd35' is not a model of family sd2" in params_refusal(tmp_path, "fetch",
+                                                                                    "fetch.sd.variant=sd35")
     assert load_params("fetch", params_with(tmp_path, "model=sd35", "profile=smoke"))["sd"]["variant"] == "sd35"

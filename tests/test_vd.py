@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import composed
+from conftest import built, composed
 
 from stages import blip_check, clip_eval, fetch, generate
 from stylestudy.core.config import SCHEMAS, UserError, validate
@@ -34,9 +34,7 @@ COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 @pytest.fixture(scope="module")
 def hub_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("vd-hub") / "hub"
-    builders_vd.save_hub_layout(folder, SEED)
-    return folder
+    return built(tmp_path_factory, "hub", lambda folder: builders_vd.save_hub_layout(folder, SEED))
 
 
 @pytest.fixture(scope="module")

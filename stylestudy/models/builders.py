@@ -99,19 +99,28 @@ def parameter_counts(name: str, modules: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def sd_vae(config: dict[str, Any], latent_channels: int = 4, **family: Any) -> Any:
+    """An AutoencoderKL of Stable Diffusion's design (one encoder and one decoder block per width of `config`, whose
+    layers_per_block, block_out_channels and sample_size it takes), randomly initialised; `family` adds a family's own
+    settings (shift and scale, no quant convolutions, fp32 upcast)."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(config["block_out_channels"])
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=32,
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, **config, **family)
+
+
 def build_sd_modules(arch: str) -> dict[str, Any]:
     """The UNet, VAE and text encoder of `arch`, randomly initialised (inside `torch.device("meta")`: shapes only)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     quiet_libraries()
     config = SD_ARCHITECTURES[arch]
-    blocks = len(config["vae"]["block_out_channels"])
     return {
         "unet": UNet2DConditionModel(**UNET_COMMON, **config["unet"]),
-        "vae": AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-                             down_block_types=("DownEncoderBlock2D",) * blocks,
-                             up_block_types=("UpDecoderBlock2D",) * blocks, **config["vae"]),
+        "vae": sd_vae(config["vae"]),
         "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT_COMMON, **config["text_encoder"])),
     }
 

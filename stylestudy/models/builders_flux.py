@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stylestudy.models.builders import parameter_counts, sd_tokenizer_from_open_clip
+from stylestudy.models.builders import parameter_counts, sd_tokenizer_from_open_clip, sd_vae
 from stylestudy.models.builders_sd3 import CLIP_COMMON, T5_COMMON, t5_tokenizer
 from stylestudy.models.loading import quiet_libraries
 
@@ -47,22 +47,18 @@ SHAPING_STEPS, SHAPING_BATCH, SHAPING_POOL, SHAPING_LEARNING_RATE, SHAPING_SEED_
 def build_flux_modules(arch: str, device: str = "cpu") -> dict[str, Any]:
     """The transformer, VAE and two text encoders of `arch`, randomly initialised on `device` ("meta": shapes only)."""
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     quiet_libraries()
     config = ARCHITECTURES[arch]
-    blocks = len(config["vae"]["block_out_channels"])
     with torch.device(device):
         return {
             "transformer": FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True,
                                                   **config["transformer"]),
             # FLUX's VAE: 16 channels, shifted and scaled latents, no quant convolutions
-            "vae": AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32,
-                                 down_block_types=("DownEncoderBlock2D",) * blocks,
-                                 up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=VAE_SCALE,
-                                 shift_factor=VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False,
-                                 **config["vae"]),
+            "vae": sd_vae(config["vae"], 16, scaling_factor=VAE_SCALE, shift_factor=VAE_SHIFT, use_quant_conv=False,
+                          use_post_quant_conv=False),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_COMMON, **config["text_encoder"])),
             "text_encoder_2": T5EncoderModel(T5Config(**T5_COMMON, **config["text_encoder_2"])),
         }
@@ -88,10 +84,10 @@ def shape_transformer(transformer: Any, vae: Any, seed: int) -> None:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from stylestudy.models.families import Conditioning, flux
+    from stylestudy.models.families import Conditioning, flow, flux
 
     family = flux.FAMILY
-    noise = flux.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(**SCHEDULER), family.settings)
+    noise = flow.FlowMatchNoise(FlowMatchEulerDiscreteScheduler(**SCHEDULER), family.settings)
     config = transformer.config
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed + SHAPING_SEED_OFFSET)

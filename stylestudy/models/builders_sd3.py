@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from stylestudy.models.builders import BLIP_WORDS, parameter_counts, sd_tokenizer_from_open_clip
+from stylestudy.models.builders import BLIP_WORDS, parameter_counts, sd_tokenizer_from_open_clip, sd_vae
 from stylestudy.models.loading import quiet_libraries
 
 if TYPE_CHECKING:
@@ -81,20 +81,16 @@ def forked(build: Callable[[], Any]) -> Any:
 
 def build_sd3_modules(arch: str, only: str | None = None) -> dict[str, Any]:
     """The transformer, VAE and three text encoders of `arch` (or the one named `only`), randomly initialised."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     quiet_libraries()
     config = ARCHITECTURES[arch]
-    blocks = len(config["vae"]["block_out_channels"])
     builders = {
         "transformer": lambda: forked(lambda: SD3Transformer2DModel(**config["transformer"])),
         # SD3's VAE: 16 channels, shifted and scaled latents, no quant convolutions
-        "vae": lambda: AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32,
-                                     down_block_types=("DownEncoderBlock2D",) * blocks,
-                                     up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=1.5305,
-                                     shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-                                     **config["vae"]),
+        "vae": lambda: sd_vae(config["vae"], 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                              use_post_quant_conv=False),
         "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_COMMON, **config["text_encoder"])),
         "text_encoder_2": lambda: CLIPTextModelWithProjection(
             CLIPTextConfig(**CLIP_COMMON, **config["text_encoder_2"])),

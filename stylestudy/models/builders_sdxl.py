@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stylestudy.models.builders import parameter_counts, sd_tokenizer_from_open_clip
+from stylestudy.models.builders import parameter_counts, sd_tokenizer_from_open_clip, sd_vae
 from stylestudy.models.loading import quiet_libraries
 
 CLIP_COMMON = {"max_position_embeddings": 77, "vocab_size": 49408, "pad_token_id": 1, "bos_token_id": 49406,
@@ -74,18 +74,15 @@ def architecture(arch: str, second_width: int | None = None) -> dict[str, dict[s
 
 def build_sdxl_modules(arch: str, second_width: int | None = None) -> dict[str, Any]:
     """The UNet, VAE and two text encoders of `arch` (`second_width`: architecture's), randomly initialised."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     quiet_libraries()
     config = architecture(arch, second_width)
-    blocks = len(config["vae"]["block_out_channels"])
     return {
         "unet": UNet2DConditionModel(**UNET_COMMON, **config["unet"]),
         # force_upcast: SDXL's VAE config asks the pipeline to decode in fp32 (it overflows in fp16)
-        "vae": AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-                             down_block_types=("DownEncoderBlock2D",) * blocks,
-                             up_block_types=("UpDecoderBlock2D",) * blocks, force_upcast=True, **config["vae"]),
+        "vae": sd_vae(config["vae"], force_upcast=True),
         "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_COMMON, **config["text_encoder"])),
         "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_COMMON, **config["text_encoder_2"])),
     }

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stylestudy.models.builders import SD_ARCHITECTURES, parameter_counts, sd_tokenizer_from_open_clip
+from stylestudy.models.builders import SD_ARCHITECTURES, parameter_counts, sd_tokenizer_from_open_clip, sd_vae
 from stylestudy.models import loading
 from stylestudy.models.loading import quiet_libraries
 
@@ -21,7 +21,7 @@ FLAT_BLOCKS = {"CrossAttnDownBlock2D": "CrossAttnDownBlockFlat", "DownBlock2D": 
 
 def build_vd_modules() -> dict[str, Any]:
     """The tiny image UNet, text UNet, VAE and text encoder, randomly initialised."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -32,13 +32,10 @@ def build_vd_modules() -> dict[str, Any]:
     unet = UNET_COMMON | config["unet"]
     flat = unet | {key: tuple(FLAT_BLOCKS[block] for block in unet[key])
                    for key in ("down_block_types", "up_block_types")}
-    blocks = len(config["vae"]["block_out_channels"])
     return {
         "image_unet": UNet2DConditionModel(**unet),
         "text_unet": UNetFlatConditionModel(**flat, mid_block_type="UNetMidBlockFlatCrossAttn"),
-        "vae": AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-                             down_block_types=("DownEncoderBlock2D",) * blocks,
-                             up_block_types=("UpDecoderBlock2D",) * blocks, **config["vae"]),
+        "vae": sd_vae(config["vae"]),
         "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_COMMON, **config["text_encoder"])),
     }
 

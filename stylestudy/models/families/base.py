@@ -1,7 +1,7 @@
 """What the pipeline asks of a model family, and the records that travel between it and the rest.
 
-A family (Stable Diffusion 1.x/2.x: sd2; Stable Diffusion 3: sd3; SDXL: sdxl) is one module with one `Family`
-subclass. `encode`, `finetune`, validation, `generate` and the learning check talk to the family only, so they never
+A family (Stable Diffusion 1.x/2.x: sd2; Stable Diffusion 3: sd3; SDXL: sdxl; FLUX.1: flux) is one module with one
+`Family` subclass, which may build on another's (SDXL on sd2's; SD3 and FLUX on flow.py's flow matching). `encode`, `finetune`, validation, `generate` and the learning check talk to the family only, so they never
 branch on the architecture:
 - the pipeline folder: check it (refusing another family's in one line), load it, save a fine-tuned one;
 - the frozen encoders (`FrozenEncoders`): captions into the denoiser's conditioning (`Conditioning`: sequence and,

@@ -3,7 +3,7 @@ fine-tuned as QLoRA (a LoRA adapter on a 4-bit NF4 base) to fit a 16 GB card.
 
 Training follows diffusers' FLUX scripts (examples/dreambooth/train_dreambooth_lora_flux.py and the research project
 flux_lora_quantization): latents x0 = (VAE sample - shift_factor) * scaling_factor, noised, targeted and weighted by
-SD3's FlowMatchNoise (the same code: sigmas drawn by `weighting_scheme` from the scheduler's table, x_t = (1 - sigma)
+flow.py's FlowMatchNoise (SD3's code: sigmas drawn by `weighting_scheme` from the scheduler's table, x_t = (1 - sigma)
 x0 + sigma eps, target eps - x0). FLUX-dev's scheduler shifts by resolution only when sampling (use_dynamic_shifting),
 so training draws from the unshifted table, as those scripts do. The transformer sees the latents packed 2x2 into
 64-channel tokens with their position ids (FluxPipeline._pack_latents, _prepare_latent_image_ids; zero text ids),
@@ -20,8 +20,8 @@ from typing import Any
 
 from stylestudy.core.config import SCHEDULERS, UserError
 from stylestudy.models import loading
-from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess
-from stylestudy.models.families.sd3 import FlowMatchNoise, FlowMatchSettings
+from stylestudy.models.families.base import Conditioning, FrozenEncoders, NoiseProcess
+from stylestudy.models.families.flow import FlowMatchFamily, FlowMatchNoise, FlowMatchSettings
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5-XXL (sequence)
 TOKENIZERS = ("tokenizer", "tokenizer_2")
@@ -76,11 +76,11 @@ def stored_dtype(folder: Path) -> Any:
         return next(weights.get_slice(k).get_dtype() for k in weights.keys())
 
 
-class Flux(Family):
+class Flux(FlowMatchFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
-    denoiser_folder = "transformer"
     components, weighted = COMPONENTS, WEIGHTED
+    text_encoder_names, tokenizer_names = TEXT_ENCODERS, TOKENIZERS
     encoder_folders = ("vae/", "text_encoder/", "text_encoder_2/", "tokenizer/", "tokenizer_2/")
     # both streams' attention and feed-forward projections, as diffusers' FLUX LoRA script targets them
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
@@ -91,12 +91,6 @@ class Flux(Family):
     license = "other"
     license_name = "FLUX.1 [dev] Non-Commercial License"
     license_link = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
-
-    def __init__(self, settings: FluxSettings = FluxSettings()) -> None:
-        self.settings = settings
-
-    def encoding_settings(self) -> dict[str, Any]:
-        return {"model.max_sequence_length": self.settings.max_sequence_length}
 
     def check_folder(self, path: Path) -> None:
         super().check_folder(path)
@@ -174,19 +168,6 @@ class Flux(Family):
                 Conditioning(torch.randn(batch, self.settings.max_sequence_length, config["joint_attention_dim"]),
                              torch.randn(batch, config["pooled_projection_dim"])))
 
-    def load_noise_process(self, path: Path) -> FlowMatchNoise:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchNoise(FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-                              self.settings)
-
-    def prompt_encoder(self, encoders: FrozenEncoders) -> Any:
-        """A pipeline holding the text encoders only: diffusers' own encode_prompt joins CLIP's and T5's."""
-        from diffusers import FluxPipeline
-
-        kwargs = dict(zip(TEXT_ENCODERS, encoders.text_encoders)) | dict(zip(TOKENIZERS, encoders.tokenizers))
-        return FluxPipeline(transformer=None, scheduler=None, vae=None, **kwargs)
-
     def encode_text(self, encoders: FrozenEncoders, texts: list[str]) -> Conditioning:
         import torch
 
@@ -194,16 +175,6 @@ class Flux(Family):
             sequence, pooled, _ = self.prompt_encoder(encoders).encode_prompt(
                 texts, None, device=encoders.device, max_sequence_length=self.settings.max_sequence_length)
         return Conditioning(sequence, pooled)
-
-    def count_truncated(self, encoders: FrozenEncoders, texts: list[str]) -> int:
-        clip, t5 = encoders.tokenizers
-        clip_ids = clip(texts, truncation=False)["input_ids"]
-        t5_ids = t5(texts, truncation=False)["input_ids"]
-        return sum(len(c) > clip.model_max_length or len(t) > self.settings.max_sequence_length
-                   for c, t in zip(clip_ids, t5_ids))
-
-    def to_latents(self, vae_config: Any, sample: Any) -> Any:
-        return (sample - vae_config.shift_factor) * vae_config.scaling_factor
 
     def from_latents(self, vae_config: Any, latents: Any) -> Any:
         """Unscaled VAE latents of (batch, 16, h, w) latents, or of FluxPipeline's packed square ones."""
@@ -262,19 +233,8 @@ class Flux(Family):
                              return_dict=False)[0]
         return x
 
-    def use_fused_attention(self, pipe: Any) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        pipe.vae.set_attn_processor(AttnProcessor2_0())  # the transformer's attention is SDPA already
-
     def fuse_qkv(self, pipe: Any) -> None:
         pipe.transformer.fuse_qkv_projections()
-
-    def set_scheduler(self, pipe: Any, name: str) -> None:
-        pass  # flow_euler: the pipeline's own FlowMatchEulerDiscreteScheduler, with FLUX's resolution shift
-
-    def generation_kwargs(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.settings.max_sequence_length}
 
     def encode_prompts(self, pipe: Any, texts: list[str], guidance: bool, device: Any) -> dict[str, Any]:
         """The prompts' embeddings alone: generate.guidance_scale is FLUX.1-dev's distilled guidance, which needs no
@@ -311,4 +271,4 @@ class Flux(Family):
         return base
 
 
-FAMILY = Flux()
+FAMILY = Flux(FluxSettings())

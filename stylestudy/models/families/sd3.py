@@ -6,18 +6,19 @@ u over [0, 1) drawn by `weighting_scheme` (logit_normal with logit_mean and logi
 uniform) picks timesteps from the scheduler's shifted table, sigma their noise level; x_t = (1 - sigma) x0 + sigma eps;
 the transformer regresses the velocity eps - x0, each sample's squared error weighted by the scheme's loss weight
 (sigma_sqrt: sigma^-2, cosmap: 2 / (pi (1 - 2 sigma + 2 sigma^2)), else 1). The one-step estimate is x0 = x_t - sigma v.
-min-SNR weighting has no meaning here (params validation refuses it).
+min-SNR weighting has no meaning here (params validation refuses it). The noise process, and what SD3 shares with
+FLUX.1 (the CLIP + T5 prompt encoder, shifted latents, the T5 length), are flow.py's.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stylestudy.core.config import SCHEDULERS
 from stylestudy.models import loading
-from stylestudy.models.families.base import Conditioning, Family, FrozenEncoders, NoiseProcess, draw_noise
+from stylestudy.models.families.base import Conditioning, FrozenEncoders, NoiseProcess
+from stylestudy.models.families.flow import FlowMatchFamily, FlowMatchNoise, FlowMatchSettings
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -27,73 +28,11 @@ WHAT = "a Stable Diffusion 3 pipeline"
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FlowMatchSettings:
-    """params `model` of the sd3 family: how training draws noise levels and weights them, and the T5 length."""
-
-    weighting_scheme: str = "logit_normal"  # logit_normal, mode, uniform, sigma_sqrt, cosmap
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    max_sequence_length: int = 77  # T5 tokens of every caption (CLIP's 77 come first)
-
-
-class FlowMatchNoise(NoiseProcess):
-    """Rectified flow matching on the scheduler's (shifted) sigma table."""
-
-    def __init__(self, scheduler: Any, settings: FlowMatchSettings) -> None:
-        self.scheduler = scheduler  # a FlowMatchEulerDiscreteScheduler as loaded: its tables span the training range
-        self.settings = settings
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
-
-    def draw(self, clean: Any, noise_offset: float) -> tuple[Any, Any]:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        noise = draw_noise(clean, noise_offset)
-        s = self.settings
-        u = compute_density_for_timestep_sampling(s.weighting_scheme, clean.shape[0], s.logit_mean, s.logit_std,
-                                                  s.mode_scale)
-        indices = (u * self.num_train_timesteps).long()
-        return noise, self.scheduler.timesteps[indices].to(clean.device)
-
-    def sigmas(self, timesteps: Any, like: Any) -> Any:
-        """Each timestep's sigma, shaped to broadcast over `like` (batch x C x h x w)."""
-        table = self.scheduler.timesteps.to(timesteps.device)
-        index = (table[None, :] - timesteps.float()[:, None]).abs().argmin(dim=1)
-        sigma = self.scheduler.sigmas.to(timesteps.device)[index]
-        return sigma.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-    def noised(self, clean: Any, noise: Any, timesteps: Any) -> Any:
-        sigma = self.sigmas(timesteps, clean)
-        return (1 - sigma) * clean + sigma * noise
-
-    def target(self, clean: Any, noise: Any, timesteps: Any) -> Any:
-        return noise - clean
-
-    def loss_weights(self, timesteps: Any, snr_gamma: float) -> Any:
-        """The scheme's weights (diffusers' compute_loss_weighting_for_sd3); None where they are all 1."""
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-        if self.settings.weighting_scheme not in ("sigma_sqrt", "cosmap"):
-            return None
-        sigma = self.sigmas(timesteps, timesteps.float()).float()
-        return compute_loss_weighting_for_sd3(self.settings.weighting_scheme, sigma)
-
-    def predicted_x0(self, noisy: Any, output: Any, timesteps: Any) -> Any:
-        return noisy - self.sigmas(timesteps, noisy) * output
-
-    def spread_timesteps(self, n: int) -> Any:
-        import torch
-
-        table = self.scheduler.timesteps
-        return table[torch.linspace(0, len(table) - 1, n).round().long()]
-
-
-class StableDiffusion3(Family):
+class StableDiffusion3(FlowMatchFamily):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
-    denoiser_folder = "transformer"
     components, weighted = COMPONENTS, WEIGHTED
+    text_encoder_names, tokenizer_names = TEXT_ENCODERS, TOKENIZERS
     encoder_folders = ("vae/", "text_encoder/", "text_encoder_2/", "text_encoder_3/", "tokenizer/", "tokenizer_2/",
                        "tokenizer_3/")
     # the joint attention's projections of both streams, as diffusers' SD3 LoRA script targets them
@@ -103,12 +42,6 @@ class StableDiffusion3(Family):
     license = "other"
     license_name = "Stability AI Community License"
     license_link = "https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers/blob/main/LICENSE.md"
-
-    def __init__(self, settings: FlowMatchSettings = FlowMatchSettings()) -> None:
-        self.settings = settings
-
-    def encoding_settings(self) -> dict[str, Any]:
-        return {"model.max_sequence_length": self.settings.max_sequence_length}
 
     def load_pipeline(self, path: Path) -> Any:
         from diffusers import StableDiffusion3Pipeline
@@ -142,19 +75,6 @@ class StableDiffusion3(Family):
         with loading.user_errors(path, WHAT):
             return SD3Transformer2DModel.from_pretrained(path / "transformer", use_safetensors=True)
 
-    def load_noise_process(self, path: Path) -> FlowMatchNoise:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchNoise(FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-                              self.settings)
-
-    def prompt_encoder(self, encoders: FrozenEncoders) -> Any:
-        """A pipeline holding the text encoders only: diffusers' own encode_prompt joins the three encoders."""
-        from diffusers import StableDiffusion3Pipeline
-
-        kwargs = dict(zip(TEXT_ENCODERS, encoders.text_encoders)) | dict(zip(TOKENIZERS, encoders.tokenizers))
-        return StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **kwargs)
-
     def encode_text(self, encoders: FrozenEncoders, texts: list[str]) -> Conditioning:
         import torch
 
@@ -163,16 +83,6 @@ class StableDiffusion3(Family):
                 texts, None, None, device=encoders.device, do_classifier_free_guidance=False,
                 max_sequence_length=self.settings.max_sequence_length)
         return Conditioning(sequence, pooled)
-
-    def count_truncated(self, encoders: FrozenEncoders, texts: list[str]) -> int:
-        clip, _, t5 = encoders.tokenizers
-        clip_ids = clip(texts, truncation=False)["input_ids"]
-        t5_ids = t5(texts, truncation=False)["input_ids"]
-        return sum(len(c) > clip.model_max_length or len(t) > self.settings.max_sequence_length
-                   for c, t in zip(clip_ids, t5_ids))
-
-    def to_latents(self, vae_config: Any, sample: Any) -> Any:
-        return (sample - vae_config.shift_factor) * vae_config.scaling_factor
 
     def from_latents(self, vae_config: Any, latents: Any) -> Any:
         return latents / vae_config.scaling_factor + vae_config.shift_factor
@@ -207,11 +117,6 @@ class StableDiffusion3(Family):
             x = sampler.step(uncond + guidance_scale * (cond - uncond), t, x, return_dict=False)[0]
         return x
 
-    def use_fused_attention(self, pipe: Any) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        pipe.vae.set_attn_processor(AttnProcessor2_0())  # the transformer's joint attention is SDPA already
-
     def fuse_qkv(self, pipe: Any) -> None:
         config = pipe.transformer.config
         if config.get("qk_norm") or config.get("dual_attention_layers"):
@@ -221,12 +126,6 @@ class StableDiffusion3(Family):
                      "projections apart; diffusers' fused joint attention computes neither")
             return
         pipe.transformer.fuse_qkv_projections()
-
-    def set_scheduler(self, pipe: Any, name: str) -> None:
-        pass  # flow_euler: the pipeline's own FlowMatchEulerDiscreteScheduler, with the model's shift
-
-    def generation_kwargs(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.settings.max_sequence_length}
 
     def encode_prompts(self, pipe: Any, texts: list[str], guidance: bool, device: Any) -> dict[str, Any]:
         import torch
@@ -246,4 +145,4 @@ class StableDiffusion3(Family):
                                                    weight_name=weight_name, transformer_lora_adapter_metadata=metadata)
 
 
-FAMILY = StableDiffusion3()
+FAMILY = StableDiffusion3(FlowMatchSettings())
