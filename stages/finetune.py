@@ -191,7 +191,7 @@ def run(folders: Folders, p: dict, settings: latents.EncodeSettings, seed: int, 
                              accelerator.device.type, accelerator.mixed_precision)
     found = checkpoints.find_resumable(folders.scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed, device_specific=True)  # seed + process index: each process draws its own noise and timesteps
-    trainee = build.load_trainee(family, folders.sd, p)
+    trainee = build.load_trainee(family, folders.sd, p, accelerator.device)
     inputs = prepare_inputs(folders, family, rows, val_rows, trainee, p, settings, seed, style_prompt,
                             accelerator)
     build.release_memory(accelerator.device)
