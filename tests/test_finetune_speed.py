@@ -30,6 +30,7 @@ class TwoProcesses:
     num_processes = 2
     distributed_type = "MULTI_GPU"
     mixed_precision = "bf16"
+    device = torch.device("cpu")
 
     def prepare(self, *objects):
         prepared = [obj[: len(obj) // 2] if isinstance(obj, list) else obj for obj in objects]
