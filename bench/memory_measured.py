@@ -24,6 +24,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ import yaml  # noqa: E402
 
 from stylestudy.models import builders, builders_sd3, builders_sdxl  # noqa: E402
 from stylestudy.models.families import Conditioning, Family, sd2, sd3, sdxl  # noqa: E402
-from stylestudy.train import build, lora, memory  # noqa: E402
+from stylestudy.core.config import check_memory_settings  # noqa: E402
+from stylestudy.train import build, lora, lowmem, memory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = 2  # see the docstring: the study's 4 give the same peak
@@ -92,26 +94,41 @@ ENTRIES = {
 }
 
 
-def study_settings() -> dict:
-    """The fine-tune's settings as conf/config.yaml gives them (the study's)."""
-    return yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["finetune"]
+def study_settings(overrides: dict | None = None) -> dict:
+    """The fine-tune's settings as conf/config.yaml gives them (the study's), with `overrides` (--set) over them,
+    refused as finetune refuses them (config.check_memory_settings)."""
+    p = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["finetune"] | (overrides or {})
+    check_memory_settings(p)
+    return p
+
+
+def micro_batches(p: dict) -> int:
+    """Two stand for the study's accumulation (see the docstring); one without accumulation (fused_backward)."""
+    return MICRO_BATCHES if p["gradient_accumulation_steps"] > 1 else 1
 
 
 def training_step(entry: Entry, model: Any, state: dict, resolution: int, device: torch.device) \
         -> Callable[[Callable[[], None]], None]:
-    """One optimizer step as stylestudy/train/loop.py takes it: micro-batches, clipping, step, EMA."""
-    half = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    """One optimizer step as stylestudy/train/loop.py takes it: micro-batches, clipping, step, EMA; with
+    fused_backward (state["fused"], stylestudy/train/lowmem.py's hooks) one micro-batch whose backward pass steps."""
+    fused, count = state["fused"], micro_batches(state["p"])
+    half = torch.float16 if device.type == "cuda" and state["p"]["mixed_precision"] == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and half == torch.float16 else None
 
     def step(after_backward: Callable[[], None]) -> None:
-        for _ in range(MICRO_BATCHES):
+        for _ in range(count):
             with torch.device(device):
                 latents, timesteps, conditioning = entry.inputs(model.config, resolution)
             with torch.autocast(device.type, dtype=half):
                 prediction = entry.family.denoise(model, latents, timesteps, conditioning)
-            loss = (prediction.float() - latents).pow(2).mean() / MICRO_BATCHES
+            loss = (prediction.float() - latents).pow(2).mean() / count
             (scaler.scale(loss) if scaler else loss).backward()
             after_backward()
+        if fused is not None:
+            fused.take_squared_norm()  # the loop reads it as a float: data fake tensors lack
+            if state["ema"] is not None:
+                state["ema"].step(state["trainable"])
+            return
         if scaler:
             scaler.unscale_(state["optimizer"])
         torch.nn.utils.clip_grad_norm_(state["trainable"], state["max_grad_norm"])
@@ -124,24 +141,23 @@ def training_step(entry: Entry, model: Any, state: dict, resolution: int, device
     return step
 
 
-def denoiser(entry: Entry, method: str, arch: str, p: dict, device: torch.device) -> Any:
-    """The denoiser to train, with its LoRA adapter for `method` lora (on `device`; "meta" for fake runs)."""
+def denoiser(entry: Entry, p: dict, arch: str, device: torch.device) -> Any:
+    """The denoiser to train as finetune makes it (lowmem.make_trainable: LoRA adapter or every weight, in the
+    dtypes the memory options give them), on `device` ("meta" for fake runs)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = entry.denoiser(arch)
-        if method == "lora":
-            lora.add_lora(model, p["lora_rank"], p["lora_alpha"], entry.family.lora_targets)
+        lowmem.make_trainable(model, p, entry.family.lora_targets, torch.device("cpu"))
     return model
 
 
-def measure(entry: Entry, method: str, resolution: int, arch: str, device: torch.device, fake: bool) -> dict:
-    from diffusers.training_utils import EMAModel
-
-    p = study_settings()
+def measure(entry: Entry, method: str, resolution: int, arch: str, device: torch.device, fake: bool,
+            overrides: dict) -> dict:
+    p = study_settings(overrides | {"method": method})
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = denoiser(entry, method, arch, p, torch.device("meta") if fake else device)
+    model = denoiser(entry, p, arch, torch.device("meta") if fake else device)
     with memory.fake_tensors() if fake else contextlib.nullcontext() as mode:
         if fake:
             memory.fake_parameters(model, device)
@@ -150,11 +166,16 @@ def measure(entry: Entry, method: str, resolution: int, arch: str, device: torch
         model.train()
         trainable = lora.trainable_parameters(model)
         optimizer = memory.make_optimizer(lambda: build.make_optimizer(trainable, p), mode)
-        ema = EMAModel(trainable, decay=p["ema_decay"], foreach=True) if p["use_ema"] else None
-        state = {"optimizer": optimizer, "trainable": trainable, "ema": ema, "max_grad_norm": p["max_grad_norm"]}
+        # off the device measured: the CPU's memory on a GPU, the meta device (no memory) on fake tensors
+        ema = lowmem.make_ema(trainable, p, device, host="meta" if fake else "cpu")
+        fused = lowmem.FusedBackward(trainable, optimizer, p["max_grad_norm"]) if p["fused_backward"] else None
+        state = {"optimizer": optimizer, "trainable": trainable, "ema": ema, "max_grad_norm": p["max_grad_norm"],
+                 "fused": fused, "p": p}
+        on_device = [t for t in (ema.shadow_params if ema else ()) if t.device.type == device.type]
         peak = memory.track_steps(model, optimizer, training_step(entry, model, state, resolution, device),
-                                  others=ema.shadow_params if ema else ())
-    figures = {"method": method, "resolution": resolution, "arch": arch, "fake_tensors": fake,
+                                  others=on_device)
+    figures = {"method": method, "resolution": resolution, "arch": arch, "fake_tensors": fake, "settings": overrides,
+               "micro_batches": micro_batches(p),
                "parameters": sum(t.numel() for t in model.parameters()),
                "trainable_parameters": sum(t.numel() for t in trainable),
                "peak_gib": peak.gib(), "peak_bytes": {"total": peak.total, **peak.categories},
@@ -173,7 +194,12 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="real tensors instead of fake ones")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda with --real")
     parser.add_argument("--resolution", type=int, default=0, help="every run at this size (tiny shapes: 64 at most)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a finetune setting over the study's (repeatable), e.g. fused_backward=true; the runs "
+                        "are named with them and added to --json's other runs")
     args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    suffix = "".join(f" {item}" for item in sorted(args.set))
     device = torch.device(args.device)
     runs = {f"{name}-{method}-{resolution}": (entry, method, resolution) for name, entry in ENTRIES.items()
             for method in ("full", "lora") for resolution in entry.resolutions}
@@ -183,15 +209,20 @@ def main() -> None:
         sys.exit(f"error: unknown runs {unknown}; known: {sorted(runs)}")
     import bitsandbytes
 
+    # fused_backward frees each gradient in its own hook, before MemTracker's (which then finds None): it counted that
+    # gradient already, from the hook that sees it arrive
+    warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass of tensor")
     figures = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor()}",
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
                "micro_batches": MICRO_BATCHES, "runs": {}}
+    if overrides and args.json and args.json.is_file():  # rows with other settings join the study's
+        figures["runs"] = json.loads(args.json.read_text())["runs"]
     for name in chosen:
         entry, method, resolution = runs[name]
-        figures["runs"][name] = measure(entry, method, args.resolution or resolution, args.arch, device,
-                                        fake=not args.real)
-        print(name, json.dumps(figures["runs"][name]["peak_gib"]), flush=True)
+        figures["runs"][name + suffix] = measure(entry, method, args.resolution or resolution, args.arch, device,
+                                                 fake=not args.real, overrides=overrides)
+        print(name + suffix, json.dumps(figures["runs"][name + suffix]["peak_gib"]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

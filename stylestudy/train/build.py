@@ -66,14 +66,7 @@ def load_trainee(family: Family, sd_dir: Path, p: dict, device: Any = None) -> T
     import torch
 
     denoiser = family.load_denoiser(sd_dir)
-    if p["method"] == "lora":
-        if p["lora_half_base"]:
-            lowmem.half_base(denoiser, loading.precision_that_runs(p["mixed_precision"]))
-        lora.add_lora(denoiser, p["lora_rank"], p["lora_alpha"], family.lora_targets)
-        if p["lora_half_base"]:
-            lora.keep_trainable_in_fp32(denoiser)
-    elif p["weights_dtype"] == "bf16":
-        lowmem.bf16_weights(denoiser, device or torch.device("cpu"))
+    lowmem.make_trainable(denoiser, p, family.lora_targets, device or torch.device("cpu"))
     if p["gradient_checkpointing"]:
         denoiser.enable_gradient_checkpointing()
     if p["channels_last"] and p["optimizer"] == "adamw8bit":

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TYPE_CHECKING
 
 from stylestudy.core.config import UserError
+from stylestudy.train import lora
 
 if TYPE_CHECKING:
     import torch
@@ -42,13 +43,30 @@ def stochastic_round(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
+def make_trainable(denoiser: Any, p: dict, targets: tuple[str, ...], device: Any) -> None:
+    """Make the denoiser's weights what finetune trains, in place: a LoRA adapter on `targets` (fp32, on a
+    half-precision base with `lora_half_base`), or every weight (fp32, or bf16 with `weights_dtype`, checked against
+    the accelerator `device`). build.load_trainee and bench/memory_measured.py both call it."""
+    from stylestudy.models import loading
+
+    if p["method"] == "lora":
+        if p["lora_half_base"]:
+            half_base(denoiser, loading.precision_that_runs(p["mixed_precision"]))
+        lora.add_lora(denoiser, p["lora_rank"], p["lora_alpha"], targets)
+        if p["lora_half_base"]:
+            lora.keep_trainable_in_fp32(denoiser)
+    elif p["weights_dtype"] == "bf16":
+        bf16_weights(denoiser, device)
+
+
 def half_base(denoiser: Any, precision: str) -> None:
     """Cast the whole denoiser to the mixed-precision dtype `precision` runs as (fp16 or bf16), before `add_lora`; the
     adapter is made fp32 after it (lora.keep_trainable_in_fp32). What diffusers' LoRA scripts do: autocast computes
     in that dtype anyway, so the frozen weights lose nothing but half their memory."""
     import torch
 
-    denoiser.to({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+    # torch's Module.to: diffusers' own warns that some modules "should be kept in float32" even when it names none
+    torch.nn.Module.to(denoiser, {"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
 
 
 def check_bf16_device(device: Any) -> None:
@@ -65,7 +83,7 @@ def bf16_weights(denoiser: Any, device: Any) -> None:
     import torch
 
     check_bf16_device(device)
-    denoiser.to(torch.bfloat16)
+    torch.nn.Module.to(denoiser, torch.bfloat16)  # see half_base
 
 
 class FusedBackward:
@@ -107,17 +125,23 @@ class FusedBackward:
         update smaller than half its last bit, which at lr 1e-5 is most of them."""
         import torch
 
-        weight, grad = param.data, param.grad
-        param.data, param.grad = weight.float(), grad.float()
-        del weight, grad
+        weight = param.data  # rounded back into the same storage: the module and the memory tracker keep theirs
+        param.data, param.grad = weight.float(), param.grad.float()
         self.clip(param)
         self.optimizer.step()
-        param.data = stochastic_round(param.data)
+        weight.copy_(stochastic_round(param.data))
+        param.data = weight
 
     def take_grad_norm(self) -> float:
-        """The global gradient norm before clipping, summed by the hooks of the last backward pass; resets the sum."""
-        squared, self.squared = self.squared, None
+        """The global gradient norm before clipping, summed by the hooks of the last backward pass; resets the sum (a
+        CPU-GPU sync point, once a step, as the plain path's clip_grad_norm_ read)."""
+        squared = self.take_squared_norm()
         return float("nan") if squared is None else float(squared.sqrt())
+
+    def take_squared_norm(self) -> Any:
+        """The sum of squared norms as a tensor on the device (None before any hook ran), and reset it."""
+        squared, self.squared = self.squared, None
+        return squared
 
 
 def fuse(trainable: Sequence[Any], optimizer: Any, p: dict, accelerator: Any) -> FusedBackward:
