@@ -196,3 +196,35 @@ def test_an_fp16_only_gpu_is_refused_bf16_weights(monkeypatch):
     with pytest.raises(UserError, match="Tesla T4 has fp16 only"):
         lowmem.check_bf16_device(torch.device("cuda"))
     lowmem.check_bf16_device(torch.device("cpu"))
+
+
+@pytest.mark.filterwarnings("ignore:Expected a tensor")  # MemTracker meets the gradients the hooks freed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward_never_holds_every_gradient(dtype):
+    """Tracked by MemTracker (stylestudy/train/memory.py) as the bench tracks it: the plain step holds every gradient
+    at its peak, the fused one at most the largest parameter's (in fp32 for bf16 weights, the copy it steps)."""
+    from stylestudy.train import memory
+
+    def peak(fused: bool) -> memory.MemoryPeak:
+        model = linear_stack(dtype)
+        params = list(model.parameters())
+        optimizer = optimizer_for("adamw", params)
+        hooks = lowmem.FusedBackward(params, optimizer, 1e6) if fused else None
+
+        def step(after_backward):
+            model(batch(0, dtype)).float().pow(2).mean().backward()
+            after_backward()
+            if hooks is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                hooks.take_squared_norm()
+
+        return memory.track_steps(model, optimizer, step)
+
+    sizes = [p.numel() for p in linear_stack().parameters()]
+    plain, fused = peak(False), peak(True)
+    assert plain.categories["gradients"] == sum(sizes) * dtype.itemsize
+    assert fused.categories["gradients"] <= max(sizes) * 4
+    if dtype == torch.float32:  # (plain bf16 steps keep bf16 moments, the fused path fp32 ones: not comparable)
+        assert fused.total < plain.total

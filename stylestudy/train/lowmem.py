@@ -74,8 +74,9 @@ def check_bf16_device(device: Any) -> None:
     import torch
 
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"params.yaml: finetune.weights_dtype bf16 needs a GPU with bf16 ({torch.cuda.get_device_name(device)} "
-                        "has fp16 only): set finetune.weights_dtype fp32 (docs/sd3.md \"SD3 full in 16 GB\")")
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"params.yaml: finetune.weights_dtype bf16 needs a GPU with bf16 ({name} has fp16 only): set "
+                        "finetune.weights_dtype fp32 (docs/sd3.md \"SD3 full in 16 GB\")")
 
 
 def bf16_weights(denoiser: Any, device: Any) -> None:
@@ -149,7 +150,8 @@ def fuse(trainable: Sequence[Any], optimizer: Any, p: dict, accelerator: Any) ->
     accelerate's wrapper: no loss scaler to consult (fp16 is refused with it, config.check_memory_settings)."""
     if accelerator.distributed_type.value != "NO":
         raise UserError("params.yaml: finetune.fused_backward steps each parameter before the processes could average "
-                        f"its gradient ({accelerator.distributed_type.value}): set it to false, or train in one process")
+                        f"its gradient ({accelerator.distributed_type.value}): set it to false, or train in one "
+                        "process")
     keep_state_dtypes(optimizer.optimizer)
     return FusedBackward(trainable, optimizer.optimizer, p["max_grad_norm"])
 
