@@ -8,13 +8,12 @@ in the study's defaults:
   of one parameter, which is rounded stochastically back into the bf16 weight (`stochastic_round`);
 - `ema_device: cpu`: the EMA's fp32 shadow copy on the CPU, updated parameter by parameter (`ParameterEma`).
 
-stylestudy/train/build.py calls `half_base`, `bf16_weights`, `make_ema` and `fuse`; stylestudy/train/loop.py reads
+stylestudy/train/build.py calls `make_trainable`, `make_ema` and `fuse`; stylestudy/train/loop.py reads
 `FusedBackward.take_grad_norm` after each backward pass. bench/memory_measured.py runs the same objects on fake
 tensors.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, TYPE_CHECKING
 
@@ -23,8 +22,6 @@ from stylestudy.train import lora
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
 
 LOW_16_BITS = 1 << 16
 HIGH_16_BITS = -LOW_16_BITS  # 0xFFFF0000 as an int32: keeps sign, exponent and bf16's 7 mantissa bits
@@ -62,7 +59,8 @@ def make_trainable(denoiser: Any, p: dict, targets: tuple[str, ...], device: Any
 def half_base(denoiser: Any, precision: str) -> None:
     """Cast the whole denoiser to the mixed-precision dtype `precision` runs as (fp16 or bf16), before `add_lora`; the
     adapter is made fp32 after it (lora.keep_trainable_in_fp32). What diffusers' LoRA scripts do: autocast computes
-    in that dtype anyway, so the frozen weights lose nothing but half their memory."""
+    the matrix products in that dtype anyway, so the frozen weights lose little (the norms' scales are rounded too)
+    and half their memory."""
     import torch
 
     # torch's Module.to: diffusers' own warns that some modules "should be kept in float32" even when it names none
