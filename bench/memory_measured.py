@@ -13,7 +13,14 @@ bf16 autocast (fp16 runs as bf16 on a CPU: the same bytes). `--real` runs real t
 shapes on a GPU); on CUDA each run also reports `torch.cuda.max_memory_allocated` over the run beside the tracked
 peak. A family adds one `Entry` to ENTRIES (its denoiser's builder and its inputs at a resolution).
 
+Memory options (stylestudy/train/lowmem.py): `--set KEY=VALUE` puts finetune settings over the study's (refused as
+finetune refuses them) and names the runs with them, added to --json's other runs. The denoiser's dtypes, the fused
+step's hooks with their stochastic rounding, and the EMA are the loop's own objects (lowmem.make_trainable,
+FusedBackward, make_ema); with fused_backward one micro-batch, whose backward pass steps. An EMA on the CPU is made on
+the meta device under fake tensors: memory off the device measured.
+
 Run: python bench/memory_measured.py --json bench/memory_measured.json [--only sd3-full-512] [--arch tiny --real]
+    [--set fused_backward=true --set gradient_accumulation_steps=1 --set mixed_precision=bf16 ...]
 """
 from __future__ import annotations
 
