@@ -43,7 +43,7 @@ import yaml  # noqa: E402
 
 from stylestudy.models import builders, builders_sd3, builders_sdxl  # noqa: E402
 from stylestudy.models.families import Conditioning, Family, sd2, sd3, sdxl  # noqa: E402
-from stylestudy.core.config import check_memory_settings  # noqa: E402
+from stylestudy.core.config import UserError, check_memory_settings  # noqa: E402
 from stylestudy.train import build, lora, lowmem, memory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,4 +235,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as refused:  # settings finetune would refuse: its one line, not a traceback
+        sys.exit(f"error: {refused}")
