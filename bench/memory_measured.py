@@ -16,7 +16,14 @@ bf16 autocast (fp16 runs as bf16 on a CPU: the same bytes). `--real` runs real t
 shapes on a GPU); on CUDA each run also reports `torch.cuda.max_memory_allocated` over the run beside the tracked
 peak. A family adds one `Entry` to ENTRIES (its modules' builder, methods and resolutions).
 
+Memory options (stylestudy/train/lowmem.py): `--set KEY=VALUE` puts finetune settings over the study's (refused as
+finetune refuses them) and names the runs with them. The denoiser's dtypes, the fused step's hooks with their
+stochastic rounding, and the EMA are the loop's own objects (lowmem.make_trainable, FusedBackward, make_ema); with
+fused_backward one micro-batch, whose backward pass steps. An EMA on the CPU is made on the meta device under fake
+tensors: memory off the device measured.
+
 Run: python bench/memory_measured.py --json bench/memory_measured.json [--only sd3-full-512] [--arch tiny --real]
+    [--set fused_backward=true --set gradient_accumulation_steps=1 --set mixed_precision=bf16 ...]
 (runs already in the JSON file and not chosen keep their figures there)
 """
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +46,7 @@ import yaml  # noqa: E402
 
 from stylestudy.models import builders, builders_flux, builders_sd3, builders_sdxl  # noqa: E402
 from stylestudy.models.families import Family, flux, sd2, sd3, sdxl  # noqa: E402
+from stylestudy.core.config import UserError, check_memory_settings  # noqa: E402
 from stylestudy.train import memory_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +73,12 @@ ENTRIES = {
 }
 
 
-def study_settings() -> dict:
-    """The fine-tune's settings as conf/config.yaml gives them (the study's)."""
-    return yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["finetune"]
+def study_settings(overrides: dict) -> dict:
+    """The fine-tune's settings as conf/config.yaml gives them (the study's), with `overrides` (--set) over them,
+    refused as finetune refuses them (config.check_memory_settings)."""
+    p = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["finetune"] | overrides
+    check_memory_settings(p)
+    return p
 
 
 def configs(entry: Entry, arch: str) -> tuple[dict, dict]:
@@ -77,8 +89,9 @@ def configs(entry: Entry, arch: str) -> tuple[dict, dict]:
     return dict(denoiser.config) | {"_class_name": type(denoiser).__name__}, dict(modules["vae"].config)
 
 
-def measure(entry: Entry, method: str, resolution: int, arch: str, device: torch.device, fake: bool) -> dict:
-    p = study_settings() | {"method": method}
+def measure(entry: Entry, method: str, resolution: int, arch: str, device: torch.device, fake: bool,
+            overrides: dict) -> dict:
+    p = study_settings(overrides | {"method": method})
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -86,8 +99,8 @@ def measure(entry: Entry, method: str, resolution: int, arch: str, device: torch
     shape = memory_plan.latent_shape(entry.family, vae_config, config, resolution, p["train_batch_size"])
     measured = memory_plan.measure_training(entry.family, config, p, shape, on_gpu=True, device=device, fake=fake)
     peak = measured.peak
-    figures = {"method": method, "resolution": resolution, "arch": arch, "fake_tensors": fake,
-               "parameters": measured.parameters, "trainable_parameters": measured.trainable_parameters,
+    figures = {"method": method, "resolution": resolution, "arch": arch, "fake_tensors": fake, "settings": overrides,
+               "micro_batches": memory_plan.micro_batches(p), "parameters": measured.parameters, "trainable_parameters": measured.trainable_parameters,
                "peak_gib": peak.gib(), "peak_bytes": {"total": peak.total, **peak.categories},
                "between_steps_gib": {name: round(value / 2**30, 3) for name, value in peak.between_steps.items()},
                "seconds": round(time.perf_counter() - started, 1)}
@@ -104,7 +117,12 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="real tensors instead of fake ones")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda with --real")
     parser.add_argument("--resolution", type=int, default=0, help="every run at this size (tiny shapes: 64 at most)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a finetune setting over the study's (repeatable), e.g. fused_backward=true; the runs "
+                        "are named with them")
     args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    suffix = "".join(f" {item}" for item in sorted(args.set))
     device = torch.device(args.device)
     runs = {f"{name}-{method}-{resolution}": (entry, method, resolution) for name, entry in ENTRIES.items()
             for method in entry.methods for resolution in entry.resolutions}
@@ -114,20 +132,26 @@ def main() -> None:
         sys.exit(f"error: unknown runs {unknown}; known: {sorted(runs)}")
     import bitsandbytes
 
+    # fused_backward frees each gradient in its own hook, before MemTracker's (which then finds None): it counted that
+    # gradient already, from the hook that sees it arrive
+    warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass of tensor")
     figures = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor()}",
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-               "micro_batches": memory_plan.MICRO_BATCHES, "runs": {}}
+               "runs": {}}
     if args.json and args.json.is_file():  # the runs not chosen keep their figures
         figures["runs"] = json.loads(args.json.read_text())["runs"]
     for name in chosen:
         entry, method, resolution = runs[name]
-        figures["runs"][name] = measure(entry, method, args.resolution or resolution, args.arch, device,
-                                        fake=not args.real)
-        print(name, json.dumps(figures["runs"][name]["peak_gib"]), flush=True)
+        figures["runs"][name + suffix] = measure(entry, method, args.resolution or resolution, args.arch, device,
+                                                 fake=not args.real, overrides=overrides)
+        print(name + suffix, json.dumps(figures["runs"][name + suffix]["peak_gib"]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as refused:  # settings finetune would refuse: its one line, not a traceback
+        sys.exit(f"error: {refused}")

@@ -16,7 +16,8 @@ run, so they stay out of the model folder and the metrics).
 
 Options past the study, each off in its defaults: `method: lora` (stylestudy/train/lora.py), `snr_gamma`,
 `noise_offset` (the family's noise process), `caption_dropout` (stylestudy/train/batches.py), `clip_loss`
-(stylestudy/train/losses.py), validation (stylestudy/train/validation.py). The loop: stylestudy/train/loop.py.
+(stylestudy/train/losses.py), validation (stylestudy/train/validation.py); memory: `lora_half_base`,
+`fused_backward`, `weights_dtype`, `ema_device` (stylestudy/train/lowmem.py). The loop: stylestudy/train/loop.py.
 
 Interruption: every `checkpoint_every` optimizer steps the whole training state goes to SCRATCH_DIR (not a DVC output;
 see stylestudy/train/checkpoints.py). A rerun resumes from the newest whole checkpoint and logs the step; it refuses,
@@ -194,7 +195,7 @@ def run(folders: Folders, p: dict, settings: latents.EncodeSettings, seed: int, 
                              accelerator.device.type, accelerator.mixed_precision)
     found = checkpoints.find_resumable(folders.scratch, run_id)  # before the slow part: a refusal comes at once
     set_seed(seed, device_specific=True)  # seed + process index: each process draws its own noise and timesteps
-    trainee = build.load_trainee(family, folders.sd, p)
+    trainee = build.load_trainee(family, folders.sd, p, accelerator.device)
     inputs = prepare_inputs(folders, family, rows, val_rows, trainee, p, settings, seed, style_prompt,
                             accelerator)
     build.release_memory(accelerator.device)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 P = {"gradient_accumulation_steps": 2, "max_train_steps": 0, "epochs": 3, "lr_scheduler": "linear",
      "lr_warmup_steps": 0, "optimizer": "adamw", "learning_rate": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999,
-     "adam_weight_decay": 0.0, "adam_epsilon": 1e-8, "use_ema": False, "ema_decay": 0.9}
+     "adam_weight_decay": 0.0, "adam_epsilon": 1e-8, "use_ema": False, "ema_decay": 0.9, "fused_backward": False}
 
 
 class TwoProcesses:
@@ -30,6 +30,7 @@ class TwoProcesses:
     num_processes = 2
     distributed_type = "MULTI_GPU"
     mixed_precision = "bf16"
+    device = torch.device("cpu")
 
     def prepare(self, *objects):
         prepared = [obj[: len(obj) // 2] if isinstance(obj, list) else obj for obj in objects]

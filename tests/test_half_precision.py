@@ -106,6 +106,8 @@ FINETUNES = {
     "cached latents, CLIP loss": ({"cache_latents": True}, {"clip_loss": {"weight": 0.1, "kind": "global",
                                                                           "max_timestep": 1000, "every": 1}}),
     "encoded every step": ({"cache_latents": False}, {}),
+    # issue 31: LoRA's frozen base in the half type (fp16 with the loss scaler: the adapter must stay fp32)
+    "LoRA on a half-precision base": ({"cache_latents": True}, {"method": "lora", "lora_half_base": True}),
 }
 DIRECTIONAL = {"clip_loss": {"weight": 0.1, "kind": "directional", "max_timestep": 1000, "every": 1}}
 # issue 29 defect 1: the full fine-tune's frozen reference copy, made before accelerate's autocast, stayed fp32 and met

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stages import encode
@@ -180,6 +181,37 @@ def test_every_option_on_still_resumes_to_the_same_weights(inputs):
         assert (cwd / path).read_text() == (uninterrupted / path).read_text(), curve
     clip = [float(line.split("\t")[1]) for line in (cwd / "live/plots/metrics/loss_clip.tsv").read_text().splitlines()[1:]]
     assert any(clip) and not all(clip), "the CLIP loss applies on every 2nd step only"
+
+
+# The memory options (stylestudy/train/lowmem.py): the fused step with bf16 weights (stochastic rounding draws from
+# the RNG the checkpoint carries, the fp32 optimizer states must come back fp32) and the EMA on the CPU; LoRA's half
+# base. Without accumulation: 15 optimizer steps an epoch, 30 in all.
+MEMORY_OPTIONS = {
+    "fused_bf16": {"fused_backward": True, "gradient_accumulation_steps": 1, "mixed_precision": "bf16",
+                   "weights_dtype": "bf16", "ema_device": "cpu", "max_grad_norm": 0.01},
+    "lora_half_base": {"method": "lora", "lora_half_base": True},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MEMORY_OPTIONS))
+def test_memory_options_still_resume_to_the_same_weights(inputs, name):
+    """Killed once after checkpoint 4, resumed: the same weights (and adapter), loss and grad-norm curves."""
+    uninterrupted = workdir(inputs, f"{name}-whole", MEMORY_OPTIONS[name])
+    finish(uninterrupted, inputs)
+    cwd = workdir(inputs, f"{name}-interrupted", MEMORY_OPTIONS[name])
+    kill_after_checkpoint(cwd, inputs, 4)
+    assert "resuming from checkpoint scratch/step-00000004 at step 4" in finish(cwd, inputs)
+    expected, got = unet_tensors(uninterrupted), unet_tensors(cwd)
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    for curve in CURVES:
+        path = f"live/plots/metrics/{curve}.tsv"
+        assert (cwd / path).read_text() == (uninterrupted / path).read_text(), curve
+    if name == "fused_bf16":
+        assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    else:
+        adapter = "out/lora/pytorch_lora_weights.safetensors"
+        assert (cwd / adapter).read_bytes() == (uninterrupted / adapter).read_bytes()
 
 
 @pytest.mark.slow

@@ -150,7 +150,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "clip_loss": {"weight": NON_NEGATIVE_NUMBER, "kind": one_of("global", "directional"),
                       "max_timestep": POSITIVE_INT, "every": POSITIVE_INT},
         "validate_every": NON_NEGATIVE_INT, "validation_prompt": NON_EMPTY_STRING, "validation_images": POSITIVE_INT,
-        "validation_steps": POSITIVE_INT,
+        "validation_steps": POSITIVE_INT, "lora_half_base": BOOL, "fused_backward": BOOL,
+        "weights_dtype": one_of("fp32", "bf16"), "ema_device": one_of("accelerator", "cpu"),
         "launch": {"config_file": NON_EMPTY_STRING, "num_processes": POSITIVE_INT},
     },
     "generate": {
@@ -245,6 +246,27 @@ def check_family_settings(params: dict) -> None:
                         "(NaN images): set model.vae_precision to fp32")
 
 
+def check_memory_settings(p: dict) -> None:
+    """The memory options (stylestudy/train/lowmem.py) against the settings they cannot run with, one line each."""
+    where = "params.yaml: finetune."
+    if p["lora_half_base"] and (p["method"] != "lora" or p["mixed_precision"] == "no"):
+        raise UserError(f"{where}lora_half_base holds a LoRA run's frozen base in the mixed-precision dtype: it needs "
+                        "method lora and mixed_precision fp16 or bf16 (a full fine-tune: weights_dtype bf16)")
+    if p["fused_backward"] and p["gradient_accumulation_steps"] > 1:
+        raise UserError(f"{where}fused_backward steps each parameter as soon as its gradient is ready, so gradients "
+                        "cannot accumulate: set gradient_accumulation_steps 1 (raise train_batch_size instead)")
+    if p["fused_backward"] and p["mixed_precision"] == "fp16":
+        raise UserError(f"{where}fused_backward cannot run with mixed_precision fp16: its loss scaler checks every "
+                        "gradient for overflow before any step is taken; set mixed_precision bf16")
+    if p["fused_backward"] and p["launch"]["num_processes"] > 1:
+        raise UserError(f"{where}fused_backward steps each parameter before the processes average its gradient: "
+                        "set launch.num_processes 1, or fused_backward false")
+    if p["weights_dtype"] == "bf16" and not (p["method"] == "full" and p["fused_backward"]
+                                              and p["mixed_precision"] == "bf16"):
+        raise UserError(f"{where}weights_dtype bf16 rounds each update stochastically inside the fused step: it needs "
+                        "method full, fused_backward true and mixed_precision bf16 (LoRA: lora_half_base)")
+
+
 def check_export_settings(params: dict) -> None:
     """A file layout the family has no form for is refused before any training."""
     family, export = params["model"]["family"], params["export"]
@@ -273,6 +295,7 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> dict:
     check_split_fractions(params)
     check_family_settings(params)
     check_export_settings(params)
+    check_memory_settings(params["finetune"])
     return params[section]
 
 

@@ -11,7 +11,7 @@ from typing import Any, TYPE_CHECKING
 
 from stylestudy.models import loading
 from stylestudy.models.families import Family
-from stylestudy.train import checkpoints, launch, lora
+from stylestudy.train import checkpoints, launch, lora, lowmem
 from stylestudy.train.batches import Numbered, TrainingData
 from stylestudy.train.losses import Trainee
 
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class TrainingState:
     """Everything the loop steps, prepared by accelerate: the denoiser (maybe wrapped for several processes), the
     same denoiser unwrapped (for validation on one process), its trainable parameters, optimizer, LR schedule, EMA
-    (None when off), the data loader and how many optimizer steps make the run."""
+    (None when off), the data loader, how many optimizer steps make the run, and the optimizer step fused into the
+    backward pass (None unless `fused_backward`)."""
 
     trainee: Trainee
     model: Any
@@ -36,6 +37,7 @@ class TrainingState:
     dataloader: Any
     max_steps: int
     steps_per_epoch: int
+    fused: lowmem.FusedBackward | None = None
 
 
 def build_accelerator(p: dict, seed: int) -> Accelerator:
@@ -56,14 +58,15 @@ def build_accelerator(p: dict, seed: int) -> Accelerator:
     return accelerator
 
 
-def load_trainee(family: Family, sd_dir: Path, p: dict) -> Trainee:
+def load_trainee(family: Family, sd_dir: Path, p: dict, device: Any = None) -> Trainee:
     """The denoiser in fp32 (every weight trainable, or a LoRA adapter on the family's attention projections with
-    `method: lora`; autocast computes in half precision) and the training noise process."""
+    `method: lora`; autocast computes in half precision) and the training noise process. Memory options: LoRA's
+    frozen base in half precision (`lora_half_base`), every weight in bf16 (`weights_dtype`, checked against
+    `device`, the accelerator's)."""
     import torch
 
     denoiser = family.load_denoiser(sd_dir)
-    if p["method"] == "lora":
-        lora.add_lora(denoiser, p["lora_rank"], p["lora_alpha"], family.lora_targets)
+    lowmem.make_trainable(denoiser, p, family.lora_targets, device or torch.device("cpu"))
     if p["gradient_checkpointing"]:
         denoiser.enable_gradient_checkpointing()
     if p["channels_last"] and p["optimizer"] == "adamw8bit":
@@ -134,7 +137,6 @@ def prepare_training(trainee: Trainee, dataloader: Any, p: dict, accelerator: Ac
     """Optimizer, LR schedule and EMA over the trainable parameters (all of the denoiser, or the LoRA adapter),
     prepared by accelerate; the EMA is registered so that checkpoints carry it."""
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
     # Each process sees its shard of the data: steps come from the prepared dataloader, not the whole dataset.
     dataloader = accelerator.prepare(dataloader)
@@ -146,13 +148,14 @@ def prepare_training(trainee: Trainee, dataloader: Any, p: dict, accelerator: Ac
     n = accelerator.num_processes
     lr_scheduler = get_scheduler(p["lr_scheduler"], optimizer, num_warmup_steps=p["lr_warmup_steps"] * n,
                                  num_training_steps=max_steps * n)
-    ema = EMAModel(trainable, decay=p["ema_decay"], foreach=True) if p["use_ema"] else None
+    ema = lowmem.make_ema(trainable, p, accelerator.device)
     if accelerator.distributed_type == "DEEPSPEED":
         # DeepSpeed sizes its buffers by one process's batch: from a dataloader in this same prepare call, or from here
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = p["train_batch_size"]
     denoiser, optimizer, lr_scheduler = accelerator.prepare(trainee.denoiser, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
+    fused = lowmem.fuse(trainable, optimizer, p, accelerator) if p["fused_backward"] else None
     prepared = Trainee(trainee.family, denoiser, trainee.noise, denoiser_input_dtype(accelerator))
     return TrainingState(prepared, accelerator.unwrap_model(denoiser), trainable, optimizer, lr_scheduler, ema,
-                         dataloader, max_steps, steps_per_epoch)
+                         dataloader, max_steps, steps_per_epoch, fused)

@@ -2,11 +2,13 @@
 run's shapes, and the check of `finetune.memory_budget_gb` against them.
 
 `measure_training` builds the family's denoiser from its config on the meta device (held as the run holds it: FLUX's
-base quantised), adds the LoRA adapter, makes every tensor fake (memory.fake_parameters), and tracks two optimizer
-steps (memory.track_steps) as stylestudy/train/loop.py takes them: micro-batches of the family's example inputs
-(forward under autocast, backward), gradient clipping, the optimizer (build.make_optimizer) and the EMA update, each
-read from the finetune settings `p`. Two micro-batches stand for any accumulation of two or more: from the second on,
-each starts from the same tensors (the gradients of the ones before). Not run: the noise process (latent-sized
+base quantised), makes it trainable as finetune does (lowmem.make_trainable: the LoRA adapter, the memory options'
+dtypes), makes every tensor fake (memory.fake_parameters), and tracks two optimizer steps (memory.track_steps) as
+stylestudy/train/loop.py takes them: micro-batches of the family's example inputs (forward under autocast, backward),
+gradient clipping, the optimizer (build.make_optimizer) and the EMA update (lowmem.make_ema), or with
+`fused_backward` one micro-batch whose backward pass steps (lowmem.FusedBackward), each read from the finetune
+settings `p`. Two micro-batches stand for any accumulation of two or more: from the second on, each starts from the
+same tensors (the gradients of the ones before). Not run: the noise process (latent-sized
 tensors) and the fp16 loss scaler (a few scalars). bench/memory_measured.py runs it at full shapes for the tables.
 
 `check_budget` (the finetune stage, before any weight is loaded) adds what stays on the device beside the step (the
@@ -26,7 +28,7 @@ from typing import Any
 from stylestudy.core.config import UserError
 from stylestudy.data import latents
 from stylestudy.models.families import Family
-from stylestudy.train import lora, memory
+from stylestudy.train import lora, lowmem, memory
 
 log = logging.getLogger(__name__)
 MICRO_BATCHES = 2  # see the docstring: more give the same peak
@@ -61,35 +63,52 @@ def latent_shape(family: Family, vae_config: dict[str, Any], config: dict[str, A
     return (batch_size, *shape[1:])
 
 
+def micro_batches(p: dict) -> int:
+    """The micro-batches a measured step takes: two stand for any accumulation of two or more."""
+    return min(MICRO_BATCHES, p["gradient_accumulation_steps"])
+
+
 def training_step(family: Family, model: Any, state: dict[str, Any], config: dict[str, Any],
                   shape: tuple[int, ...], p: dict, device: Any) -> Callable[[Callable[[], None]], None]:
-    """One optimizer step as loop.train_batch takes it: micro-batches, clipping, the optimizer step, the EMA."""
+    """One optimizer step as loop.train_batch takes it: micro-batches, clipping, the optimizer step, the EMA; with
+    `fused_backward` (state["fused"]) the backward pass steps and only the EMA follows."""
     import torch
 
-    micro_batches = min(MICRO_BATCHES, p["gradient_accumulation_steps"])
-    half = torch.float16 if device.type == "cuda" else torch.bfloat16  # a CPU runs fp16 as bf16: the same bytes
+    count, fused = micro_batches(p), state["fused"]
+    # a CPU runs fp16 as bf16: the same bytes
+    half = torch.float16 if device.type == "cuda" and p["mixed_precision"] == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and p["mixed_precision"] == "fp16" else None
     autocast = p["mixed_precision"] != "no"
 
     def step(after_backward: Callable[[], None]) -> None:
-        for _ in range(micro_batches):
+        for _ in range(count):
             with torch.device(device):
                 latents, timesteps, conditioning = family.example_inputs(config, shape)
             with torch.autocast(device.type, dtype=half, enabled=autocast):
                 prediction = family.denoise(model, latents, timesteps, conditioning)
-            loss = (prediction.float() - latents).pow(2).mean() / micro_batches
+            loss = (prediction.float() - latents).pow(2).mean() / count
             (scaler.scale(loss) if scaler else loss).backward()
             after_backward()
-        if scaler:
-            scaler.unscale_(state["optimizer"])
-        torch.nn.utils.clip_grad_norm_(state["trainable"], p["max_grad_norm"])
-        scaler.step(state["optimizer"]) if scaler else state["optimizer"].step()
-        if scaler:
-            scaler.update()
-        state["optimizer"].zero_grad(set_to_none=True)
+        if fused is not None:
+            fused.take_squared_norm()  # the loop reads it as a float, which fake tensors lack
+        else:
+            optimizer_step(state, p, scaler)
         if state["ema"] is not None:
             state["ema"].step(state["trainable"])
     return step
+
+
+def optimizer_step(state: dict[str, Any], p: dict, scaler: Any) -> None:
+    """Clipping over all trainable parameters, the optimizer step (through the fp16 loss scaler where there is one)."""
+    import torch
+
+    if scaler:
+        scaler.unscale_(state["optimizer"])
+    torch.nn.utils.clip_grad_norm_(state["trainable"], p["max_grad_norm"])
+    scaler.step(state["optimizer"]) if scaler else state["optimizer"].step()
+    if scaler:
+        scaler.update()
+    state["optimizer"].zero_grad(set_to_none=True)
 
 
 def build_denoiser(family: Family, config: dict[str, Any], p: dict, on_gpu: bool, device: Any) -> Any:
@@ -99,22 +118,9 @@ def build_denoiser(family: Family, config: dict[str, Any], p: dict, on_gpu: bool
     torch.manual_seed(0)
     with torch.device(device):
         model = family.denoiser_from_config(config, on_gpu)
-        if p["method"] == "lora":
-            lora.add_lora(model, p["lora_rank"], p["lora_alpha"], family.lora_targets)
-            _cast_adapter_as_peft_does(model)
+        # the bf16 check belongs to the run's device: the training stage makes it
+        lowmem.make_trainable(model, p, family.lora_targets, torch.device("cpu"))
     return model
-
-
-def _cast_adapter_as_peft_does(model: Any) -> None:
-    """Give each LoRA layer its base layer's dtype (a 4-bit layer's compute dtype: FLUX's adapter trains in bf16 on a
-    GPU), as peft does when it adds the adapter, except on the meta device, where it leaves it fp32."""
-    for module in model.modules():
-        if hasattr(module, "lora_A"):
-            _, dtype = module._get_base_layer_device_and_dtype(module.get_base_layer())
-            if dtype is not None and dtype.is_floating_point:
-                for name in module.lora_A:
-                    module.lora_A[name].to(dtype)
-                    module.lora_B[name].to(dtype)
 
 
 def measure_training(family: Family, config: dict[str, Any], p: dict, shape: tuple[int, ...], on_gpu: bool = True,
@@ -125,8 +131,6 @@ def measure_training(family: Family, config: dict[str, Any], p: dict, shape: tup
     import contextlib
 
     import torch
-    from diffusers.training_utils import EMAModel
-
     from stylestudy.train import build
 
     device = torch.device(device or "cpu")
@@ -139,10 +143,13 @@ def measure_training(family: Family, config: dict[str, Any], p: dict, shape: tup
         model.train()
         trainable = lora.trainable_parameters(model)
         optimizer = memory.make_optimizer(lambda: build.make_optimizer(trainable, p), mode)
-        ema = EMAModel(trainable, decay=p["ema_decay"], foreach=True) if p["use_ema"] else None
-        state = {"optimizer": optimizer, "trainable": trainable, "ema": ema}
+        # an EMA on the CPU: off the device measured (on the meta device, no memory, under fake tensors)
+        ema = lowmem.make_ema(trainable, p, device, host="meta" if fake else "cpu")
+        fused = lowmem.FusedBackward(trainable, optimizer, p["max_grad_norm"]) if p["fused_backward"] else None
+        state = {"optimizer": optimizer, "trainable": trainable, "ema": ema, "fused": fused}
+        on_device = [t for t in (ema.shadow_params if ema else ()) if t.device.type == device.type]
         peak = memory.track_steps(model, optimizer, training_step(family, model, state, config, shape, p, device),
-                                  others=ema.shadow_params if ema else ())
+                                  others=on_device)
     return StepMemory(peak, sum(map(_numel, model.parameters())), sum(map(_numel, trainable)))
 
 
@@ -182,7 +189,12 @@ def planned_bytes(step: StepMemory, frozen: int) -> int:
 
 def remedies(p: dict, cached: bool) -> str:
     """The settings that lower a run's memory, those not chosen already."""
-    offers = [("finetune.method lora", p["method"] == "full"),
+    full, lora_run = p["method"] == "full", p["method"] == "lora"
+    offers = [("finetune.method lora", full),
+              ("finetune.lora_half_base true", lora_run and not p["lora_half_base"]),
+              ("finetune.fused_backward true with weights_dtype bf16 (docs/sd3.md \"SD3 full in 16 GB\")",
+               full and not p["fused_backward"]),
+              ("finetune.ema_device cpu", p["use_ema"] and p["ema_device"] != "cpu"),
               ("finetune.train_batch_size 1", p["train_batch_size"] > 1),
               ("finetune.gradient_checkpointing true", not p["gradient_checkpointing"]),
               ("finetune.optimizer adamw8bit", p["optimizer"] != "adamw8bit"), ("finetune.use_ema false", p["use_ema"]),
