@@ -257,6 +257,16 @@ def test_other_settings_name_what_differs(tmp_path):
         checkpoints.find_resumable(tmp_path, {"finetune.learning_rate": 2e-4, "shared.seed": 2})
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_old_value(tmp_path):
+    """A checkpoint written before the memory options has none of their keys: it ran as their defaults do, so a run
+    at those defaults resumes it, and a run that turns one on is refused naming it."""
+    old = {"finetune.learning_rate": 1e-4}
+    fake_checkpoint(tmp_path, 5, old)
+    assert checkpoints.find_resumable(tmp_path, old | checkpoints.SINCE_ADDED)[1]["position"].step == 5
+    with pytest.raises(UserError, match=r"other finetune\.fused_backward;"):
+        checkpoints.find_resumable(tmp_path, old | checkpoints.SINCE_ADDED | {"finetune.fused_backward": True})
+
+
 def test_augmentation_depends_only_on_seed_epoch_and_index():
     import torch
 

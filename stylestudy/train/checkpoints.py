@@ -43,6 +43,10 @@ LIVE = "dvclive"
 RESUME_SAFE = ("checkpoint_every", "dataloader_num_workers", "validate_every", "validation_prompt",
                "validation_images", "validation_steps", "memory_budget_gb")
 NAME = re.compile(r"step-(\d+)")
+# Settings added since checkpoints were first written, at the value every run before them trained with: a checkpoint
+# that lacks one was made with it
+SINCE_ADDED = {"finetune.lora_half_base": False, "finetune.fused_backward": False, "finetune.weights_dtype": "fp32",
+               "finetune.ema_device": "accelerator"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ def find_resumable(scratch: Path, current: dict) -> tuple[Path, dict] | None:
     if found is None:
         return None
     folder, info = found
-    saved = info["fingerprint"]
+    saved, current = SINCE_ADDED | info["fingerprint"], SINCE_ADDED | current
     differ = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
     if differ:
         raise UserError(f"{folder} was made with other {', '.join(differ)}; to resume it set them back, "
