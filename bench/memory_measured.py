@@ -46,7 +46,8 @@ import yaml  # noqa: E402
 
 from stylestudy.models import builders, builders_flux, builders_sd3, builders_sdxl  # noqa: E402
 from stylestudy.models.families import Family, flux, sd2, sd3, sdxl  # noqa: E402
-from stylestudy.core.config import UserError, check_memory_settings  # noqa: E402
+from stylestudy.core.checks import check_memory_settings  # noqa: E402
+from stylestudy.core.config import UserError  # noqa: E402
 from stylestudy.train import memory_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ ENTRIES = {
     "sd2": Entry(sd2.FAMILY, builders.build_sd_modules, ("full", "lora"), (256, 512)),
     "sd3": Entry(sd3.FAMILY, builders_sd3.build_sd3_modules, ("full", "lora"), (512,)),
     "sdxl": Entry(sdxl.FAMILY, builders_sdxl.build_sdxl_modules, ("full", "lora"), (512,)),
-    # a full fine-tune of FLUX is refused by params validation (core/config.py check_family_settings): LoRA only,
+    # a full fine-tune of FLUX is refused by params validation (core/checks.py check_family_settings): LoRA only,
     # on the NF4 base the family trains by default (model.base_quantization)
     "flux": Entry(flux.FAMILY, lambda arch: builders_flux.build_flux_modules(arch, device="meta"), ("lora",), (512,)),
 }
@@ -75,7 +76,7 @@ ENTRIES = {
 
 def study_settings(overrides: dict) -> dict:
     """The fine-tune's settings as conf/config.yaml gives them (the study's), with `overrides` (--set) over them,
-    refused as finetune refuses them (config.check_memory_settings)."""
+    refused as finetune refuses them (checks.check_memory_settings)."""
     p = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["finetune"] | overrides
     check_memory_settings(p)
     return p

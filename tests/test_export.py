@@ -20,7 +20,8 @@ from comfyui_keys import flux_transformer_names, kohya_unet_names
 from safetensors import safe_open
 
 from stages import export as stage
-from stylestudy.core.config import DATE_TODAY_OR_NONE, UserError, check_export_settings
+from stylestudy.core.checks import check_export_settings
+from stylestudy.core.config import DATE_TODAY_OR_NONE, UserError
 from stylestudy.models import export, single_file
 from stylestudy.models.families import FAMILIES, flux
 from stylestudy.train import lora

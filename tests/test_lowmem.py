@@ -15,7 +15,8 @@ import copy
 import pytest
 import torch
 
-from stylestudy.core.config import UserError, check_memory_settings
+from stylestudy.core.checks import check_memory_settings
+from stylestudy.core.config import UserError
 from stylestudy.train import lowmem
 
 pytestmark = pytest.mark.usefixtures("one_thread")

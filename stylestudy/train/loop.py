@@ -68,7 +68,7 @@ def train_batch(batch: Any, state: TrainingState, extras: Extras, p: dict, accel
     with accelerator.accumulate(state.trainee.denoiser):
         terms = losses.training_loss(extras.to_inputs(batch), state.trainee, p, step, extras.guide)
         accelerator.backward(terms["loss"])  # with fused_backward, every parameter is clipped and stepped in here
-        if state.fused is not None:  # no accumulation, no loss scaler (config.check_memory_settings)
+        if state.fused is not None:  # no accumulation, no loss scaler (checks.check_memory_settings)
             state.lr_scheduler.step()
             return terms, state.fused.take_grad_norm(), True
         if accelerator.sync_gradients:

@@ -146,7 +146,7 @@ class FusedBackward:
 
 def fuse(trainable: Sequence[Any], optimizer: Any, p: dict, accelerator: Any) -> FusedBackward:
     """Hook the fused step onto the trainable parameters of a prepared run. The optimizer stepped is the one inside
-    accelerate's wrapper: no loss scaler to consult (fp16 is refused with it, config.check_memory_settings)."""
+    accelerate's wrapper: no loss scaler to consult (fp16 is refused with it, checks.check_memory_settings)."""
     if accelerator.distributed_type.value != "NO":
         raise UserError("params.yaml: finetune.fused_backward steps each parameter before the processes could average "
                         f"its gradient ({accelerator.distributed_type.value}): set it to false, or train in one "
