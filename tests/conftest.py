@@ -1,7 +1,9 @@
 """Hermetic test settings: no hub, no analytics, caches in a temporary folder. Set before any library is imported."""
+import contextlib
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -236,6 +238,19 @@ def emulate_cuda_fp16(accelerator):
 
     accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True
     return accelerator
+
+
+@contextlib.contextmanager
+def fresh_accelerator_state() -> Iterator[None]:
+    """No accelerate state inside, none left after: accelerate keeps one mixed precision a process and refuses an
+    Accelerator with another, so a test that builds its own starts from none and leaves none to the next."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state()
 
 
 @pytest.fixture(params=["fp16", "bf16"])

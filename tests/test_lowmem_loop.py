@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import composed
+from conftest import composed, fresh_accelerator_state
 from stylestudy.data import dataset, latents, sketches
 from stylestudy.models.families import sd2
 from stylestudy.train import batches, build, checkpoints, lora, loop, lowmem
@@ -39,25 +39,28 @@ def run_steps(sd_dir: Path, inputs: tuple, options: dict) -> dict:
     the losses and grad norms."""
     from accelerate.utils import set_seed
 
-    raw, rows, p, encoding = inputs
-    p = p | options
-    accelerator = build.build_accelerator(p, 0)
-    set_seed(0)
-    trainee = build.load_trainee(sd2.FAMILY, sd_dir, p, accelerator.device)
-    encoders = sd2.FAMILY.load_encoders(sd_dir, accelerator.device, torch.float32)
-    data = batches.training_data(raw, rows, encoders, encoding, 0.0)
-    state = build.prepare_training(trainee, build.make_dataloader(data, p["train_batch_size"], 0, 0), p, accelerator)
-    extras, result = loop.Extras(data.to_inputs, None, None, None), {"loss": [], "grad_norm": []}
-    result["start"] = [t.detach().float().clone() for t in state.trainable]
-    for step, batch in zip(range(STEPS), checkpoints.epoch_batches(state.dataloader, 0, 0, accelerator)):
-        terms, grad_norm, applied = loop.train_batch(batch, state, extras, p, accelerator, step)
-        assert applied
-        state.ema.step(state.trainable)
-        result["loss"].append(float(terms["loss"].detach()))
-        result["grad_norm"].append(grad_norm)
-    result["weights"] = [t.detach().float().clone() for t in lora.trainable_parameters(state.model)]
-    result["dtypes"] = {t.dtype for t in state.model.parameters()}
-    result["ema"] = [t.float().clone() for t in state.ema.shadow_params]
+    # accelerate keeps one mixed precision a process: the suite's earlier tests may have set another (fp16)
+    with fresh_accelerator_state():
+        raw, rows, p, encoding = inputs
+        p = p | options
+        accelerator = build.build_accelerator(p, 0)
+        set_seed(0)
+        trainee = build.load_trainee(sd2.FAMILY, sd_dir, p, accelerator.device)
+        encoders = sd2.FAMILY.load_encoders(sd_dir, accelerator.device, torch.float32)
+        data = batches.training_data(raw, rows, encoders, encoding, 0.0)
+        dataloader = build.make_dataloader(data, p["train_batch_size"], 0, 0)
+        state = build.prepare_training(trainee, dataloader, p, accelerator)
+        extras, result = loop.Extras(data.to_inputs, None, None, None), {"loss": [], "grad_norm": []}
+        result["start"] = [t.detach().float().clone() for t in state.trainable]
+        for step, batch in zip(range(STEPS), checkpoints.epoch_batches(state.dataloader, 0, 0, accelerator)):
+            terms, grad_norm, applied = loop.train_batch(batch, state, extras, p, accelerator, step)
+            assert applied
+            state.ema.step(state.trainable)
+            result["loss"].append(float(terms["loss"].detach()))
+            result["grad_norm"].append(grad_norm)
+        result["weights"] = [t.detach().float().clone() for t in lora.trainable_parameters(state.model)]
+        result["dtypes"] = {t.dtype for t in state.model.parameters()}
+        result["ema"] = [t.float().clone() for t in state.ema.shadow_params]
     return result
 
 
