@@ -260,14 +260,10 @@ def half_precision(request, monkeypatch):
     and the fine-tune's mixed precision with fp16 autocast and a loss scaler as on a GPU. A dtype mismatch then fails
     here, not on the first GPU."""
     import torch
-    from accelerate.state import AcceleratorState
 
     from stylestudy.models import loading
     from stylestudy.train import build
 
-    # accelerate keeps one mixed precision per process: another would be refused
-    AcceleratorState._reset_state()
-    request.addfinalizer(AcceleratorState._reset_state)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[request.param]
     monkeypatch.setattr(loading, "default_dtype", lambda device: dtype)
     monkeypatch.setattr(loading, "frozen_dtype", lambda precision, device: dtype if precision != "no" else torch.float32)
@@ -276,4 +272,5 @@ def half_precision(request, monkeypatch):
     if request.param == "fp16":
         monkeypatch.setattr(build, "build_accelerator", lambda p, seed: (
             emulate_cuda_fp16(build_accelerator(p, seed)) if p["mixed_precision"] == "fp16" else build_accelerator(p, seed)))
-    return dtype
+    with fresh_accelerator_state():  # the fine-tune's mixed precision is this fixture's
+        yield dtype

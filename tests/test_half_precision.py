@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import composed, emulate_cuda_fp16
+from conftest import composed, emulate_cuda_fp16, fresh_accelerator_state
 from stages import blip_check, clip_eval, embed_real, fetch, finetune, generate
 from stylestudy.data import dataset, latents
 from stylestudy.data.dataset import write_jsonl
@@ -223,28 +223,27 @@ def test_an_fp16_step_the_loss_scaler_skips_is_not_counted(monkeypatch, fused: b
     schedule (with the fused optimizer too, whose skips accelerate does not see), and not logged; the run still makes
     its max_steps applied steps."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from diffusers.training_utils import EMAModel
 
-    AcceleratorState._reset_state()
     monkeypatch.setattr(losses, "training_loss", lambda inputs, trainee, p, step, guide: {
         "loss": trainee.denoiser(inputs.pixels).float().mean() * (1e38 if OVERFLOWS in inputs.index else 1e-3)})
-    accelerator = emulate_cuda_fp16(Accelerator(mixed_precision="fp16", cpu=True))
-    model = torch.nn.Linear(4, 4)
-    trainable = list(model.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=0.1, fused=fused)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
-    ema = EMAModel(trainable, decay=0.5, foreach=True)
-    items = checkpoints.SeededItems(batches.Numbered(list(torch.randn(6, 4))), SEED)
-    loader = accelerator.prepare(torch.utils.data.DataLoader(items, batch_size=1, collate_fn=collate))
-    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
-    state = build.TrainingState(losses.Trainee(None, model, None), model, trainable, optimizer, schedule, ema, loader,
-                                max_steps=5, steps_per_epoch=6)
-    live = Recorder()
-    p = {"max_grad_norm": 1.0, "validate_every": 0, "checkpoint_every": 0}
-    summary = loop.train(state, loop.Extras(lambda batch: batch, None, None, live), checkpoints.Position(), p,
-                         accelerator, lambda position: None)
-    AcceleratorState._reset_state()
+    with fresh_accelerator_state():
+        accelerator = emulate_cuda_fp16(Accelerator(mixed_precision="fp16", cpu=True))
+        model = torch.nn.Linear(4, 4)
+        trainable = list(model.parameters())
+        optimizer = torch.optim.AdamW(trainable, lr=0.1, fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+        ema = EMAModel(trainable, decay=0.5, foreach=True)
+        items = checkpoints.SeededItems(batches.Numbered(list(torch.randn(6, 4))), SEED)
+        loader = accelerator.prepare(torch.utils.data.DataLoader(items, batch_size=1, collate_fn=collate))
+        model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+        trainee = losses.Trainee(None, model, None)
+        state = build.TrainingState(trainee, model, trainable, optimizer, schedule, ema, loader, max_steps=5,
+                                    steps_per_epoch=6)
+        live = Recorder()
+        p = {"max_grad_norm": 1.0, "validate_every": 0, "checkpoint_every": 0}
+        summary = loop.train(state, loop.Extras(lambda batch: batch, None, None, live), checkpoints.Position(), p,
+                             accelerator, lambda position: None)
     logged = live.steps[:-1]
     assert int(optimizer.optimizer.state[trainable[0]]["step"]) == 5  # 6 batches, one overflowed: 5 applied steps
     assert all(np.isfinite(step["grad_norm"]) for step in logged) and len(logged) == 5
