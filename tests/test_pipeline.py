@@ -268,24 +268,32 @@ def test_versatile_diffusion_switched_on_adds_a_third_column_and_moves_nothing_e
     assert "fine-tuned (second row) and, below, Versatile Diffusion" in report
 
 
+def assert_a_family_ran_beside_sd2(clone, stages: set, family: str, pipeline_class: str, licence: str) -> str:
+    """A `-S model=<family>` experiment after the SD2 one: the pipeline's stages re-ran and the rest was reused; the
+    fetched pipeline, the report and the model card (with the family's licence) name the family, and compare sets it
+    beside SD2. Returns the model card."""
+    assert {"fetch@sd", "encode", "finetune", "generate@base", "generate@finetuned", "clip_eval", "blip_check",
+            "report"} <= stages
+    assert not stages & {"fetch@clip", "fetch@blip", "fetch@data", "split", "embed_real"}  # the rest is reused
+    index = json.loads((clone.root / "models/pretrained/sd/model_index.json").read_text())
+    assert index["_class_name"] == pipeline_class
+    assert f"model family {family}" in (clone.root / "reports/report.md").read_text().splitlines()[0]
+    card = (clone.root / "models/finetuned/README.md").read_text()
+    assert licence in card and pipeline_class in card
+    table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
+    assert "model.family" in table[0].split() and family in " ".join(table[1:])
+    return card
+
+
 def test_the_whole_study_runs_on_sd3_beside_sd2(clone):
     """`-S model=sd3` runs every stage offline on a tiny SD3 pipeline; the report and model card name the family and
     its licence, and compare sets it beside the SD2 experiment. The positive control holds as for SD2 (the tiny VAE
     shaped at fetch, a full fine-tune: conf/model_profile/sd3_smoke.yaml); with fetch's 40 shaping steps and LoRA it
     failed (style similarity -0.005 [-0.013, 0.003])."""
     stages = ran(clone.run(*SMOKE, "-n", "sd3", "-S", "model=sd3"))
-    assert {"fetch@sd", "encode", "finetune", "generate@base", "generate@finetuned", "clip_eval", "blip_check",
-            "report"} <= stages
-    assert not stages & {"fetch@clip", "fetch@blip", "fetch@data", "split", "embed_real"}  # the rest is reused
-    index = json.loads((clone.root / "models/pretrained/sd/model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusion3Pipeline"
-    assert "model family sd3" in (clone.root / "reports/report.md").read_text().splitlines()[0]
-    card = (clone.root / "models/finetuned/README.md").read_text()
-    assert "Stability AI Community License" in card and "StableDiffusion3Pipeline" in card
+    assert_a_family_ran_beside_sd2(clone, stages, "sd3", "StableDiffusion3Pipeline", "Stability AI Community License")
     metrics = json.loads((clone.root / "reports/clip_eval.json").read_text())
     assert all(math.isfinite(metrics[key]) for key in ("clip_score_base", "clip_score_finetuned", "kid_diff"))
-    table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
-    assert "model.family" in table[0].split() and "sd3" in " ".join(table[1:])
     assert_the_evaluation_sees_the_fine_tune(clone.root, spaces=("",))
 
 
@@ -295,16 +303,7 @@ def test_the_whole_study_runs_on_sdxl_beside_sd2(clone):
     started = time.monotonic()
     stages = ran(clone.run(*SMOKE, "-n", "sdxl", "-S", "model=sdxl"))
     print(f"sdxl smoke DAG: {time.monotonic() - started:.0f} s (the other stages reused)")
-    assert {"fetch@sd", "encode", "finetune", "generate@base", "generate@finetuned", "clip_eval", "blip_check",
-            "report"} <= stages
-    assert not stages & {"fetch@clip", "fetch@blip", "fetch@data", "split", "embed_real"}
-    index = json.loads((clone.root / "models/pretrained/sd/model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionXLPipeline"
-    assert "model family sdxl" in (clone.root / "reports/report.md").read_text().splitlines()[0]
-    card = (clone.root / "models/finetuned/README.md").read_text()
-    assert "CreativeML Open RAIL++-M" in card and "StableDiffusionXLPipeline" in card
-    table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
-    assert "model.family" in table[0].split() and "sdxl" in " ".join(table[1:])
+    assert_a_family_ran_beside_sd2(clone, stages, "sdxl", "StableDiffusionXLPipeline", "CreativeML Open RAIL++-M")
     assert_the_evaluation_sees_the_fine_tune(clone.root, spaces=("",))  # conf/model_profile/sdxl_smoke.yaml
 
 
@@ -337,15 +336,7 @@ def test_the_whole_study_runs_on_flux_beside_sd2_and_its_lora_moves_toward_the_s
     started = time.monotonic()
     stages = ran(clone.run(*SMOKE, "-n", "flux", "-S", "model=flux"))
     print(f"flux smoke DAG: {time.monotonic() - started:.0f} s")
-    assert {"fetch@sd", "encode", "finetune", "generate@base", "generate@finetuned", "clip_eval", "blip_check",
-            "report"} <= stages
-    assert not stages & {"fetch@clip", "fetch@blip", "fetch@data", "split", "embed_real"}  # the rest is reused
-    index = json.loads((clone.root / "models/pretrained/sd/model_index.json").read_text())
-    assert index["_class_name"] == "FluxPipeline"
-    assert "model family flux" in (clone.root / "reports/report.md").read_text().splitlines()[0]
-    card = (clone.root / "models/finetuned/README.md").read_text()
-    assert "FLUX.1 [dev] Non-Commercial License" in card and "FluxPipeline" in card and "nf4" in card
+    card = assert_a_family_ran_beside_sd2(clone, stages, "flux", "FluxPipeline", "FLUX.1 [dev] Non-Commercial License")
+    assert "nf4" in card
     assert (clone.root / "models/finetuned/lora/pytorch_lora_weights.safetensors").is_file()
     assert_the_evaluation_sees_the_fine_tune(clone.root, spaces=("",))
-    table = clone.run(sys.executable, str(clone.root / "scripts/compare.py")).splitlines()
-    assert "model.family" in table[0].split() and "flux" in " ".join(table[1:])
