@@ -55,3 +55,24 @@ def limited_device(dry_run: bool):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(total), device)
     return device
+
+
+def device_figures(device, dry_run: bool) -> dict:
+    """What a 16 GB bench's JSON says of where it ran: dry run or not, the device's name and the limit it ran under."""
+    import torch
+
+    cuda = device.type == "cuda"
+    return {"dry_run": dry_run, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "memory_limit_gib": LIMIT_GIB if cuda else None}
+
+
+def peak_gib(device) -> float | None:
+    """The peak of CUDA memory allocated (GiB); None on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def out_of_memory(error: Exception, device) -> dict:
+    """A measurement that ran out of the limited memory: the error's first line and the peak it reached."""
+    return {"out_of_memory": str(error).splitlines()[0], "peak_memory_gib": peak_gib(device)}

@@ -33,7 +33,7 @@ sys.path.insert(1, str(REPO / "bench"))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from device_peaks import LIMIT_GIB, limited_device  # noqa: E402
+from device_peaks import device_figures, limited_device, out_of_memory, peak_gib  # noqa: E402
 from stylestudy.models.families import Conditioning, Family, from_params  # noqa: E402
 from stylestudy.train import build, lora  # noqa: E402
 
@@ -133,7 +133,7 @@ def lora_steps(name: str, arch: str, device: torch.device, resolution: int, step
             "batch_size": 1, "lora_rank": tune["lora_rank"], "optimizer": tune["optimizer"],
             "mixed_precision": str(half).removeprefix("torch."), "steps_timed": steps,
             "images_per_s": steps / seconds, "build_s": built_s, "final_loss": loss.item(),
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            "peak_memory_gib": peak_gib(device),
             "trainable_parameters": sum(t.numel() for t in trainable)}
 
 
@@ -144,9 +144,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, two steps")
     args = parser.parse_args()
     device = limited_device(args.dry_run)
-    cuda = device.type == "cuda"
-    figures = {"dry_run": args.dry_run, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-               "memory_limit_gib": LIMIT_GIB if cuda else None}
+    figures = device_figures(device, args.dry_run)
     arch, resolution, steps = ("tiny", 32, 2) if args.dry_run else ("full", study_params(args.family)["encode"]
                                                                    ["resolution"], 5)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +157,7 @@ def main() -> None:
         figures["finetune"] = lora_steps(args.family, arch, device, resolution, steps,
                                          lambda seconds: write({"complete": False, "build_s": seconds}))
     except torch.OutOfMemoryError as error:
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        figures["finetune"] = {"out_of_memory": str(error).splitlines()[0], "peak_memory_gib": peak}
+        figures["finetune"] = out_of_memory(error, device)
     print(args.family, json.dumps(figures["finetune"]), flush=True)
     write(figures["finetune"] | {"complete": True})
 

@@ -28,17 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from device_peaks import LIMIT_GIB, limited_device  # noqa: E402
+from device_peaks import device_figures, limited_device, out_of_memory, peak_gib  # noqa: E402
 from stylestudy.models import builders_sd3  # noqa: E402
 from stylestudy.models.families import Conditioning, flow, sd3  # noqa: E402
 from stylestudy.train import build, lora  # noqa: E402
 
 STUDY_OPTIMIZER = {"optimizer": "adamw8bit", "learning_rate": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999,
                    "adam_weight_decay": 0.01, "adam_epsilon": 1e-8}
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def reset(device: torch.device) -> None:
@@ -136,9 +132,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, a few steps")
     args = parser.parse_args()
     device = limited_device(args.dry_run)
-    cuda = device.type == "cuda"
-    figures = {"dry_run": args.dry_run, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-               "memory_limit_gib": LIMIT_GIB if cuda else None, "complete": False}
+    figures = device_figures(device, args.dry_run) | {"complete": False}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     arch, resolution = ("tiny", 32) if args.dry_run else ("full", 512)
     for name, measure in (("finetune_lora", lambda: finetune(arch, device, resolution, 2 if args.dry_run else 10)),
@@ -147,7 +141,7 @@ def main() -> None:
         try:
             figures[name] = measure()
         except torch.OutOfMemoryError as error:
-            figures[name] = {"out_of_memory": str(error).splitlines()[0], "peak_memory_gib": peak_gib(device)}
+            figures[name] = out_of_memory(error, device)
         print(name, json.dumps(figures[name]), flush=True)
         figures["complete"] = name == "generate_sequential"
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
