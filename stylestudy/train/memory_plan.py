@@ -77,7 +77,7 @@ def training_step(family: Family, model: Any, state: dict[str, Any], config: dic
     count, fused = micro_batches(p), state["fused"]
     # a CPU runs fp16 as bf16: the same bytes
     half = torch.float16 if device.type == "cuda" and p["mixed_precision"] == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and p["mixed_precision"] == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
     autocast = p["mixed_precision"] != "no"
 
     def step(after_backward: Callable[[], None]) -> None:
